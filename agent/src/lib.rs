@@ -1,1 +1,14 @@
-//! placeholder
+//! weir's per-node data plane.
+//!
+//! [`client`] follows the controllers and hands each update to [`state::Shared::apply`], the
+//! single mutator, which builds a [`table::Table`] and swaps it in atomically; [`proxy`]
+//! workers read the table lock-free and forward each request to an endpoint chosen by
+//! [`balance`]; [`admin`] and [`metrics`] show what the agent is doing.
+
+pub mod admin;
+pub mod balance;
+pub mod client;
+pub mod metrics;
+pub mod proxy;
+pub mod state;
+pub mod table;

@@ -1,0 +1,153 @@
+//! The agent's admin HTTP API: `/healthz`, `/readyz` (ready once a routing table is in
+//! force), `/metrics` (Prometheus text) and `/config` (the applied table with every
+//! endpoint's state and weight, and the control connection, as JSON).
+
+use crate::state::Shared;
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::{Value, json};
+use std::convert::Infallible;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use weir_proto::v1 as pb;
+
+fn handle(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
+    }
+    match req.uri().path() {
+        "/healthz" => text(StatusCode::OK, "ok\n"),
+        "/readyz" => {
+            if shared.is_ready() {
+                text(StatusCode::OK, "ready\n")
+            } else {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "not ready: no routing table yet\n",
+                )
+            }
+        }
+        "/config" => {
+            let body = config_json(shared);
+            match serde_json::to_vec_pretty(&body) {
+                Ok(b) => with_type(StatusCode::OK, "application/json", b),
+                Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, &format!("{e}\n")),
+            }
+        }
+        "/metrics" => match shared.metrics.encode() {
+            Ok(s) => with_type(
+                StatusCode::OK,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                s.into_bytes(),
+            ),
+            Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, &format!("{e}\n")),
+        },
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+/// The applied table as JSON. Built from the protobuf routes kept in the table, so what is
+/// shown is exactly what was received.
+pub fn config_json(shared: &Shared) -> Value {
+    let table = shared.table.load();
+    let routes: Vec<Value> = table
+        .routes()
+        .iter()
+        .filter_map(|rt| table.source.get(&*rt.name).map(|r| (rt, r)))
+        .map(|(rt, r)| {
+            json!({
+                "name": r.name,
+                "hosts": r.hosts,
+                "algorithm": r.load_balancer.as_ref()
+                    .and_then(|lb| pb::Algorithm::try_from(lb.algorithm).ok())
+                    .unwrap_or_default()
+                    .as_str_name(),
+                "note": rt.note,
+                "timeoutMs": rt.timeout.map(|t| t.as_millis() as u64),
+                "minHealthyPercent": r.min_healthy_percent,
+                "rules": r.rules.iter().map(rule_json).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    json!({
+        "node": shared.node_name,
+        "zone": shared.zone,
+        "version": table.version,
+        "ready": shared.is_ready(),
+        "control": shared.status(),
+        "routes": routes,
+    })
+}
+
+fn rule_json(rule: &pb::Rule) -> Value {
+    json!({
+        "matches": rule.matches.iter().map(|m| json!({
+            "method": (!m.method.is_empty()).then_some(&m.method),
+            "path": m.path.as_ref().map(|p| json!({
+                "type": pb::path_match::Kind::try_from(p.kind).map(|k| k.as_str_name()).unwrap_or("?"),
+                "value": p.value,
+            })),
+            "headers": m.headers.iter().map(|h| json!({"name": h.name, "value": h.value})).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+        "activeTier": rule.active_tier,
+        "panic": rule.panic,
+        "backends": rule.backends.iter().map(|b| json!({
+            "service": b.service,
+            "port": b.port,
+            "tier": b.tier,
+            "weight": b.weight,
+            "protocol": pb::Protocol::try_from(b.protocol).map(|p| p.as_str_name()).unwrap_or("?"),
+            "endpoints": b.endpoints.iter().map(|e| json!({
+                "address": e.address,
+                "ready": e.ready,
+                "zone": e.zone,
+                "weight": e.weight,
+            })).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
+    with_type(
+        status,
+        "text/plain; charset=utf-8",
+        body.as_bytes().to_vec(),
+    )
+}
+
+fn with_type(status: StatusCode, ctype: &'static str, body: Vec<u8>) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(ctype),
+    );
+    resp
+}
+
+/// Serves the admin API on `listener` forever.
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "admin accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let resp = handle(&shared, &req);
+                async move { Ok::<_, Infallible>(resp) }
+            });
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}

@@ -1,0 +1,131 @@
+//! The agent's side of `weir.v1.RoutingDiscovery`: keeps one stream open to one of the
+//! `--controller` addresses, applies every update and answers ACK or NACK.
+//!
+//! Reconnects rotate through the controllers with capped exponential backoff and full
+//! jitter, so a controller restart does not bring every agent back in the same millisecond.
+//! A stream that stays silent for longer than three controller pings is treated as dead.
+
+use crate::state::{NackStatus, Shared};
+use rand::Rng;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Endpoint;
+use weir_proto::v1::routing_discovery_client::RoutingDiscoveryClient;
+use weir_proto::v1::{Ack, AgentMessage, Hello, Nack, agent_message, controller_message};
+
+const BACKOFF_BASE: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// The controller pings every 15 s.
+const SILENCE_LIMIT: Duration = Duration::from_secs(45);
+
+/// Follows the controllers forever.
+pub async fn run(controllers: Vec<String>, shared: Arc<Shared>) {
+    let mut failures: u32 = 0;
+    let mut next = 0usize;
+    loop {
+        let url = &controllers[next % controllers.len()];
+        next += 1;
+        let got_update = match session(url, &shared).await {
+            Ok(got) => got,
+            Err((got, e)) => {
+                tracing::warn!(controller = %url, error = %e, "controller stream ended");
+                shared.set_status(|s| s.last_error = Some(format!("{url}: {e}")));
+                got
+            }
+        };
+        shared.metrics.controller_connected.set(0);
+        shared.set_status(|s| s.connected_to = None);
+        failures = if got_update {
+            0
+        } else {
+            failures.saturating_add(1)
+        };
+        let cap = BACKOFF_BASE
+            .saturating_mul(1u32 << failures.min(6))
+            .min(BACKOFF_MAX);
+        let delay = rand::rng().random_range(cap / 2..=cap);
+        tokio::time::sleep(delay).await;
+    }
+}
+
+/// One stream's life. Returns whether any update arrived (which resets the backoff).
+async fn session(url: &str, shared: &Shared) -> Result<bool, (bool, String)> {
+    let endpoint = Endpoint::from_shared(url.to_string())
+        .map_err(|e| (false, format!("bad controller address: {e}")))?
+        .connect_timeout(Duration::from_secs(1))
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .keep_alive_while_idle(true);
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| (false, format!("connect: {e}")))?;
+    let mut client = RoutingDiscoveryClient::new(channel);
+    let (tx, rx) = mpsc::channel(8);
+    let hello = AgentMessage {
+        kind: Some(agent_message::Kind::Hello(Hello {
+            node_name: shared.node_name.clone(),
+            zone: shared.zone.clone(),
+            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            capabilities: vec!["delta".into()],
+            applied_version: shared.table.load().version,
+        })),
+    };
+    tx.send(hello)
+        .await
+        .map_err(|_| (false, "stream closed".to_string()))?;
+    let mut inbound = client
+        .stream(ReceiverStream::new(rx))
+        .await
+        .map_err(|e| (false, format!("open stream: {e}")))?
+        .into_inner();
+    tracing::info!(controller = %url, "controller stream open");
+    shared.metrics.controller_connected.set(1);
+    shared.set_status(|s| {
+        s.connected_to = Some(url.to_string());
+        s.last_error = None;
+    });
+
+    let mut got_update = false;
+    loop {
+        let msg = match tokio::time::timeout(SILENCE_LIMIT, inbound.message()).await {
+            Err(_) => return Err((got_update, "no message from the controller for 45s".into())),
+            Ok(Err(status)) => return Err((got_update, status.to_string())),
+            Ok(Ok(None)) => return Err((got_update, "stream closed by the controller".into())),
+            Ok(Ok(Some(m))) => m,
+        };
+        let Some(controller_message::Kind::Update(update)) = msg.kind else {
+            continue; // pings only prove liveness
+        };
+        got_update = true;
+        let version = update.version;
+        let reply = match shared.apply(update) {
+            Ok(table) => {
+                shared.metrics.updates_applied.inc();
+                shared.persist(&table).await;
+                agent_message::Kind::Ack(Ack { version })
+            }
+            Err(error) => {
+                shared.metrics.updates_rejected.inc();
+                let applied = shared.table.load().version;
+                tracing::error!(version, applied, %error, "routing update rejected; keeping the table in force");
+                shared.set_status(|s| {
+                    s.last_nack = Some(NackStatus {
+                        version,
+                        error: error.clone(),
+                    })
+                });
+                agent_message::Kind::Nack(Nack {
+                    version,
+                    applied_version: applied,
+                    error,
+                })
+            }
+        };
+        if tx.send(AgentMessage { kind: Some(reply) }).await.is_err() {
+            return Err((got_update, "stream closed".into()));
+        }
+    }
+}

@@ -1,0 +1,135 @@
+//! `weir-agent`: the per-node proxy. Follows the controllers' routing tables and forwards
+//! HTTP/1.1 and h2c traffic to the endpoints they name.
+
+use anyhow::Context;
+use clap::Parser;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use weir_agent::{admin, client, proxy, state::Shared};
+
+#[derive(Parser, Debug)]
+#[command(name = "weir-agent", version, about)]
+struct Args {
+    /// Controller gRPC address (repeatable, or comma-separated); tried in turn.
+    #[arg(
+        long = "controller",
+        env = "WEIR_CONTROLLER",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:18000"
+    )]
+    controllers: Vec<String>,
+    /// Address of the proxy listener (HTTP/1.1 and h2c).
+    #[arg(long, env = "WEIR_LISTEN", default_value = "127.0.0.1:15001")]
+    listen: SocketAddr,
+    /// Address of the admin API (/healthz, /readyz, /metrics, /config).
+    #[arg(long, env = "WEIR_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
+    admin_addr: SocketAddr,
+    /// This node's name, as the controller and `kubectl get nodeagents` show it.
+    #[arg(long, env = "WEIR_NODE_NAME", default_value = "local")]
+    node_name: String,
+    /// This node's zone (topology.kubernetes.io/zone).
+    #[arg(long, env = "WEIR_ZONE", default_value = "")]
+    zone: String,
+    /// Folder where the last applied table is kept, to serve from it when no controller
+    /// answers at start-up.
+    #[arg(long, env = "WEIR_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// Proxy worker threads, each with its own runtime and listener (default: one per core).
+    #[arg(long, env = "WEIR_WORKERS")]
+    workers: Option<usize>,
+    /// Client certificate for the controller stream (PEM).
+    #[arg(long, env = "WEIR_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// Private key of the client certificate (PEM).
+    #[arg(long, env = "WEIR_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// CA the controller's certificate must chain to (PEM).
+    #[arg(long, env = "WEIR_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// Log filter, in `tracing_subscriber::EnvFilter` syntax.
+    #[arg(long, env = "WEIR_LOG", default_value = "info")]
+    log: String,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&args.log)?)
+        .with_writer(std::io::stderr)
+        .init();
+    if args.tls_cert.is_some() || args.tls_key.is_some() || args.tls_ca.is_some() {
+        anyhow::bail!("TLS for the controller stream is not available in this build yet");
+    }
+    if args.controllers.is_empty() {
+        anyhow::bail!("at least one --controller is needed");
+    }
+    let shared = Arc::new(Shared::new(
+        args.node_name.clone(),
+        args.zone.clone(),
+        args.state_dir.clone(),
+    ));
+    shared.load_persisted();
+
+    let workers = args
+        .workers
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        })
+        .max(1);
+    for i in 0..workers {
+        let listener = proxy::bind_reuseport(args.listen)
+            .with_context(|| format!("cannot listen on --listen {}", args.listen))?;
+        let shared = shared.clone();
+        std::thread::Builder::new()
+            .name(format!("weir-worker-{i}"))
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot start worker runtime");
+                        std::process::exit(1);
+                    }
+                };
+                if let Err(e) = rt.block_on(proxy::serve(listener, shared)) {
+                    tracing::error!(error = %e, "worker stopped");
+                    std::process::exit(1);
+                }
+            })?;
+    }
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let admin_listener = tokio::net::TcpListener::bind(args.admin_addr)
+            .await
+            .with_context(|| format!("cannot listen on --admin-addr {}", args.admin_addr))?;
+        tracing::info!(listen = %args.listen, admin = %args.admin_addr, workers, node = %args.node_name, "weir-agent started");
+        tokio::spawn(admin::serve(admin_listener, shared.clone()));
+        tokio::spawn(client::run(args.controllers, shared));
+        shutdown_signal().await;
+        tracing::info!("weir-agent stopping");
+        anyhow::Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = ctrl_c.await;
+        }
+    }
+}
