@@ -1,1 +1,345 @@
-//! placeholder
+//! Helpers for weir's end-to-end tests and the quickstart: start real `weir-controller` and
+//! `weir-agent` processes on loopback, real HTTP backends, and wait on their readiness
+//! signals (admin endpoints), never on sleeps.
+//!
+//! The binaries are the workspace's own build of `weir-controller` and `weir-agent`, found
+//! next to the test executable (`cargo test --workspace` builds them); if they are missing
+//! they are built once with the same cargo.
+
+pub mod backend;
+pub mod manifests;
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde_json::Value;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// How long any wait in a test may take before it fails (generous: CI machines are slow and
+/// shared; the waits return as soon as their condition holds).
+pub const WAIT: Duration = Duration::from_secs(30);
+
+/// The folder holding the workspace's binaries (`target/debug` or `target/release`).
+pub fn bin_dir() -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let exe = std::env::current_exe().expect("current exe");
+        // target/<profile>/deps/<test> or target/<profile>/<bin>
+        let mut dir = exe.parent().expect("exe dir").to_path_buf();
+        if dir.ends_with("deps") {
+            dir.pop();
+        }
+        let missing = ["weir-controller", "weir-agent"]
+            .iter()
+            .any(|b| !dir.join(b).exists());
+        if missing {
+            let release = dir.ends_with("release");
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let mut cmd = Command::new(cargo);
+            cmd.args(["build", "-p", "weir-controller", "-p", "weir-agent"]);
+            if release {
+                cmd.arg("--release");
+            }
+            let status = cmd.status().expect("run cargo build");
+            assert!(status.success(), "building weir binaries failed");
+        }
+        dir
+    })
+    .clone()
+}
+
+/// A free TCP port on `ip` (bound and released; good enough on a test machine).
+pub fn free_port(ip: &str) -> u16 {
+    TcpListener::bind((ip, 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// A child process that is killed when dropped.
+pub struct Proc {
+    pub child: Child,
+    pub name: String,
+}
+
+impl Proc {
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Sends SIGTERM and waits for the exit.
+    pub fn terminate(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn spawn(bin: &str, args: &[String], quiet: bool) -> anyhow::Result<Proc> {
+    let path = bin_dir().join(bin);
+    let mut cmd = Command::new(&path);
+    cmd.args(args)
+        .env("WEIR_LOG", std::env::var("WEIR_LOG").unwrap_or_else(|_| "info".into()))
+        .stdin(Stdio::null());
+    if quiet {
+        cmd.stdout(Stdio::null()).stderr(Stdio::null());
+    }
+    let child = cmd
+        .spawn()
+        .with_context(|| format!("start {}", path.display()))?;
+    Ok(Proc {
+        child,
+        name: bin.into(),
+    })
+}
+
+/// A plain HTTP/1.1 client for admin endpoints and traffic.
+pub fn http_client() -> Client<HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(5))
+        .build(HttpConnector::new())
+}
+
+/// A response with its body read.
+#[derive(Debug)]
+pub struct Got {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub body: String,
+}
+
+/// Sends `GET http://{addr}{path}` with `Host: host`.
+pub async fn get(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    addr: SocketAddr,
+    host: &str,
+    path: &str,
+) -> anyhow::Result<Got> {
+    request(client, "GET", &format!("http://{addr}{path}"), Some(host)).await
+}
+
+/// Sends a request; `host` overrides the Host header when given.
+pub async fn request(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    method: &str,
+    uri: &str,
+    host: Option<&str>,
+) -> anyhow::Result<Got> {
+    let mut b = http::Request::builder().method(method).uri(uri);
+    if let Some(h) = host {
+        b = b.header(http::header::HOST, h);
+    }
+    let req = b.body(Full::new(Bytes::new()))?;
+    let resp = tokio::time::timeout(WAIT, client.request(req))
+        .await
+        .context("request timed out")??;
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await?.to_bytes();
+    Ok(Got {
+        status: parts.status.as_u16(),
+        headers: parts.headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    })
+}
+
+/// GETs a JSON admin document.
+pub async fn get_json(client: &Client<HttpConnector, Full<Bytes>>, url: &str) -> anyhow::Result<Value> {
+    let got = request(client, "GET", url, None).await?;
+    if got.status != 200 {
+        bail!("{url}: HTTP {}: {}", got.status, got.body);
+    }
+    Ok(serde_json::from_str(&got.body)?)
+}
+
+/// Polls `check` until it returns `Some`, failing after [`WAIT`] with `what`.
+pub async fn wait_for<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(start.elapsed() < WAIT, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A running controller in local mode.
+pub struct Controller {
+    pub proc: Proc,
+    pub grpc: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+impl Controller {
+    /// Starts a controller on `dir` at the given addresses and waits until `/readyz`.
+    pub async fn start_at(dir: &Path, grpc: SocketAddr, admin: SocketAddr) -> anyhow::Result<Self> {
+        let proc = spawn(
+            "weir-controller",
+            &[
+                "--config-dir".into(),
+                dir.display().to_string(),
+                "--grpc-addr".into(),
+                grpc.to_string(),
+                "--admin-addr".into(),
+                admin.to_string(),
+            ],
+            false,
+        )?;
+        let c = Self { proc, grpc, admin };
+        let client = http_client();
+        let url = format!("http://{admin}/readyz");
+        wait_for("controller /readyz", || {
+            let client = client.clone();
+            let url = url.clone();
+            async move {
+                request(&client, "GET", &url, None)
+                    .await
+                    .ok()
+                    .filter(|g| g.status == 200)
+            }
+        })
+        .await;
+        Ok(c)
+    }
+
+    pub async fn start(dir: &Path) -> anyhow::Result<Self> {
+        let grpc = SocketAddr::from(([127, 0, 0, 1], free_port("127.0.0.1")));
+        let admin = SocketAddr::from(([127, 0, 0, 1], free_port("127.0.0.1")));
+        Self::start_at(dir, grpc, admin).await
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.grpc)
+    }
+
+    pub async fn state(&self) -> anyhow::Result<Value> {
+        get_json(&http_client(), &format!("http://{}/state", self.admin)).await
+    }
+}
+
+/// A running agent.
+pub struct Agent {
+    pub proc: Proc,
+    pub listen: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+impl Agent {
+    /// Starts an agent on free ports and waits until its admin API answers (not for a
+    /// table: see [`Agent::wait_ready`]).
+    pub async fn start(controller_url: &str, state_dir: Option<&Path>) -> anyhow::Result<Self> {
+        let listen = SocketAddr::from(([127, 0, 0, 1], free_port("127.0.0.1")));
+        let admin = SocketAddr::from(([127, 0, 0, 1], free_port("127.0.0.1")));
+        Self::start_at(controller_url, listen, admin, state_dir).await
+    }
+
+    /// Starts an agent at the given addresses and waits until its admin API answers.
+    pub async fn start_at(
+        controller_url: &str,
+        listen: SocketAddr,
+        admin: SocketAddr,
+        state_dir: Option<&Path>,
+    ) -> anyhow::Result<Self> {
+        let mut args = vec![
+            "--controller".into(),
+            controller_url.to_string(),
+            "--listen".into(),
+            listen.to_string(),
+            "--admin-addr".into(),
+            admin.to_string(),
+            "--node-name".into(),
+            "test-node".into(),
+            "--workers".into(),
+            "2".into(),
+        ];
+        if let Some(d) = state_dir {
+            args.push("--state-dir".into());
+            args.push(d.display().to_string());
+        }
+        let proc = spawn("weir-agent", &args, false)?;
+        let a = Self {
+            proc,
+            listen,
+            admin,
+        };
+        let client = http_client();
+        let url = format!("http://{admin}/healthz");
+        wait_for("agent /healthz", || {
+            let client = client.clone();
+            let url = url.clone();
+            async move {
+                request(&client, "GET", &url, None)
+                    .await
+                    .ok()
+                    .filter(|g| g.status == 200)
+            }
+        })
+        .await;
+        Ok(a)
+    }
+
+    pub async fn config(&self) -> anyhow::Result<Value> {
+        get_json(&http_client(), &format!("http://{}/config", self.admin)).await
+    }
+
+    /// The version of the table in force (0 before any).
+    pub async fn version(&self) -> u64 {
+        self.config()
+            .await
+            .ok()
+            .and_then(|c| c["version"].as_u64())
+            .unwrap_or(0)
+    }
+
+    /// Waits until a table is in force; returns its version.
+    pub async fn wait_ready(&self) -> u64 {
+        wait_for("agent table", || async move {
+            let v = self.version().await;
+            (v > 0).then_some(v)
+        })
+        .await
+    }
+
+    /// Waits until the agent applies a version newer than `after` whose `/config` satisfies
+    /// `check`; returns the config.
+    pub async fn wait_config(&self, after: u64, check: impl Fn(&Value) -> bool) -> Value {
+        let check = &check;
+        wait_for("agent config", || async move {
+            let c = self.config().await.ok()?;
+            (c["version"].as_u64().unwrap_or(0) > after && check(&c)).then_some(c)
+        })
+        .await
+    }
+}
+
+/// The weight the agent gives endpoint `addr` in the first rule of `route`.
+pub fn endpoint_weight(config: &Value, route: &str, addr: &str) -> Option<u64> {
+    config["routes"]
+        .as_array()?
+        .iter()
+        .find(|r| r["name"] == route)?["rules"][0]["backends"]
+        .as_array()?
+        .iter()
+        .flat_map(|b| b["endpoints"].as_array().into_iter().flatten())
+        .find(|e| e["address"] == addr)?["weight"]
+        .as_u64()
+}

@@ -1,0 +1,122 @@
+//! A real HTTP/1.1 + h2c demo backend: answers every request with its own name, and counts
+//! what it served so tests can check where traffic went.
+//!
+//! Used in-process by the e2e tests and by the quickstart, and as the `weir-demo-backend`
+//! binary where a test must kill a backend process.
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+/// A running backend; stops when dropped.
+pub struct Backend {
+    pub addr: SocketAddr,
+    pub name: String,
+    hits: Arc<AtomicU64>,
+    task: JoinHandle<()>,
+}
+
+impl Backend {
+    /// Binds `addr` (port 0 picks one) and serves until dropped.
+    pub async fn start(addr: SocketAddr, name: &str) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let hits = Arc::new(AtomicU64::new(0));
+        let task = tokio::spawn(serve(listener, name.to_string(), hits.clone()));
+        Ok(Self {
+            addr,
+            name: name.to_string(),
+            hits,
+            task,
+        })
+    }
+
+    /// Requests served so far.
+    pub fn hits(&self) -> u64 {
+        self.hits.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Serves on `listener` forever: `200 hello from NAME (ADDR)`.
+pub async fn serve(listener: TcpListener, name: String, hits: Arc<AtomicU64>) {
+    let local = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let body = Bytes::from(format!("hello from {name} ({local})\n"));
+    let name = http::HeaderValue::from_str(&name).unwrap_or(http::HeaderValue::from_static("?"));
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let body = body.clone();
+        let name = name.clone();
+        let hits = hits.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                hits.fetch_add(1, Ordering::Relaxed);
+                let mut resp = Response::new(Full::new(body.clone()));
+                resp.headers_mut().insert("x-backend", name.clone());
+                // Echo what the proxy forwarded, for header tests.
+                for h in ["x-forwarded-for", "via", "host"] {
+                    if let Some(v) = req.headers().get(h) {
+                        let echo = format!("x-echo-{h}");
+                        if let (Ok(n), v) = (http::HeaderName::from_bytes(echo.as_bytes()), v.clone()) {
+                            resp.headers_mut().insert(n, v);
+                        }
+                    }
+                }
+                async move { Ok::<_, Infallible>(resp) }
+            });
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+/// Starts one backend on each of `ips`, all on the same port (an EndpointSlice gives one
+/// port for all its endpoints). Retries with another port if one is taken on some address.
+pub async fn start_group(ips: &[&str], name: &str) -> std::io::Result<Vec<Backend>> {
+    let mut last_err = None;
+    for _ in 0..20 {
+        let first: SocketAddr = format!("{}:0", ips[0])
+            .parse()
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+        let b0 = Backend::start(first, name).await?;
+        let port = b0.addr.port();
+        let mut group = vec![b0];
+        let mut ok = true;
+        for ip in &ips[1..] {
+            let addr: SocketAddr = format!("{ip}:{port}")
+                .parse()
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+            match Backend::start(addr, name).await {
+                Ok(b) => group.push(b),
+                Err(e) => {
+                    last_err = Some(e);
+                    ok = false;
+                    break;
+                }
+            }
+        }
+        if ok {
+            return Ok(group);
+        }
+    }
+    Err(last_err.unwrap_or_else(|| std::io::Error::other("no common free port")))
+}
