@@ -79,9 +79,9 @@ fn main() -> anyhow::Result<()> {
                 .unwrap_or(1)
         })
         .max(1);
-    for i in 0..workers {
-        let listener = proxy::bind_reuseport(args.listen)
-            .with_context(|| format!("cannot listen on --listen {}", args.listen))?;
+    let listeners = proxy::bind_listeners(args.listen, workers)
+        .with_context(|| format!("cannot listen on --listen {}", args.listen))?;
+    for (i, listener) in listeners.into_iter().enumerate() {
         let shared = shared.clone();
         std::thread::Builder::new()
             .name(format!("weir-worker-{i}"))

@@ -167,12 +167,11 @@ impl Worker {
         let downstream_version = parts.version;
         // An h2 request or an absolute-form one carries its host in the URI; the upstream
         // HTTP/1.1 request needs it as Host.
-        if host_from_uri || parts.headers.get(header::HOST).is_none() {
-            if let Some(a) = parts.uri.authority() {
-                if let Ok(v) = HeaderValue::from_str(a.as_str()) {
-                    parts.headers.insert(header::HOST, v);
-                }
-            }
+        if (host_from_uri || parts.headers.get(header::HOST).is_none())
+            && let Some(a) = parts.uri.authority()
+            && let Ok(v) = HeaderValue::from_str(a.as_str())
+        {
+            parts.headers.insert(header::HOST, v);
         }
         let pq = std::mem::take(&mut parts.uri).into_parts().path_and_query;
         parts.uri = match upstream_uri(&authority, pq) {
@@ -327,17 +326,29 @@ pub fn peer_header(ip: IpAddr) -> HeaderValue {
     HeaderValue::from_str(&ip.to_string()).unwrap_or(HeaderValue::from_static("unknown"))
 }
 
-/// Binds a listener with `SO_REUSEPORT`, so each worker can own one on the same address.
-pub fn bind_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+/// Binds `n` listeners on `addr` with `SO_REUSEPORT`, one per worker.
+///
+/// `SO_REUSEPORT` would also let a second agent (or anything else of the same user) bind the
+/// same address and silently take a share of the connections, so the address is first probed
+/// with an exclusive bind: a port already in use is an error, as operators expect.
+pub fn bind_listeners(addr: SocketAddr, n: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
     use socket2::{Domain, Socket, Type};
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
-    socket.set_reuse_address(true)?;
-    #[cfg(unix)]
-    socket.set_reuse_port(true)?;
-    socket.set_nonblocking(true)?;
-    socket.bind(&addr.into())?;
-    socket.listen(1024)?;
-    Ok(socket.into())
+    let probe = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    probe.set_reuse_address(true)?;
+    probe.bind(&addr.into())?;
+    probe.listen(1)?;
+    drop(probe);
+    (0..n)
+        .map(|_| {
+            let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+            socket.set_reuse_address(true)?;
+            socket.set_reuse_port(true)?;
+            socket.set_nonblocking(true)?;
+            socket.bind(&addr.into())?;
+            socket.listen(1024)?;
+            Ok(socket.into())
+        })
+        .collect()
 }
 
 /// Accepts and serves connections on `listener` until the runtime stops.

@@ -273,27 +273,20 @@ impl MatchRt {
     }
 
     fn matches(&self, method: &Method, path: &str, headers: &http::HeaderMap) -> bool {
-        if let Some(m) = &self.method {
-            if m != method {
-                return false;
-            }
+        if self.method.as_ref().is_some_and(|m| m != method) {
+            return false;
         }
-        match &self.path {
-            None => {}
-            Some(PathRt::Exact(p)) => {
-                if path != &**p {
-                    return false;
-                }
-            }
+        let path_ok = match &self.path {
+            None => true,
+            Some(PathRt::Exact(p)) => path == &**p,
+            // Gateway API prefix semantics: whole path segments only, so /api matches /api
+            // and /api/x but not /apix.
             Some(PathRt::Prefix(p)) => {
-                // Gateway API prefix semantics: whole path segments only, so /api matches
-                // /api and /api/x but not /apix.
-                if !(path.starts_with(&**p)
-                    && matches!(path.as_bytes().get(p.len()), None | Some(b'/')))
-                {
-                    return false;
-                }
+                path.starts_with(&**p) && matches!(path.as_bytes().get(p.len()), None | Some(b'/'))
             }
+        };
+        if !path_ok {
+            return false;
         }
         self.headers
             .iter()

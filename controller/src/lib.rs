@@ -1,5 +1,15 @@
-//! weir's control plane (being assembled).
+//! weir's control plane.
+//!
+//! A source (a folder of manifests in local mode, the Kubernetes API otherwise) produces
+//! [`routing::Snapshot`]s; the [`hub`] runs the pure [`routing`] computation on them and
+//! publishes versioned tables; the [`server`] pushes tables to agents over
+//! `weir.v1.RoutingDiscovery`; [`admin`] serves health, metrics and `/state`.
 
+pub mod admin;
+pub mod hub;
+pub mod local;
 pub mod model;
 pub mod routing;
+pub mod server;
+pub mod source;
 pub mod validate;

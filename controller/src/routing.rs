@@ -436,6 +436,8 @@ fn is_ready(endpoint: &SliceEndpoint) -> bool {
 // Deciding which spec each policy serves, and who holds which host.
 
 /// The current spec of a policy, read as far as it goes.
+// Nearly every policy is `Valid`; boxing its route would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 enum Current {
     Unreadable(String),
     Invalid(Vec<String>),
@@ -453,7 +455,7 @@ enum LastGoodRoute<'a> {
     /// Identical to the current spec: serve the current route if it comes to that.
     SameAsCurrent(&'a TrafficPolicySpec),
     /// A different spec, validated but not yet resolved (only needed when it is served).
-    Other(&'a TrafficPolicySpec, pb::Route),
+    Other(&'a TrafficPolicySpec, Box<pb::Route>),
 }
 
 struct Candidate<'a> {
@@ -520,8 +522,9 @@ impl<'a> Candidate<'a> {
             }
             // A last good spec that no longer validates (stricter rules after an upgrade)
             // cannot be served; the policy is then treated as new.
-            Some(spec) => validate(spec)
-                .map_or(LastGoodRoute::None, |route| LastGoodRoute::Other(spec, route)),
+            Some(spec) => validate(spec).map_or(LastGoodRoute::None, |route| {
+                LastGoodRoute::Other(spec, Box::new(route))
+            }),
         };
         Self {
             input,
@@ -620,7 +623,7 @@ impl<'a> Candidate<'a> {
                     &mut ignored_errors,
                     &mut ignored_refs,
                 );
-                Some(route)
+                Some(*route)
             }
             _ => None,
         };
@@ -807,24 +810,16 @@ fn plan_tiers(backends: &[pb::Backend], min_healthy_percent: u32) -> TierPlan {
     let mut loads = Vec::new();
     let mut remaining = 1.0_f64;
     for (&tier, &(weight, healthy)) in &tiers {
-        if remaining <= 0.0 {
-            break;
-        }
         if healthy <= 0.0 {
             continue;
         }
         let capacity = healthy / weight / min_healthy;
-        let load = if capacity >= remaining - EPSILON {
-            remaining
-        } else {
-            capacity
-        };
-        loads.push((tier, load));
-        remaining = if load == remaining {
-            0.0
-        } else {
-            remaining - load
-        };
+        if capacity >= remaining - EPSILON {
+            loads.push((tier, remaining));
+            break;
+        }
+        loads.push((tier, capacity));
+        remaining -= capacity;
     }
     if loads.is_empty() {
         let panic_tier = backends
@@ -861,54 +856,59 @@ fn endpoint_weights(backends: &[pb::Backend], plan: &TierPlan) -> Vec<u32> {
             u64::try_from(serving).unwrap_or(u64::MAX)
         })
         .collect();
-    let in_plan = |b: &pb::Backend| plan.loads.iter().any(|(t, _)| *t == b.tier);
-
-    let shares: Vec<f64> = match exact_weights(backends, &counts, plan) {
-        Some(mut values) => {
-            reduce_by_gcd(&mut values);
-            let sum = values
-                .iter()
-                .zip(&counts)
-                .try_fold(0u128, |acc, (v, c)| acc.checked_add(v.checked_mul(u128::from(*c))?));
-            if sum.is_some_and(|s| s <= u128::from(MAX_WEIGHT_SUM)) {
-                return values
-                    .into_iter()
-                    .map(|v| u32::try_from(v).unwrap_or(u32::MAX))
-                    .collect();
-            }
-            let total: f64 = values
-                .iter()
-                .zip(&counts)
-                .map(|(v, c)| *v as f64 * *c as f64)
-                .sum();
-            values.iter().map(|v| *v as f64 / total).collect()
-        }
-        None => backends
-            .iter()
-            .zip(&counts)
-            .map(|(b, &count)| {
-                if count == 0 || !in_plan(b) {
-                    return 0.0;
-                }
-                let load = plan
-                    .loads
-                    .iter()
-                    .find(|(t, _)| *t == b.tier)
-                    .map_or(0.0, |(_, l)| *l);
-                let tier_weight: f64 = backends
-                    .iter()
-                    .zip(&counts)
-                    .filter(|(o, c)| o.tier == b.tier && **c > 0)
-                    .map(|(o, _)| f64::from(o.weight))
-                    .sum();
-                load * f64::from(b.weight) / tier_weight / count as f64
-            })
-            .collect(),
+    let Some(mut exact) = exact_weights(backends, &counts, plan) else {
+        return fit_shares(&real_shares(backends, &counts, plan), &counts);
     };
-
-    let serving: u64 = shares
+    reduce_by_gcd(&mut exact);
+    let sum = exact.iter().zip(&counts).try_fold(0u128, |acc, (v, c)| {
+        acc.checked_add(v.checked_mul(u128::from(*c))?)
+    });
+    if sum.is_some_and(|s| s <= u128::from(MAX_WEIGHT_SUM)) {
+        return exact
+            .into_iter()
+            .map(|v| u32::try_from(v).unwrap_or(u32::MAX))
+            .collect();
+    }
+    let total: f64 = exact
         .iter()
         .zip(&counts)
+        .map(|(v, c)| *v as f64 * *c as f64)
+        .sum();
+    let shares: Vec<f64> = exact.iter().map(|v| *v as f64 / total).collect();
+    fit_shares(&shares, &counts)
+}
+
+/// Each serving endpoint's share of the rule's traffic, per backend, straight from the
+/// formula: `load_t · (w_s / Σ w) / n_s`.
+fn real_shares(backends: &[pb::Backend], counts: &[u64], plan: &TierPlan) -> Vec<f64> {
+    backends
+        .iter()
+        .zip(counts)
+        .map(|(b, &count)| {
+            let Some(&(_, load)) = plan.loads.iter().find(|(t, _)| *t == b.tier) else {
+                return 0.0;
+            };
+            if count == 0 {
+                return 0.0;
+            }
+            let tier_weight: f64 = backends
+                .iter()
+                .zip(counts)
+                .filter(|(o, c)| o.tier == b.tier && **c > 0)
+                .map(|(o, _)| f64::from(o.weight))
+                .sum();
+            load * f64::from(b.weight) / tier_weight / count as f64
+        })
+        .collect()
+}
+
+/// Integer weights proportional to per-endpoint `shares` (summing to 1 over all serving
+/// endpoints): `max(1, ⌊share · (MAX_WEIGHT_SUM − n)⌋)`, so the sum stays within
+/// [`MAX_WEIGHT_SUM`] and no serving endpoint drops to 0.
+fn fit_shares(shares: &[f64], counts: &[u64]) -> Vec<u32> {
+    let serving: u64 = shares
+        .iter()
+        .zip(counts)
         .filter(|(s, _)| **s > 0.0)
         .map(|(_, c)| *c)
         .sum();
@@ -989,6 +989,1123 @@ fn reduce_by_gcd(values: &mut [u128]) {
     if divisor > 1 {
         for value in values {
             *value /= divisor;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{BackendRef, Failover, Rule};
+    use k8s_openapi::api::core::v1::ServiceSpec;
+    use k8s_openapi::api::discovery::v1::{EndpointConditions, EndpointPort};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+    use proptest::prelude::*;
+
+    const NS: &str = "default";
+
+    fn key(name: &str) -> ObjectKey {
+        ObjectKey::new(NS, name)
+    }
+
+    fn service_port(name: Option<&str>, port: i32, target: Option<i32>) -> ServicePort {
+        ServicePort {
+            name: name.map(str::to_owned),
+            port,
+            target_port: target.map(IntOrString::Int),
+            ..ServicePort::default()
+        }
+    }
+
+    fn service(name: &str, ports: Vec<ServicePort>) -> Service {
+        Service {
+            metadata: ObjectMeta {
+                name: Some(name.to_owned()),
+                namespace: Some(NS.to_owned()),
+                ..ObjectMeta::default()
+            },
+            spec: Some(ServiceSpec {
+                ports: Some(ports),
+                ..ServiceSpec::default()
+            }),
+            ..Service::default()
+        }
+    }
+
+    fn endpoint(address: &str, ready: Option<bool>) -> SliceEndpoint {
+        SliceEndpoint {
+            addresses: vec![address.to_owned()],
+            conditions: Some(EndpointConditions {
+                ready,
+                ..EndpointConditions::default()
+            }),
+            zone: Some("z1".to_owned()),
+            ..SliceEndpoint::default()
+        }
+    }
+
+    fn slice(
+        service: &str,
+        address_type: &str,
+        ports: &[(Option<&str>, i32)],
+        endpoints: Vec<SliceEndpoint>,
+    ) -> EndpointSlice {
+        EndpointSlice {
+            metadata: ObjectMeta {
+                labels: Some(
+                    [(SERVICE_NAME_LABEL.to_owned(), service.to_owned())]
+                        .into_iter()
+                        .collect(),
+                ),
+                ..ObjectMeta::default()
+            },
+            address_type: address_type.to_owned(),
+            endpoints,
+            ports: Some(
+                ports
+                    .iter()
+                    .map(|(name, port)| EndpointPort {
+                        name: name.map(str::to_owned),
+                        port: Some(*port),
+                        ..EndpointPort::default()
+                    })
+                    .collect(),
+            ),
+        }
+    }
+
+    fn spec(hosts: &[&str], backends: &[(&str, i64, i64)]) -> TrafficPolicySpec {
+        TrafficPolicySpec {
+            hosts: hosts.iter().map(|h| (*h).to_owned()).collect(),
+            rules: vec![Rule {
+                matches: vec![],
+                backend_refs: backends
+                    .iter()
+                    .map(|(name, weight, priority)| BackendRef {
+                        name: (*name).to_owned(),
+                        port: Some(80),
+                        weight: Some(*weight),
+                        priority: Some(*priority),
+                    })
+                    .collect(),
+            }],
+            ..TrafficPolicySpec::default()
+        }
+    }
+
+    /// A small cluster in namespace `default`: Services with one port `http` 80 → 8080.
+    #[derive(Default)]
+    struct World {
+        snapshot: Snapshot,
+        subnets: u32,
+    }
+
+    impl World {
+        fn service(&mut self, name: &str) -> &mut Self {
+            let port = service_port(Some("http"), 80, Some(8080));
+            self.snapshot
+                .services
+                .insert(key(name), service(name, vec![port]));
+            self
+        }
+
+        /// Adds a slice with `ready` ready and `not_ready` not-ready pods to Service `name`.
+        fn pods(&mut self, name: &str, ready: usize, not_ready: usize) -> &mut Self {
+            self.subnets += 1;
+            let subnet = self.subnets;
+            let endpoints = (0..ready + not_ready)
+                .map(|i| endpoint(&format!("10.0.{subnet}.{}", i + 1), Some(i < ready)))
+                .collect();
+            self.snapshot.slices.insert(
+                key(&format!("{name}-{subnet}")),
+                slice(name, "IPv4", &[(Some("http"), 8080)], endpoints),
+            );
+            self
+        }
+
+        /// Replaces every slice of Service `name` by one with the given pods.
+        fn repods(&mut self, name: &str, ready: usize, not_ready: usize) -> &mut Self {
+            self.snapshot.slices.retain(|_, s| {
+                s.metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get(SERVICE_NAME_LABEL))
+                    .is_none_or(|svc| svc != name)
+            });
+            self.pods(name, ready, not_ready)
+        }
+
+        fn policy(&mut self, name: &str, spec: TrafficPolicySpec) -> &mut Self {
+            self.input(name, Ok(spec))
+        }
+
+        fn input(&mut self, name: &str, spec: Result<TrafficPolicySpec, String>) -> &mut Self {
+            self.snapshot.policies.retain(|p| p.key != key(name));
+            self.snapshot.policies.push(PolicyInput {
+                key: key(name),
+                source: format!("{name}.yaml"),
+                generation: Some(1),
+                spec,
+            });
+            self
+        }
+
+        fn compute(&self, last_good: &LastGood) -> Computed {
+            compute(&self.snapshot, last_good)
+        }
+    }
+
+    fn route<'c>(computed: &'c Computed, policy: &str) -> &'c pb::Route {
+        let name = key(policy).to_string();
+        computed
+            .routes
+            .iter()
+            .find(|r| r.name == name)
+            .unwrap_or_else(|| panic!("no route {name} in {:?}", computed.routes))
+    }
+
+    fn state<'c>(computed: &'c Computed, policy: &str) -> &'c PolicyState {
+        &computed.policies[&key(policy)]
+    }
+
+    /// Rule 0's endpoint weights, per backend.
+    fn weights(computed: &Computed, policy: &str) -> Vec<(String, Vec<u32>)> {
+        route(computed, policy).rules[0]
+            .backends
+            .iter()
+            .map(|b| {
+                (
+                    b.service.clone(),
+                    b.endpoints.iter().map(|e| e.weight).collect(),
+                )
+            })
+            .collect()
+    }
+
+    fn backend_share(rule: &pb::Rule, service: &str) -> f64 {
+        let sum = |pick: &dyn Fn(&pb::Backend) -> bool| -> u64 {
+            rule.backends
+                .iter()
+                .filter(|b| pick(b))
+                .flat_map(|b| &b.endpoints)
+                .map(|e| u64::from(e.weight))
+                .sum()
+        };
+        sum(&|b| b.service == service) as f64 / sum(&|_| true) as f64
+    }
+
+    fn owned(pairs: &[(&str, &[u32])]) -> Vec<(String, Vec<u32>)> {
+        pairs
+            .iter()
+            .map(|(s, w)| ((*s).to_owned(), w.to_vec()))
+            .collect()
+    }
+
+    // --- weights ------------------------------------------------------------------------
+
+    #[test]
+    fn a_3_to_1_split_over_2_plus_2_endpoints_gives_weights_3_3_1_1() {
+        let mut world = World::default();
+        world
+            .service("v1")
+            .pods("v1", 2, 0)
+            .service("v2")
+            .pods("v2", 2, 0);
+        world.policy("shop", spec(&["shop"], &[("v1", 3, 0), ("v2", 1, 0)]));
+        let computed = world.compute(&LastGood::new());
+        assert_eq!(
+            weights(&computed, "shop"),
+            owned(&[("v1", &[3, 3]), ("v2", &[1, 1])])
+        );
+        let shop = state(&computed, "shop");
+        assert!(shop.accepted && shop.programmed && !shop.panic);
+        assert_eq!(shop.active_tier, Some(0));
+    }
+
+    #[test]
+    fn scaling_v2_from_1_to_5_pods_keeps_the_90_10_split_between_services() {
+        let mut world = World::default();
+        world
+            .service("v1")
+            .pods("v1", 3, 0)
+            .service("v2")
+            .pods("v2", 1, 0);
+        world.policy("shop", spec(&["shop"], &[("v1", 90, 0), ("v2", 10, 0)]));
+        let before = world.compute(&LastGood::new());
+        assert_eq!(
+            weights(&before, "shop"),
+            owned(&[("v1", &[3, 3, 3]), ("v2", &[1])])
+        );
+        world.repods("v2", 5, 0);
+        let after = world.compute(&before.last_good);
+        assert_eq!(
+            weights(&after, "shop"),
+            owned(&[("v1", &[15, 15, 15]), ("v2", &[1, 1, 1, 1, 1])])
+        );
+        for computed in [&before, &after] {
+            let share = backend_share(&route(computed, "shop").rules[0], "v2");
+            assert!((share - 0.1).abs() < 1e-12, "{share}");
+        }
+    }
+
+    #[test]
+    fn a_service_without_ready_endpoints_gives_its_share_to_the_others_of_its_tier() {
+        let mut world = World::default();
+        world
+            .service("v1")
+            .pods("v1", 3, 0)
+            .service("v2")
+            .pods("v2", 0, 2);
+        world.policy("shop", spec(&["shop"], &[("v1", 90, 0), ("v2", 10, 0)]));
+        let computed = world.compute(&LastGood::new());
+        assert_eq!(
+            weights(&computed, "shop"),
+            owned(&[("v1", &[1, 1, 1]), ("v2", &[0, 0])])
+        );
+    }
+
+    #[test]
+    fn failover_sends_everything_to_tier_1_while_tier_0_has_no_ready_endpoint_and_returns() {
+        let mut world = World::default();
+        world
+            .service("primary")
+            .pods("primary", 0, 2)
+            .service("standby")
+            .pods("standby", 2, 0);
+        world.policy(
+            "shop",
+            spec(&["shop"], &[("primary", 1, 0), ("standby", 1, 1)]),
+        );
+        let down = world.compute(&LastGood::new());
+        assert_eq!(
+            weights(&down, "shop"),
+            owned(&[("primary", &[0, 0]), ("standby", &[1, 1])])
+        );
+        assert_eq!(route(&down, "shop").rules[0].active_tier, 1);
+        assert_eq!(state(&down, "shop").active_tier, Some(1));
+        assert!(!state(&down, "shop").panic);
+
+        world.repods("primary", 2, 0);
+        let recovered = world.compute(&down.last_good);
+        assert_eq!(
+            weights(&recovered, "shop"),
+            owned(&[("primary", &[1, 1]), ("standby", &[0, 0])])
+        );
+        assert_eq!(state(&recovered, "shop").active_tier, Some(0));
+    }
+
+    #[test]
+    fn a_half_healthy_tier_0_spills_the_missing_share_to_tier_1_in_proportion() {
+        let mut world = World::default();
+        world
+            .service("primary")
+            .pods("primary", 1, 1)
+            .service("standby")
+            .pods("standby", 2, 0);
+        world.policy(
+            "shop",
+            spec(&["shop"], &[("primary", 1, 0), ("standby", 1, 1)]),
+        );
+        let computed = world.compute(&LastGood::new());
+        // h_0 = 0.5, M = 0.7: tier 0 takes 0.5/0.7 = 71.4 %, tier 1 the remaining 28.6 %.
+        assert_eq!(
+            weights(&computed, "shop"),
+            owned(&[("primary", &[714, 0]), ("standby", &[143, 143])])
+        );
+        let rule = &route(&computed, "shop").rules[0];
+        assert_eq!(rule.active_tier, 1);
+        assert!((backend_share(rule, "primary") - 5.0 / 7.0).abs() < 1e-3);
+    }
+
+    #[test]
+    fn tier_0_keeps_everything_while_min_healthy_percent_of_it_is_ready() {
+        let mut world = World::default();
+        world
+            .service("primary")
+            .pods("primary", 7, 3)
+            .service("standby")
+            .pods("standby", 1, 0);
+        world.policy(
+            "shop",
+            spec(&["shop"], &[("primary", 1, 0), ("standby", 1, 1)]),
+        );
+        let computed = world.compute(&LastGood::new());
+        let rule = &route(&computed, "shop").rules[0];
+        assert_eq!(backend_share(rule, "standby"), 0.0);
+        assert_eq!(rule.active_tier, 0);
+
+        let mut strict = spec(&["shop"], &[("primary", 1, 0), ("standby", 1, 1)]);
+        strict.failover = Some(Failover {
+            min_healthy_percent: Some(100),
+        });
+        world.policy("shop", strict);
+        let computed = world.compute(&LastGood::new());
+        let rule = &route(&computed, "shop").rules[0];
+        assert!((backend_share(rule, "standby") - 0.3).abs() < 1e-3);
+    }
+
+    #[test]
+    fn with_no_healthy_tier_all_endpoints_of_the_lowest_tier_get_traffic_in_panic() {
+        let mut world = World::default();
+        world
+            .service("primary")
+            .pods("primary", 0, 3)
+            .service("standby")
+            .pods("standby", 0, 1);
+        world.policy(
+            "shop",
+            spec(&["shop"], &[("primary", 1, 0), ("standby", 1, 1)]),
+        );
+        let computed = world.compute(&LastGood::new());
+        assert_eq!(
+            weights(&computed, "shop"),
+            owned(&[("primary", &[1, 1, 1]), ("standby", &[0])])
+        );
+        let rule = &route(&computed, "shop").rules[0];
+        assert!(rule.panic);
+        assert_eq!(rule.active_tier, 0);
+        assert!(state(&computed, "shop").panic);
+    }
+
+    #[test]
+    fn panic_skips_a_lowest_tier_that_has_no_endpoints() {
+        let mut world = World::default();
+        world
+            .service("primary")
+            .service("standby")
+            .pods("standby", 0, 2);
+        world.policy(
+            "shop",
+            spec(&["shop"], &[("primary", 1, 0), ("standby", 1, 1)]),
+        );
+        let computed = world.compute(&LastGood::new());
+        assert_eq!(
+            weights(&computed, "shop"),
+            owned(&[("primary", &[]), ("standby", &[1, 1])])
+        );
+        assert_eq!(route(&computed, "shop").rules[0].active_tier, 1);
+    }
+
+    #[test]
+    fn a_rule_with_only_weight_0_backends_routes_nothing_and_is_not_panic() {
+        let mut rule = pb::Rule {
+            backends: vec![backend(0, 0, &[true, false])],
+            ..pb::Rule::default()
+        };
+        assign_weights(&mut rule, 70);
+        assert_eq!(endpoint_weight_list(&rule), [0, 0]);
+        assert!(!rule.panic);
+        assert_eq!(rule.active_tier, 0);
+    }
+
+    #[test]
+    fn weights_that_would_overflow_stay_under_the_sum_cap_without_zeroing_anyone() {
+        // Ready counts of distinct primes make the exact lcm enormous.
+        let primes = [
+            101usize, 103, 107, 109, 113, 127, 131, 137, 139, 149, 151, 157, 163, 167, 173, 179,
+            181, 191, 193, 197,
+        ];
+        let mut rule = pb::Rule {
+            backends: primes
+                .iter()
+                .enumerate()
+                .map(|(i, &p)| pb::Backend {
+                    service: format!("s{i}"),
+                    ..backend(0, if i == 0 { 1_000_000 } else { 1 }, &vec![true; p])
+                })
+                .collect(),
+            ..pb::Rule::default()
+        };
+        let counts: Vec<u64> = primes.iter().map(|p| *p as u64).collect();
+        let plan = plan_tiers(&rule.backends, 70);
+        assert_eq!(exact_weights(&rule.backends, &counts, &plan), None);
+        assign_weights(&mut rule, 70);
+        let all = endpoint_weight_list(&rule);
+        assert!(all.iter().all(|w| *w > 0));
+        assert!(all.iter().map(|w| u64::from(*w)).sum::<u64>() <= MAX_WEIGHT_SUM);
+        let first = backend_share(&rule, "s0");
+        assert!(first > 0.99, "{first}");
+    }
+
+    // --- hosts and last good --------------------------------------------------------------
+
+    #[test]
+    fn the_first_policy_in_snapshot_order_wins_a_new_host_and_the_loser_names_it() {
+        let mut world = World::default();
+        world.service("v1").pods("v1", 1, 0);
+        world.policy("shop-a", spec(&["shop"], &[("v1", 1, 0)]));
+        world.policy("shop-b", spec(&["other", "Shop"], &[("v1", 1, 0)]));
+        let computed = world.compute(&LastGood::new());
+        assert_eq!(computed.routes.len(), 1);
+        assert_eq!(route(&computed, "shop-a").hosts, ["shop"]);
+        let b = state(&computed, "shop-b");
+        assert_eq!(
+            b.errors,
+            ["spec.hosts[1]: host \"shop\" is already served by TrafficPolicy default/shop-a"]
+        );
+        assert_eq!(b.reason, Reason::HostConflict);
+        assert!(!b.accepted && !b.programmed);
+        assert!(!computed.last_good.contains_key(&key("shop-b")));
+    }
+
+    #[test]
+    fn an_incumbent_keeps_its_host_against_a_policy_earlier_in_snapshot_order() {
+        let mut world = World::default();
+        world.service("v1").pods("v1", 1, 0);
+        world.policy("shop-a", spec(&["shop"], &[("v1", 1, 0)]));
+        let first = world.compute(&LastGood::new());
+        world.snapshot.policies.insert(
+            0,
+            PolicyInput {
+                key: key("shop-b"),
+                source: "b.yaml".to_owned(),
+                generation: None,
+                spec: Ok(spec(&["shop"], &[("v1", 1, 0)])),
+            },
+        );
+        let second = world.compute(&first.last_good);
+        assert!(state(&second, "shop-a").accepted);
+        assert_eq!(
+            state(&second, "shop-b").errors,
+            ["spec.hosts[0]: host \"shop\" is already served by TrafficPolicy default/shop-a"]
+        );
+        assert_eq!(second.routes.len(), 1);
+    }
+
+    #[test]
+    fn a_host_conflict_loser_with_a_last_good_spec_keeps_serving_it() {
+        let mut world = World::default();
+        world.service("v1").pods("v1", 1, 0);
+        world.policy("shop-a", spec(&["shop"], &[("v1", 1, 0)]));
+        world.policy("shop-b", spec(&["b"], &[("v1", 1, 0)]));
+        let first = world.compute(&LastGood::new());
+        world.policy("shop-b", spec(&["b", "shop"], &[("v1", 1, 0)]));
+        let second = world.compute(&first.last_good);
+        assert_eq!(route(&second, "shop-b").hosts, ["b"]);
+        assert_eq!(route(&second, "shop-a").hosts, ["shop"]);
+        let b = state(&second, "shop-b");
+        assert!(b.serving_last_good && b.programmed && !b.accepted);
+        assert_eq!(
+            b.errors,
+            ["spec.hosts[1]: host \"shop\" is already served by TrafficPolicy default/shop-a"]
+        );
+        assert_eq!(
+            second.last_good[&key("shop-b")],
+            spec(&["b"], &[("v1", 1, 0)])
+        );
+    }
+
+    #[test]
+    fn a_host_dropped_by_its_holder_goes_to_another_policy_in_the_same_computation() {
+        let mut world = World::default();
+        world.service("v1").pods("v1", 1, 0);
+        world.policy("shop-a", spec(&["shop"], &[("v1", 1, 0)]));
+        let first = world.compute(&LastGood::new());
+        world.policy("shop-a", spec(&["shop-new"], &[("v1", 1, 0)]));
+        world.policy("shop-b", spec(&["shop"], &[("v1", 1, 0)]));
+        world.snapshot.policies.reverse();
+        let second = world.compute(&first.last_good);
+        assert!(state(&second, "shop-a").accepted);
+        assert!(state(&second, "shop-b").accepted, "{:?}", second.policies);
+        assert_eq!(route(&second, "shop-b").hosts, ["shop"]);
+        assert_eq!(route(&second, "shop-a").hosts, ["shop-new"]);
+    }
+
+    #[test]
+    fn two_policies_swapping_hosts_at_once_both_keep_their_last_good_spec() {
+        let mut world = World::default();
+        world.service("v1").pods("v1", 1, 0);
+        world.policy("a", spec(&["x"], &[("v1", 1, 0)]));
+        world.policy("b", spec(&["y"], &[("v1", 1, 0)]));
+        let first = world.compute(&LastGood::new());
+        world.policy("a", spec(&["y"], &[("v1", 1, 0)]));
+        world.policy("b", spec(&["x"], &[("v1", 1, 0)]));
+        let second = world.compute(&first.last_good);
+        assert_eq!(route(&second, "a").hosts, ["x"]);
+        assert_eq!(route(&second, "b").hosts, ["y"]);
+        assert!(state(&second, "a").serving_last_good && state(&second, "b").serving_last_good);
+    }
+
+    #[test]
+    fn a_new_policy_with_an_unresolved_ref_is_programmed_and_the_others_take_its_share() {
+        let mut world = World::default();
+        world.service("v1").pods("v1", 2, 0);
+        world.policy("shop", spec(&["shop"], &[("v1", 1, 0), ("ghost", 1, 0)]));
+        let computed = world.compute(&LastGood::new());
+        assert_eq!(
+            weights(&computed, "shop"),
+            owned(&[("v1", &[1, 1]), ("ghost", &[])])
+        );
+        let shop = state(&computed, "shop");
+        assert!(shop.programmed && !shop.accepted && !shop.serving_last_good);
+        assert_eq!(shop.reason, Reason::UnresolvedRefs);
+        assert_eq!(shop.unresolved_refs, ["ghost"]);
+        assert_eq!(
+            shop.errors,
+            ["spec.rules[0].backendRefs[1]: Service default/ghost not found"]
+        );
+        assert!(computed.last_good.is_empty());
+    }
+
+    #[test]
+    fn an_unresolved_ref_in_a_changed_spec_keeps_the_last_good_spec_serving() {
+        let mut world = World::default();
+        world.service("v1").pods("v1", 2, 0);
+        world.policy("shop", spec(&["shop"], &[("v1", 1, 0)]));
+        let first = world.compute(&LastGood::new());
+        world.policy("shop", spec(&["shop"], &[("v1", 1, 0), ("ghost", 1, 0)]));
+        let second = world.compute(&first.last_good);
+        assert_eq!(weights(&second, "shop"), owned(&[("v1", &[1, 1])]));
+        let shop = state(&second, "shop");
+        assert!(shop.serving_last_good && !shop.accepted);
+        assert_eq!(shop.unresolved_refs, ["ghost"]);
+        assert_eq!(second.last_good, first.last_good);
+    }
+
+    #[test]
+    fn an_invalid_spec_leaves_the_last_good_route_in_force_with_fresh_endpoints() {
+        let mut world = World::default();
+        world.service("v1").pods("v1", 2, 0);
+        world.policy("shop", spec(&["shop"], &[("v1", 1, 0)]));
+        let first = world.compute(&LastGood::new());
+        world.policy("shop", spec(&["shop"], &[("v1", -3, 0)]));
+        world.pods("v1", 1, 0);
+        let second = world.compute(&first.last_good);
+        assert_eq!(weights(&second, "shop"), owned(&[("v1", &[1, 1, 1])]));
+        let shop = state(&second, "shop");
+        assert!(shop.serving_last_good && shop.programmed && !shop.accepted);
+        assert_eq!(shop.reason, Reason::Invalid);
+        assert_eq!(
+            shop.errors,
+            ["spec.rules[0].backendRefs[0].weight: must be >= 0, got -3"]
+        );
+        assert_eq!(second.last_good, first.last_good);
+    }
+
+    #[test]
+    fn an_invalid_spec_without_a_last_good_one_programs_nothing() {
+        let mut world = World::default();
+        world.policy("shop", spec(&[], &[("v1", 1, 0)]));
+        let computed = world.compute(&LastGood::new());
+        assert!(computed.routes.is_empty());
+        let shop = state(&computed, "shop");
+        assert!(!shop.programmed && !shop.serving_last_good);
+        assert_eq!(
+            shop.errors,
+            ["spec.hosts: must list at least one host name"]
+        );
+        assert_eq!(shop.active_tier, None);
+    }
+
+    #[test]
+    fn an_unreadable_document_reports_why_and_keeps_the_last_good_route() {
+        let mut world = World::default();
+        world.service("v1").pods("v1", 1, 0);
+        world.policy("shop", spec(&["shop"], &[("v1", 1, 0)]));
+        let first = world.compute(&LastGood::new());
+        world.input("shop", Err("spec.rules: invalid type: string".to_owned()));
+        let second = world.compute(&first.last_good);
+        let shop = state(&second, "shop");
+        assert_eq!(shop.reason, Reason::Unreadable);
+        assert_eq!(shop.errors, ["spec.rules: invalid type: string"]);
+        assert!(shop.serving_last_good);
+        assert_eq!(route(&second, "shop").hosts, ["shop"]);
+    }
+
+    #[test]
+    fn an_accepted_spec_becomes_the_last_good_and_removed_policies_drop_out() {
+        let mut world = World::default();
+        world.service("v1").pods("v1", 1, 0);
+        world.policy("a", spec(&["a"], &[("v1", 1, 0)]));
+        world.policy("b", spec(&["b"], &[("v1", 1, 0)]));
+        let first = world.compute(&LastGood::new());
+        assert_eq!(first.last_good.len(), 2);
+        world.snapshot.policies.retain(|p| p.key.name == "a");
+        world.policy("a", spec(&["a2"], &[("v1", 1, 0)]));
+        let second = world.compute(&first.last_good);
+        assert_eq!(
+            second.last_good.into_iter().collect::<Vec<_>>(),
+            [(key("a"), spec(&["a2"], &[("v1", 1, 0)]))]
+        );
+        assert_eq!(second.policies.len(), 1);
+    }
+
+    // --- resolution -------------------------------------------------------------------------
+
+    /// Resolves `backend_ref` of a fresh policy in `snapshot` and returns rule 0's first
+    /// backend and the policy state.
+    fn resolve_one(mut snapshot: Snapshot, port: Option<i32>) -> (pb::Backend, PolicyState) {
+        let mut policy = spec(&["shop"], &[("web", 1, 0)]);
+        policy.rules[0].backend_refs[0].port = port;
+        snapshot.policies.push(PolicyInput {
+            key: key("shop"),
+            source: "kubernetes".to_owned(),
+            generation: None,
+            spec: Ok(policy),
+        });
+        let mut computed = compute(&snapshot, &LastGood::new());
+        let state = computed.policies.remove(&key("shop")).unwrap_or_default();
+        let backend = computed
+            .routes
+            .pop()
+            .and_then(|r| r.rules.into_iter().next())
+            .and_then(|r| r.backends.into_iter().next())
+            .unwrap_or_default();
+        (backend, state)
+    }
+
+    fn snapshot_with(service: Service, slices: Vec<EndpointSlice>) -> Snapshot {
+        let mut snapshot = Snapshot::default();
+        snapshot.services.insert(key("web"), service);
+        for (i, s) in slices.into_iter().enumerate() {
+            snapshot.slices.insert(key(&format!("web-{i}")), s);
+        }
+        snapshot
+    }
+
+    fn addresses(backend: &pb::Backend) -> Vec<(&str, bool)> {
+        backend
+            .endpoints
+            .iter()
+            .map(|e| (e.address.as_str(), e.ready))
+            .collect()
+    }
+
+    #[test]
+    fn endpoints_listen_on_the_slice_port_named_like_the_service_port() {
+        let web = service(
+            "web",
+            vec![
+                service_port(Some("http"), 80, Some(8080)),
+                service_port(Some("admin"), 9000, None),
+            ],
+        );
+        let slices = vec![slice(
+            "web",
+            "IPv4",
+            &[(Some("admin"), 9001), (Some("http"), 8081)],
+            vec![endpoint("10.0.0.1", Some(true))],
+        )];
+        let (backend, state) = resolve_one(snapshot_with(web, slices), Some(80));
+        assert!(state.accepted, "{state:?}");
+        assert_eq!(backend.port, 80);
+        assert_eq!(addresses(&backend), [("10.0.0.1:8081", true)]);
+        assert_eq!(backend.endpoints[0].zone, "z1");
+        assert_eq!(backend.protocol, pb::Protocol::Http1 as i32);
+    }
+
+    #[test]
+    fn without_a_matching_slice_port_the_integer_target_port_then_the_service_port_is_used() {
+        let slices = || {
+            vec![slice(
+                "web",
+                "IPv4",
+                &[(Some("other"), 1)],
+                vec![endpoint("10.0.0.1", Some(true))],
+            )]
+        };
+        let with_target = service("web", vec![service_port(None, 80, Some(8080))]);
+        let (backend, _) = resolve_one(snapshot_with(with_target, slices()), None);
+        assert_eq!(addresses(&backend), [("10.0.0.1:8080", true)]);
+        let without = service("web", vec![service_port(None, 80, None)]);
+        let (backend, _) = resolve_one(snapshot_with(without, slices()), None);
+        assert_eq!(addresses(&backend), [("10.0.0.1:80", true)]);
+    }
+
+    #[test]
+    fn an_unnamed_service_port_matches_an_empty_named_slice_port() {
+        let web = service("web", vec![service_port(None, 80, Some(8080))]);
+        let slices = vec![slice(
+            "web",
+            "IPv4",
+            &[(Some(""), 9090)],
+            vec![endpoint("10.0.0.1", None)],
+        )];
+        let (backend, _) = resolve_one(snapshot_with(web, slices), None);
+        assert_eq!(addresses(&backend), [("10.0.0.1:9090", true)]);
+    }
+
+    #[test]
+    fn ipv6_addresses_are_bracketed_and_fqdn_slices_are_ignored() {
+        let web = service("web", vec![service_port(Some("http"), 80, None)]);
+        let slices = vec![
+            slice(
+                "web",
+                "IPv6",
+                &[(Some("http"), 8080)],
+                vec![endpoint("fd00::1", Some(true))],
+            ),
+            slice(
+                "web",
+                "FQDN",
+                &[(Some("http"), 8080)],
+                vec![endpoint("web.example.com", Some(true))],
+            ),
+        ];
+        let (backend, _) = resolve_one(snapshot_with(web, slices), Some(80));
+        assert_eq!(addresses(&backend), [("[fd00::1]:8080", true)]);
+    }
+
+    #[test]
+    fn an_address_in_two_slices_is_listed_once_ready_if_either_copy_is_and_sorted() {
+        let web = service("web", vec![service_port(Some("http"), 80, None)]);
+        let port = [(Some("http"), 8080)];
+        let slices = vec![
+            slice(
+                "web",
+                "IPv4",
+                &port,
+                vec![
+                    endpoint("10.0.0.2", Some(false)),
+                    endpoint("10.0.0.3", Some(true)),
+                ],
+            ),
+            slice(
+                "web",
+                "IPv4",
+                &port,
+                vec![
+                    endpoint("10.0.0.2", Some(true)),
+                    endpoint("10.0.0.1", Some(false)),
+                    endpoint("10.0.0.3", Some(false)),
+                ],
+            ),
+        ];
+        let (backend, _) = resolve_one(snapshot_with(web, slices), Some(80));
+        assert_eq!(
+            addresses(&backend),
+            [
+                ("10.0.0.1:8080", false),
+                ("10.0.0.2:8080", true),
+                ("10.0.0.3:8080", true)
+            ]
+        );
+    }
+
+    #[test]
+    fn readiness_needs_ready_and_serving_and_not_terminating_with_nil_meaning_ready() {
+        let conditions = |ready, serving, terminating| SliceEndpoint {
+            conditions: Some(EndpointConditions {
+                ready,
+                serving,
+                terminating,
+            }),
+            ..endpoint("10.0.0.1", None)
+        };
+        assert!(is_ready(&conditions(None, None, None)));
+        assert!(is_ready(&conditions(Some(true), Some(true), Some(false))));
+        assert!(!is_ready(&conditions(Some(false), None, None)));
+        assert!(!is_ready(&conditions(None, Some(false), None)));
+        assert!(!is_ready(&conditions(Some(true), Some(true), Some(true))));
+        assert!(is_ready(&SliceEndpoint {
+            conditions: None,
+            ..endpoint("10.0.0.1", None)
+        }));
+    }
+
+    #[test]
+    fn the_h2c_app_protocol_selects_http2_cleartext() {
+        let mut port = service_port(Some("grpc"), 50051, None);
+        port.app_protocol = Some(H2C_APP_PROTOCOL.to_owned());
+        let (backend, _) = resolve_one(snapshot_with(service("web", vec![port]), vec![]), None);
+        assert_eq!(backend.protocol, pb::Protocol::H2c as i32);
+        assert_eq!(backend.port, 50051);
+    }
+
+    #[test]
+    fn a_backend_without_port_needs_a_service_with_exactly_one_tcp_port() {
+        let mut udp = service_port(Some("dns"), 53, None);
+        udp.protocol = Some("UDP".to_owned());
+        let one_tcp = service(
+            "web",
+            vec![udp.clone(), service_port(Some("http"), 80, None)],
+        );
+        let (backend, state) = resolve_one(snapshot_with(one_tcp, vec![]), None);
+        assert!(state.accepted, "{state:?}");
+        assert_eq!(backend.port, 80);
+
+        let two = service(
+            "web",
+            vec![
+                service_port(Some("http"), 80, None),
+                service_port(Some("https"), 443, None),
+            ],
+        );
+        let (_, state) = resolve_one(snapshot_with(two, vec![]), None);
+        assert_eq!(
+            state.errors,
+            [
+                "spec.rules[0].backendRefs[0].port: Service default/web has several ports \
+                 (80, 443); set port"
+            ]
+        );
+        assert_eq!(state.unresolved_refs, ["web"]);
+
+        let (_, state) = resolve_one(snapshot_with(service("web", vec![udp]), vec![]), None);
+        assert_eq!(
+            state.errors,
+            ["spec.rules[0].backendRefs[0]: Service default/web has no TCP port"]
+        );
+    }
+
+    #[test]
+    fn a_port_the_service_does_not_have_is_an_unresolved_ref() {
+        let web = service("web", vec![service_port(Some("http"), 80, None)]);
+        let (backend, state) = resolve_one(snapshot_with(web, vec![]), Some(8080));
+        assert_eq!(
+            state.errors,
+            ["spec.rules[0].backendRefs[0].port: Service default/web has no port 8080 (it has 80)"]
+        );
+        assert_eq!(state.reason, Reason::UnresolvedRefs);
+        assert!(state.programmed);
+        assert!(backend.endpoints.is_empty());
+    }
+
+    #[test]
+    fn slices_of_other_services_or_namespaces_are_ignored() {
+        let web = service("web", vec![service_port(Some("http"), 80, None)]);
+        let mut snapshot = snapshot_with(web, vec![]);
+        let port = [(Some("http"), 8080)];
+        snapshot.slices.insert(
+            ObjectKey::new("other", "web-x"),
+            slice("web", "IPv4", &port, vec![endpoint("10.0.0.1", None)]),
+        );
+        snapshot.slices.insert(
+            key("api-x"),
+            slice("api", "IPv4", &port, vec![endpoint("10.0.0.2", None)]),
+        );
+        let (backend, _) = resolve_one(snapshot, Some(80));
+        assert!(backend.endpoints.is_empty());
+    }
+
+    // --- state and determinism --------------------------------------------------------------
+
+    #[test]
+    fn the_state_lists_each_service_and_tier_once_and_serialises_in_camel_case() {
+        let mut world = World::default();
+        world
+            .service("v1")
+            .pods("v1", 2, 1)
+            .service("standby")
+            .pods("standby", 1, 0);
+        let mut policy = spec(&["shop"], &[("v1", 1, 0), ("standby", 1, 1)]);
+        policy.rules.push(policy.rules[0].clone());
+        world.policy("shop", policy);
+        let computed = world.compute(&LastGood::new());
+        let shop = state(&computed, "shop");
+        assert_eq!(
+            shop.backends,
+            [
+                BackendStatus {
+                    name: "v1".to_owned(),
+                    tier: 0,
+                    ready: 2,
+                    healthy: 2
+                },
+                BackendStatus {
+                    name: "standby".to_owned(),
+                    tier: 1,
+                    ready: 1,
+                    healthy: 1
+                },
+            ]
+        );
+        let json = serde_json::to_value(shop).unwrap_or_default();
+        assert_eq!(json["servingLastGood"], false);
+        assert_eq!(json["unresolvedRefs"], serde_json::json!([]));
+        assert_eq!(json["activeTier"], 1);
+        assert_eq!(json["reason"], "Accepted");
+        assert_eq!(json["source"], "shop.yaml");
+    }
+
+    #[test]
+    fn routes_are_sorted_by_name_and_the_same_input_gives_the_same_output() {
+        let mut world = World::default();
+        world.service("v1").pods("v1", 2, 0).pods("v1", 1, 1);
+        world.policy("b", spec(&["b"], &[("v1", 1, 0)]));
+        world.policy("a", spec(&["a"], &[("v1", 1, 0)]));
+        world.snapshot.policies.push(PolicyInput {
+            key: ObjectKey::new("a-b", "z"),
+            source: "kubernetes".to_owned(),
+            generation: None,
+            spec: Ok(spec(&["z"], &[("v1", 1, 0)])),
+        });
+        let first = world.compute(&LastGood::new());
+        let names: Vec<&str> = first.routes.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["a-b/z", "default/a", "default/b"]);
+        assert_eq!(world.compute(&LastGood::new()), first);
+        assert_eq!(world.compute(&first.last_good).routes, first.routes);
+    }
+
+    #[test]
+    fn a_policy_listed_twice_is_read_once() {
+        let mut world = World::default();
+        world.service("v1").pods("v1", 1, 0);
+        world.policy("a", spec(&["a"], &[("v1", 1, 0)]));
+        let duplicate = world.snapshot.policies[0].clone();
+        world.snapshot.policies.push(duplicate);
+        let computed = world.compute(&LastGood::new());
+        assert_eq!(computed.routes.len(), 1);
+        assert!(state(&computed, "a").accepted);
+    }
+
+    // --- properties -------------------------------------------------------------------------
+
+    fn backend(tier: u32, weight: u32, ready: &[bool]) -> pb::Backend {
+        pb::Backend {
+            tier,
+            weight,
+            endpoints: ready
+                .iter()
+                .enumerate()
+                .map(|(k, &ready)| pb::Endpoint {
+                    address: format!("10.0.0.{k}:80"),
+                    ready,
+                    ..pb::Endpoint::default()
+                })
+                .collect(),
+            ..pb::Backend::default()
+        }
+    }
+
+    fn endpoint_weight_list(rule: &pb::Rule) -> Vec<u32> {
+        rule.backends
+            .iter()
+            .flat_map(|b| &b.endpoints)
+            .map(|e| e.weight)
+            .collect()
+    }
+
+    fn arb_rule() -> impl Strategy<Value = (pb::Rule, u32)> {
+        let arb_backend = (
+            0u32..3,
+            prop_oneof![Just(0u32), 1u32..10, 1u32..1_000_000],
+            prop::collection::vec(any::<bool>(), 0..6),
+        );
+        (prop::collection::vec(arb_backend, 1..7), 1u32..=100).prop_map(|(backends, pct)| {
+            let rule = pb::Rule {
+                backends: backends
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, (tier, weight, ready))| pb::Backend {
+                        service: format!("s{i}"),
+                        ..backend(tier, weight, &ready)
+                    })
+                    .collect(),
+                ..pb::Rule::default()
+            };
+            (rule, pct)
+        })
+    }
+
+    fn tier_share(rule: &pb::Rule, tier: u32) -> f64 {
+        let total: u64 = endpoint_weight_list(rule)
+            .iter()
+            .map(|w| u64::from(*w))
+            .sum();
+        let in_tier: u64 = rule
+            .backends
+            .iter()
+            .filter(|b| b.tier == tier)
+            .flat_map(|b| &b.endpoints)
+            .map(|e| u64::from(e.weight))
+            .sum();
+        if total == 0 {
+            0.0
+        } else {
+            in_tier as f64 / total as f64
+        }
+    }
+
+    fn plan_share(plan: &TierPlan, tier: u32) -> f64 {
+        plan.loads
+            .iter()
+            .filter(|(t, _)| *t == tier)
+            .map(|(_, l)| l)
+            .sum()
+    }
+
+    proptest! {
+        #[test]
+        fn traffic_flows_exactly_when_a_weighted_backend_has_an_endpoint((mut rule, pct) in arb_rule()) {
+            let plan = plan_tiers(&rule.backends, pct);
+            assign_weights(&mut rule, pct);
+            let sum: u64 = endpoint_weight_list(&rule).iter().map(|w| u64::from(*w)).sum();
+            let reachable = rule.backends.iter().any(|b| b.weight > 0 && !b.endpoints.is_empty());
+            prop_assert_eq!(sum > 0, reachable);
+            prop_assert!(sum <= MAX_WEIGHT_SUM);
+            if reachable {
+                let loads: f64 = plan.loads.iter().map(|(_, l)| l).sum();
+                prop_assert!((loads - 1.0).abs() < 1e-9, "loads {:?}", plan.loads);
+            }
+        }
+
+        #[test]
+        fn a_weight_0_backend_gets_nothing((mut rule, pct) in arb_rule()) {
+            assign_weights(&mut rule, pct);
+            for b in rule.backends.iter().filter(|b| b.weight == 0) {
+                prop_assert!(b.endpoints.iter().all(|e| e.weight == 0));
+            }
+        }
+
+        #[test]
+        fn a_not_ready_endpoint_gets_nothing_unless_in_panic((mut rule, pct) in arb_rule()) {
+            assign_weights(&mut rule, pct);
+            if !rule.panic {
+                for e in rule.backends.iter().flat_map(|b| &b.endpoints).filter(|e| !e.ready) {
+                    prop_assert_eq!(e.weight, 0);
+                }
+            }
+        }
+
+        #[test]
+        fn the_serving_endpoints_of_one_service_get_equal_weights((mut rule, pct) in arb_rule()) {
+            assign_weights(&mut rule, pct);
+            for b in &rule.backends {
+                let serving: BTreeSet<u32> = b.endpoints.iter()
+                    .filter(|e| rule.panic || e.ready)
+                    .map(|e| e.weight)
+                    .collect();
+                prop_assert!(serving.len() <= 1, "{:?}", b);
+            }
+        }
+
+        #[test]
+        fn integer_weights_follow_the_tier_loads_and_service_weights((mut rule, pct) in arb_rule()) {
+            let plan = plan_tiers(&rule.backends, pct);
+            assign_weights(&mut rule, pct);
+            for b in &rule.backends {
+                let serving = |o: &pb::Backend| o.weight > 0 && o.endpoints.iter().any(|e| plan.panic || e.ready);
+                let tier_weight: f64 = rule.backends.iter()
+                    .filter(|o| o.tier == b.tier && serving(o))
+                    .map(|o| f64::from(o.weight))
+                    .sum();
+                let expected = if serving(b) {
+                    plan_share(&plan, b.tier) * f64::from(b.weight) / tier_weight
+                } else {
+                    0.0
+                };
+                let actual = backend_share(&rule, &b.service);
+                let actual = if actual.is_nan() { 0.0 } else { actual };
+                prop_assert!((actual - expected).abs() < 3e-3, "{} expected {} got {} in {:?}", b.service, expected, actual, rule);
+            }
+        }
+
+        #[test]
+        fn making_one_more_tier_0_endpoint_ready_never_lowers_tier_0_share((mut rule, pct) in arb_rule()) {
+            let flip = rule.backends.iter().enumerate()
+                .filter(|(_, b)| b.tier == 0)
+                .find_map(|(i, b)| b.endpoints.iter().position(|e| !e.ready).map(|k| (i, k)));
+            if let Some((i, k)) = flip {
+                let before_plan = plan_tiers(&rule.backends, pct);
+                let mut before = rule.clone();
+                assign_weights(&mut before, pct);
+                rule.backends[i].endpoints[k].ready = true;
+                let after_plan = plan_tiers(&rule.backends, pct);
+                assign_weights(&mut rule, pct);
+                prop_assert!(plan_share(&after_plan, 0) >= plan_share(&before_plan, 0) - 1e-12);
+                prop_assert!(tier_share(&rule, 0) >= tier_share(&before, 0) - 2e-3);
+            }
         }
     }
 }

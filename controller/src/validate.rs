@@ -167,7 +167,9 @@ impl Validator {
                     if let Some(first) = out.iter().position(|h| *h == host) {
                         self.error(
                             format_args!("spec.hosts[{i}]"),
-                            format_args!("host {host:?} is listed twice (also spec.hosts[{first}])"),
+                            format_args!(
+                                "host {host:?} is listed twice (also spec.hosts[{first}])"
+                            ),
                         );
                     } else {
                         out.push(host);
@@ -254,15 +256,13 @@ impl Validator {
 
     fn hash_key(&mut self, key: pb::hash_on::Key) -> Option<pb::hash_on::Key> {
         match key {
-            pb::hash_on::Key::Header(name) => {
-                match header_name(&name) {
-                    Ok(name) => Some(pb::hash_on::Key::Header(name)),
-                    Err(e) => {
-                        self.error(format_args!("spec.loadBalancer.hashOn.header"), e);
-                        None
-                    }
+            pb::hash_on::Key::Header(name) => match header_name(&name) {
+                Ok(name) => Some(pb::hash_on::Key::Header(name)),
+                Err(e) => {
+                    self.error(format_args!("spec.loadBalancer.hashOn.header"), e);
+                    None
                 }
-            }
+            },
             pb::hash_on::Key::Cookie(name) => {
                 if is_token(&name) {
                     Some(pb::hash_on::Key::Cookie(name))
@@ -610,7 +610,9 @@ fn normalize_host(raw: &str) -> Result<String, String> {
         ));
     }
     if raw.starts_with('[') || raw.parse::<std::net::Ipv6Addr>().is_ok() {
-        return Err(format!("host {raw:?}: IPv6 addresses are not supported as hosts"));
+        return Err(format!(
+            "host {raw:?}: IPv6 addresses are not supported as hosts"
+        ));
     }
     if raw.contains(':') {
         return Err(format!(
@@ -664,8 +666,13 @@ fn is_header_value(value: &str) -> bool {
 fn check_path(path: &str) -> Result<(), String> {
     if !path.starts_with('/') {
         Err(format!("path {path:?} must start with '/'"))
-    } else if path.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control()) {
-        Err(format!("path {path:?} must not contain spaces or control characters"))
+    } else if path
+        .bytes()
+        .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
+    {
+        Err(format!(
+            "path {path:?} must not contain spaces or control characters"
+        ))
     } else {
         Ok(())
     }
@@ -673,9 +680,7 @@ fn check_path(path: &str) -> Result<(), String> {
 
 fn is_retry_condition(on: &str) -> bool {
     RETRY_CONDITIONS.contains(&on)
-        || (on.len() == 3
-            && on.starts_with('5')
-            && on.bytes().all(|b| b.is_ascii_digit()))
+        || (on.len() == 3 && on.starts_with('5') && on.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// A positive duration such as `1s`, `250ms` or `1m 30s`, in whole milliseconds; a
@@ -759,9 +764,7 @@ pub fn parse_quantity(text: &str) -> Result<u64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{
-        Failover, GrpcHealthCheck, HashOn, HeaderMatch, PathMatch,
-    };
+    use crate::model::{Failover, GrpcHealthCheck, HashOn, HeaderMatch, PathMatch};
 
     fn backend(name: &str) -> BackendRef {
         BackendRef {
@@ -816,7 +819,12 @@ mod tests {
         assert_eq!(route.min_healthy_percent, DEFAULT_MIN_HEALTHY_PERCENT);
         let backend = &route.rules[0].backends[0];
         assert_eq!(
-            (backend.service.as_str(), backend.port, backend.tier, backend.weight),
+            (
+                backend.service.as_str(),
+                backend.port,
+                backend.tier,
+                backend.weight
+            ),
             ("shop-v1", 80, 0, 1)
         );
         assert!(backend.endpoints.is_empty());
@@ -972,7 +980,10 @@ mod tests {
     fn a_host_with_a_space_is_rejected() {
         let mut spec = minimal();
         spec.hosts = vec!["my shop".to_owned()];
-        assert_single_error(&spec, "spec.hosts[0]: host \"my shop\" must not contain spaces");
+        assert_single_error(
+            &spec,
+            "spec.hosts[0]: host \"my shop\" must not contain spaces",
+        );
     }
 
     #[test]
@@ -987,12 +998,24 @@ mod tests {
 
     #[test]
     fn hosts_that_are_not_dns_names_are_rejected() {
-        for bad in ["sh_op", "-shop", "shop.", "a..b", "http://shop", "[::1]", "::1", ""] {
+        for bad in [
+            "sh_op",
+            "-shop",
+            "shop.",
+            "a..b",
+            "http://shop",
+            "[::1]",
+            "::1",
+            "",
+        ] {
             let mut spec = minimal();
             spec.hosts = vec![bad.to_owned()];
             let errs = errors(&spec);
             assert_eq!(errs.len(), 1, "{bad}: {errs:?}");
-            assert!(errs[0].starts_with("spec.hosts[0]: host"), "{bad}: {errs:?}");
+            assert!(
+                errs[0].starts_with("spec.hosts[0]: host"),
+                "{bad}: {errs:?}"
+            );
         }
         let mut spec = minimal();
         spec.hosts = vec!["a".repeat(64)];
@@ -1013,7 +1036,10 @@ mod tests {
     fn a_policy_needs_a_rule() {
         let mut spec = minimal();
         spec.rules.clear();
-        assert_single_error(&spec, "spec.rules: must have at least one rule with backendRefs");
+        assert_single_error(
+            &spec,
+            "spec.rules: must have at least one rule with backendRefs",
+        );
     }
 
     #[test]
@@ -1030,7 +1056,10 @@ mod tests {
     fn a_backend_needs_a_service_name() {
         let mut spec = minimal();
         spec.rules[0].backend_refs[0].name = String::new();
-        assert_single_error(&spec, "spec.rules[0].backendRefs[0].name: must name a Service");
+        assert_single_error(
+            &spec,
+            "spec.rules[0].backendRefs[0].name: must name a Service",
+        );
         spec.rules[0].backend_refs[0].name = "Shop_V1".to_owned();
         assert_eq!(errors(&spec).len(), 1);
     }
@@ -1056,7 +1085,10 @@ mod tests {
                 ..backend("b")
             }],
         });
-        assert_single_error(&spec, "spec.rules[1].backendRefs[0].weight: must be >= 0, got -3");
+        assert_single_error(
+            &spec,
+            "spec.rules[1].backendRefs[0].weight: must be >= 0, got -3",
+        );
         spec.rules[1].backend_refs[0].weight = Some(MAX_WEIGHT + 1);
         assert_single_error(
             &spec,
@@ -1087,7 +1119,10 @@ mod tests {
     fn port_must_be_a_tcp_port() {
         let mut spec = minimal();
         spec.rules[0].backend_refs[0].port = Some(0);
-        assert_single_error(&spec, "spec.rules[0].backendRefs[0].port: must be >= 1, got 0");
+        assert_single_error(
+            &spec,
+            "spec.rules[0].backendRefs[0].port: must be >= 1, got 0",
+        );
         spec.rules[0].backend_refs[0].port = Some(65536);
         assert_single_error(
             &spec,
@@ -1262,7 +1297,10 @@ mod tests {
             ..Match::default()
         });
         let header = &valid(&spec).rules[0].matches[0].headers[0];
-        assert_eq!((header.name.as_str(), header.value.as_str()), ("x-env", "Canary"));
+        assert_eq!(
+            (header.name.as_str(), header.value.as_str()),
+            ("x-env", "Canary")
+        );
         let spec = with_match(Match {
             headers: vec![HeaderMatch {
                 name: "x:env".to_owned(),
@@ -1286,11 +1324,17 @@ mod tests {
         spec.failover = Some(Failover {
             min_healthy_percent: Some(0),
         });
-        assert_single_error(&spec, "spec.failover.minHealthyPercent: must be >= 1, got 0");
+        assert_single_error(
+            &spec,
+            "spec.failover.minHealthyPercent: must be >= 1, got 0",
+        );
         spec.failover = Some(Failover {
             min_healthy_percent: Some(101),
         });
-        assert_single_error(&spec, "spec.failover.minHealthyPercent: must be <= 100, got 101");
+        assert_single_error(
+            &spec,
+            "spec.failover.minHealthyPercent: must be <= 100, got 101",
+        );
         spec.failover = Some(Failover {
             min_healthy_percent: None,
         });
@@ -1303,7 +1347,10 @@ mod tests {
         spec.timeout = Some("15".to_owned());
         let errs = errors(&spec);
         assert_eq!(errs.len(), 1);
-        assert!(errs[0].starts_with("spec.timeout: invalid duration \"15\""), "{errs:?}");
+        assert!(
+            errs[0].starts_with("spec.timeout: invalid duration \"15\""),
+            "{errs:?}"
+        );
         spec.timeout = Some("1m 30s".to_owned());
         assert_eq!(valid(&spec).timeouts.map(|t| t.request_ms), Some(90_000));
         spec.timeout = Some("500us".to_owned());
@@ -1452,7 +1499,9 @@ mod tests {
         assert_eq!(parse_quantity("1k"), Ok(1000));
         assert_eq!(parse_quantity("1e3"), Ok(1000));
         assert_eq!(parse_quantity("0.5"), Ok(1));
-        for bad in ["", "Mi", "-1Mi", "1.2.3", "10mb", "0", "500m", "1e40", "99999Ei"] {
+        for bad in [
+            "", "Mi", "-1Mi", "1.2.3", "10mb", "0", "500m", "1e40", "99999Ei",
+        ] {
             assert!(parse_quantity(bad).is_err(), "{bad} should be rejected");
         }
     }
@@ -1466,7 +1515,10 @@ mod tests {
             ..Cache::default()
         });
         let cache = valid(&spec).cache.expect("set");
-        assert_eq!((cache.eviction.as_str(), cache.max_size_bytes), ("TinyLfu", 1 << 30));
+        assert_eq!(
+            (cache.eviction.as_str(), cache.max_size_bytes),
+            ("TinyLfu", 1 << 30)
+        );
         spec.cache = Some(Cache {
             eviction: Some("Random".to_owned()),
             max_size: Some("lots".to_owned()),

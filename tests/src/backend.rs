@@ -75,7 +75,9 @@ pub async fn serve(listener: TcpListener, name: String, hits: Arc<AtomicU64>) {
                 for h in ["x-forwarded-for", "via", "host"] {
                     if let Some(v) = req.headers().get(h) {
                         let echo = format!("x-echo-{h}");
-                        if let (Ok(n), v) = (http::HeaderName::from_bytes(echo.as_bytes()), v.clone()) {
+                        if let (Ok(n), v) =
+                            (http::HeaderName::from_bytes(echo.as_bytes()), v.clone())
+                        {
                             resp.headers_mut().insert(n, v);
                         }
                     }

@@ -3,8 +3,8 @@
 //! signals (admin endpoints), never on sleeps.
 //!
 //! The binaries are the workspace's own build of `weir-controller` and `weir-agent`, found
-//! next to the test executable (`cargo test --workspace` builds them); if they are missing
-//! they are built once with the same cargo.
+//! next to the test executable: `cargo test --workspace` builds them, because both packages
+//! have integration tests of their own (`CARGO_BIN_EXE_*`).
 
 pub mod backend;
 pub mod manifests;
@@ -36,19 +36,12 @@ pub fn bin_dir() -> PathBuf {
         if dir.ends_with("deps") {
             dir.pop();
         }
-        let missing = ["weir-controller", "weir-agent"]
-            .iter()
-            .any(|b| !dir.join(b).exists());
-        if missing {
-            let release = dir.ends_with("release");
-            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            let mut cmd = Command::new(cargo);
-            cmd.args(["build", "-p", "weir-controller", "-p", "weir-agent"]);
-            if release {
-                cmd.arg("--release");
-            }
-            let status = cmd.status().expect("run cargo build");
-            assert!(status.success(), "building weir binaries failed");
+        for b in ["weir-controller", "weir-agent"] {
+            assert!(
+                dir.join(b).exists(),
+                "{} is missing: run the tests with `cargo test --workspace`, which builds it",
+                dir.join(b).display()
+            );
         }
         dir
     })
@@ -94,7 +87,10 @@ fn spawn(bin: &str, args: &[String], quiet: bool) -> anyhow::Result<Proc> {
     let path = bin_dir().join(bin);
     let mut cmd = Command::new(&path);
     cmd.args(args)
-        .env("WEIR_LOG", std::env::var("WEIR_LOG").unwrap_or_else(|_| "info".into()))
+        .env(
+            "WEIR_LOG",
+            std::env::var("WEIR_LOG").unwrap_or_else(|_| "info".into()),
+        )
         .stdin(Stdio::null());
     if quiet {
         cmd.stdout(Stdio::null()).stderr(Stdio::null());
@@ -158,7 +154,10 @@ pub async fn request(
 }
 
 /// GETs a JSON admin document.
-pub async fn get_json(client: &Client<HttpConnector, Full<Bytes>>, url: &str) -> anyhow::Result<Value> {
+pub async fn get_json(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    url: &str,
+) -> anyhow::Result<Value> {
     let got = request(client, "GET", url, None).await?;
     if got.status != 200 {
         bail!("{url}: HTTP {}: {}", got.status, got.body);

@@ -21,7 +21,12 @@ pub fn slice(service: &str, port: u16, endpoints: &[(&str, bool)]) -> String {
 }
 
 /// A TrafficPolicy; `backends` are `(service, port, weight, priority)`.
-pub fn policy(name: &str, hosts: &[&str], backends: &[(&str, u16, i64, i64)], extra: &str) -> String {
+pub fn policy(
+    name: &str,
+    hosts: &[&str],
+    backends: &[(&str, u16, i64, i64)],
+    extra: &str,
+) -> String {
     let hosts = hosts
         .iter()
         .map(|h| format!("\"{h}\""))

@@ -23,7 +23,11 @@ fn ips(group: &[Backend]) -> Vec<String> {
 
 fn svc_files(dir: &Path, name: &str, group: &[Backend], ready: &[bool]) {
     let ips = ips(group);
-    let eps: Vec<(&str, bool)> = ips.iter().map(|s| s.as_str()).zip(ready.iter().copied()).collect();
+    let eps: Vec<(&str, bool)> = ips
+        .iter()
+        .map(|s| s.as_str())
+        .zip(ready.iter().copied())
+        .collect();
     write(
         dir,
         &format!("{name}.yaml"),
@@ -36,7 +40,9 @@ async fn spread(agent: SocketAddr, host: &str, n: usize) -> BTreeMap<String, usi
     let client = http_client();
     let mut counts = BTreeMap::new();
     for _ in 0..n {
-        let got = get(&client, agent, host, "/").await.expect("request through agent");
+        let got = get(&client, agent, host, "/")
+            .await
+            .expect("request through agent");
         assert_eq!(got.status, 200, "unexpected answer: {got:?}");
         let who = got
             .body
@@ -58,14 +64,23 @@ fn count_for(counts: &BTreeMap<String, usize>, group: &[Backend]) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn weighted_split_is_honoured_between_services_and_even_within_each() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let v1 = start_group(&["127.0.1.11", "127.0.1.12"], "shop-v1").await.expect("v1");
-    let v2 = start_group(&["127.0.1.21", "127.0.1.22"], "shop-v2").await.expect("v2");
+    let v1 = start_group(&["127.0.1.11", "127.0.1.12"], "shop-v1")
+        .await
+        .expect("v1");
+    let v2 = start_group(&["127.0.1.21", "127.0.1.22"], "shop-v2")
+        .await
+        .expect("v2");
     svc_files(dir.path(), "shop-v1", &v1, &[true, true]);
     svc_files(dir.path(), "shop-v2", &v2, &[true, true]);
     write(
         dir.path(),
         "policy.yaml",
-        &policy("shop", &["shop.test"], &[("shop-v1", 80, 3, 0), ("shop-v2", 80, 1, 0)], "  loadBalancer: {algorithm: WeightedRoundRobin}\n"),
+        &policy(
+            "shop",
+            &["shop.test"],
+            &[("shop-v1", 80, 3, 0), ("shop-v2", 80, 1, 0)],
+            "  loadBalancer: {algorithm: WeightedRoundRobin}\n",
+        ),
     );
     let controller = Controller::start(dir.path()).await.expect("controller");
     let agent = Agent::start(&controller.url(), None).await.expect("agent");
@@ -74,20 +89,33 @@ async fn weighted_split_is_honoured_between_services_and_even_within_each() {
     let n = 2000;
     let counts = spread(agent.listen, "shop.test", n).await;
     let v1_total = count_for(&counts, &v1) as f64 / n as f64;
-    assert!((v1_total - 0.75).abs() <= 0.02, "v1 share {v1_total}, counts {counts:?}");
+    assert!(
+        (v1_total - 0.75).abs() <= 0.02,
+        "v1 share {v1_total}, counts {counts:?}"
+    );
     for b in v1.iter().chain(v2.iter()) {
         let share = counts.get(&b.addr.to_string()).copied().unwrap_or(0) as f64 / n as f64;
         let want = if b.name == "shop-v1" { 0.375 } else { 0.125 };
-        assert!((share - want).abs() <= 0.02, "{} got {share}, counts {counts:?}", b.addr);
+        assert!(
+            (share - want).abs() <= 0.02,
+            "{} got {share}, counts {counts:?}",
+            b.addr
+        );
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn endpoint_marked_not_ready_receives_no_new_requests() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let web = start_group(&["127.0.2.11", "127.0.2.12", "127.0.2.13"], "web").await.expect("web");
+    let web = start_group(&["127.0.2.11", "127.0.2.12", "127.0.2.13"], "web")
+        .await
+        .expect("web");
     svc_files(dir.path(), "web", &web, &[true, true, true]);
-    write(dir.path(), "policy.yaml", &policy("web", &["web.test"], &[("web", 80, 1, 0)], ""));
+    write(
+        dir.path(),
+        "policy.yaml",
+        &policy("web", &["web.test"], &[("web", 80, 1, 0)], ""),
+    );
     let controller = Controller::start(dir.path()).await.expect("controller");
     let agent = Agent::start(&controller.url(), None).await.expect("agent");
     let v = agent.wait_ready().await;
@@ -97,39 +125,64 @@ async fn endpoint_marked_not_ready_receives_no_new_requests() {
     svc_files(dir.path(), "web", &web, &[true, false, true]);
     let drained = web[1].addr.to_string();
     agent
-        .wait_config(v, |c| endpoint_weight(c, "default/web", &drained) == Some(0))
+        .wait_config(v, |c| {
+            endpoint_weight(c, "default/web", &drained) == Some(0)
+        })
         .await;
     let hits_before = web[1].hits();
     let after = spread(agent.listen, "web.test", 200).await;
-    assert_eq!(web[1].hits(), hits_before, "drained endpoint got traffic: {after:?}");
+    assert_eq!(
+        web[1].hits(),
+        hits_before,
+        "drained endpoint got traffic: {after:?}"
+    );
     assert_eq!(after.len(), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn traffic_fails_over_to_the_next_tier_and_comes_back() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let main = start_group(&["127.0.3.11", "127.0.3.12"], "main").await.expect("main");
-    let standby = start_group(&["127.0.3.21"], "standby").await.expect("standby");
+    let main = start_group(&["127.0.3.11", "127.0.3.12"], "main")
+        .await
+        .expect("main");
+    let standby = start_group(&["127.0.3.21"], "standby")
+        .await
+        .expect("standby");
     svc_files(dir.path(), "main", &main, &[true, true]);
     svc_files(dir.path(), "standby", &standby, &[true]);
     write(
         dir.path(),
         "policy.yaml",
-        &policy("app", &["app.test"], &[("main", 80, 1, 0), ("standby", 80, 1, 1)], "  failover: {minHealthyPercent: 70}\n"),
+        &policy(
+            "app",
+            &["app.test"],
+            &[("main", 80, 1, 0), ("standby", 80, 1, 1)],
+            "  failover: {minHealthyPercent: 70}\n",
+        ),
     );
     let controller = Controller::start(dir.path()).await.expect("controller");
     let agent = Agent::start(&controller.url(), None).await.expect("agent");
     let v = agent.wait_ready().await;
     let counts = spread(agent.listen, "app.test", 50).await;
-    assert_eq!(count_for(&counts, &main), 50, "tier 0 takes everything while healthy: {counts:?}");
+    assert_eq!(
+        count_for(&counts, &main),
+        50,
+        "tier 0 takes everything while healthy: {counts:?}"
+    );
 
     svc_files(dir.path(), "main", &main, &[false, false]);
     let sb = standby[0].addr.to_string();
     let cfg = agent
-        .wait_config(v, |c| endpoint_weight(c, "default/app", &sb).is_some_and(|w| w > 0))
+        .wait_config(v, |c| {
+            endpoint_weight(c, "default/app", &sb).is_some_and(|w| w > 0)
+        })
         .await;
     let counts = spread(agent.listen, "app.test", 50).await;
-    assert_eq!(count_for(&counts, &standby), 50, "tier 1 takes everything: {counts:?}");
+    assert_eq!(
+        count_for(&counts, &standby),
+        50,
+        "tier 1 takes everything: {counts:?}"
+    );
 
     let v = cfg["version"].as_u64().unwrap_or(0);
     svc_files(dir.path(), "main", &main, &[true, true]);
@@ -154,32 +207,83 @@ async fn bad_input_is_reported_in_state_and_the_last_good_routing_stays() {
     let dir = tempfile::tempdir().expect("tempdir");
     let web = start_group(&["127.0.4.11"], "web").await.expect("web");
     svc_files(dir.path(), "web", &web, &[true]);
-    write(dir.path(), "a.yaml", &policy("a", &["a.test"], &[("web", 80, 1, 0)], ""));
-    write(dir.path(), "b.yaml", &policy("b", &["b.test"], &[("web", 80, 1, 0)], ""));
-    write(dir.path(), "c.yaml", &policy("c", &["c.test"], &[("web", 80, 1, 0)], ""));
-    write(dir.path(), "d.yaml", &policy("d", &["d.test"], &[("web", 80, 1, 0)], ""));
+    write(
+        dir.path(),
+        "a.yaml",
+        &policy("a", &["a.test"], &[("web", 80, 1, 0)], ""),
+    );
+    write(
+        dir.path(),
+        "b.yaml",
+        &policy("b", &["b.test"], &[("web", 80, 1, 0)], ""),
+    );
+    write(
+        dir.path(),
+        "c.yaml",
+        &policy("c", &["c.test"], &[("web", 80, 1, 0)], ""),
+    );
+    write(
+        dir.path(),
+        "d.yaml",
+        &policy("d", &["d.test"], &[("web", 80, 1, 0)], ""),
+    );
     let controller = Controller::start(dir.path()).await.expect("controller");
     let agent = Agent::start(&controller.url(), None).await.expect("agent");
     let v0 = agent.wait_ready().await;
 
     // Four kinds of bad policy and one file that is not YAML at all.
-    write(dir.path(), "a.yaml", &policy("a", &["a.test"], &[("web", 80, 1, 0)], "  loadBalancer: {algorithm: Fastest}\n"));
-    write(dir.path(), "b.yaml", &policy("b", &["b.test"], &[("web", 80, -3, 0)], ""));
-    write(dir.path(), "c.yaml", &policy("c", &["c.test"], &[("nowhere", 80, 1, 0)], ""));
-    write(dir.path(), "d.yaml", &policy("d", &["a.test"], &[("web", 80, 1, 0)], ""));
-    write(dir.path(), "web.yaml", "apiVersion: v1\nkind: Service\nmetadata: {name: web\n  oops: [\n");
+    write(
+        dir.path(),
+        "a.yaml",
+        &policy(
+            "a",
+            &["a.test"],
+            &[("web", 80, 1, 0)],
+            "  loadBalancer: {algorithm: Fastest}\n",
+        ),
+    );
+    write(
+        dir.path(),
+        "b.yaml",
+        &policy("b", &["b.test"], &[("web", 80, -3, 0)], ""),
+    );
+    write(
+        dir.path(),
+        "c.yaml",
+        &policy("c", &["c.test"], &[("nowhere", 80, 1, 0)], ""),
+    );
+    write(
+        dir.path(),
+        "d.yaml",
+        &policy("d", &["a.test"], &[("web", 80, 1, 0)], ""),
+    );
+    write(
+        dir.path(),
+        "web.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web\n  oops: [\n",
+    );
     let state = wait_for("errors in /state", || async {
         let s = controller.state().await.ok()?;
         let files = s["files"].to_string();
-        let all = ["a", "b", "c", "d"].iter().all(|p| errors_of(&s, p) != "[]");
+        let all = ["a", "b", "c", "d"]
+            .iter()
+            .all(|p| errors_of(&s, p) != "[]");
         (all && files.contains("web.yaml")).then_some(s)
     })
     .await;
 
     let a = errors_of(&state, "a");
     assert!(a.contains("Fastest") && a.contains("algorithm"), "{a}");
-    assert!(errors_of(&state, "b").contains("weight"), "{}", errors_of(&state, "b"));
-    let c = format!("{} {}", errors_of(&state, "c"), policy_state(&state, "c")["unresolvedRefs"]);
+    assert!(
+        errors_of(&state, "b").contains("weight"),
+        "{}",
+        errors_of(&state, "b")
+    );
+    let c = format!(
+        "{} {}",
+        errors_of(&state, "c"),
+        policy_state(&state, "c")["unresolvedRefs"]
+    );
     assert!(c.contains("nowhere"), "{c}");
     let d = errors_of(&state, "d");
     assert!(d.contains("a.test") && d.contains("default/a"), "{d}");
@@ -189,12 +293,17 @@ async fn bad_input_is_reported_in_state_and_the_last_good_routing_stays() {
         assert_eq!(policy_state(&state, p)["servingLastGood"], true, "{p}");
     }
     let files = state["files"].to_string();
-    assert!(files.contains("web.yaml") && files.contains("invalid YAML"), "{files}");
+    assert!(
+        files.contains("web.yaml") && files.contains("invalid YAML"),
+        "{files}"
+    );
 
     // Nothing changed for traffic: every host still answers from the old routing.
     let client = http_client();
     for host in ["a.test", "b.test", "c.test", "d.test"] {
-        let got = get(&client, agent.listen, host, "/").await.expect("request");
+        let got = get(&client, agent.listen, host, "/")
+            .await
+            .expect("request");
         assert_eq!(got.status, 200, "{host}: {got:?}");
     }
     assert_eq!(agent.version().await, v0, "no new table for broken input");
@@ -203,9 +312,15 @@ async fn bad_input_is_reported_in_state_and_the_last_good_routing_stays() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_keeps_serving_without_controller_and_resyncs_when_it_returns() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let web = start_group(&["127.0.5.11", "127.0.5.12"], "web").await.expect("web");
+    let web = start_group(&["127.0.5.11", "127.0.5.12"], "web")
+        .await
+        .expect("web");
     svc_files(dir.path(), "web", &web, &[true, true]);
-    write(dir.path(), "policy.yaml", &policy("web", &["web.test"], &[("web", 80, 1, 0)], ""));
+    write(
+        dir.path(),
+        "policy.yaml",
+        &policy("web", &["web.test"], &[("web", 80, 1, 0)], ""),
+    );
     let mut controller = Controller::start(dir.path()).await.expect("controller");
     let (grpc, admin) = (controller.grpc, controller.admin);
     let agent = Agent::start(&controller.url(), None).await.expect("agent");
@@ -222,15 +337,22 @@ async fn agent_keeps_serving_without_controller_and_resyncs_when_it_returns() {
 
     // While it is down the config changes; after the restart the agent must catch up.
     svc_files(dir.path(), "web", &web, &[true, false]);
-    let controller = Controller::start_at(dir.path(), grpc, admin).await.expect("controller again");
+    let controller = Controller::start_at(dir.path(), grpc, admin)
+        .await
+        .expect("controller again");
     let drained = web[1].addr.to_string();
     agent
-        .wait_config(v, |c| endpoint_weight(c, "default/web", &drained) == Some(0))
+        .wait_config(v, |c| {
+            endpoint_weight(c, "default/web", &drained) == Some(0)
+        })
         .await;
     let state = wait_for("agent ACK in /state", || async {
         let s = controller.state().await.ok()?;
         let version = s["version"].as_u64()?;
-        let acked = s["agents"].as_array()?.iter().any(|a| a["appliedVersion"].as_u64() == Some(version));
+        let acked = s["agents"]
+            .as_array()?
+            .iter()
+            .any(|a| a["appliedVersion"].as_u64() == Some(version));
         acked.then_some(s)
     })
     .await;
@@ -243,15 +365,23 @@ async fn restarted_agent_serves_from_its_state_dir_while_the_controller_is_down(
     let state_dir = tempfile::tempdir().expect("state dir");
     let web = start_group(&["127.0.6.11"], "web").await.expect("web");
     svc_files(dir.path(), "web", &web, &[true]);
-    write(dir.path(), "policy.yaml", &policy("web", &["web.test"], &[("web", 80, 1, 0)], ""));
+    write(
+        dir.path(),
+        "policy.yaml",
+        &policy("web", &["web.test"], &[("web", 80, 1, 0)], ""),
+    );
     let mut controller = Controller::start(dir.path()).await.expect("controller");
     let url = controller.url();
-    let mut agent = Agent::start(&url, Some(state_dir.path())).await.expect("agent");
+    let mut agent = Agent::start(&url, Some(state_dir.path()))
+        .await
+        .expect("agent");
     let v = agent.wait_ready().await;
     controller.proc.kill();
     agent.proc.kill();
 
-    let agent = Agent::start(&url, Some(state_dir.path())).await.expect("agent again");
+    let agent = Agent::start(&url, Some(state_dir.path()))
+        .await
+        .expect("agent again");
     let v2 = agent.wait_ready().await;
     assert_eq!(v2, v, "the persisted table is served");
     let cfg = agent.config().await.expect("config");
@@ -265,26 +395,44 @@ async fn agent_answers_itself_with_clear_errors_and_is_never_an_open_proxy() {
     let dir = tempfile::tempdir().expect("tempdir");
     let web = start_group(&["127.0.7.11"], "web").await.expect("web");
     svc_files(dir.path(), "web", &web, &[true]);
-    write(dir.path(), "empty.yaml", &docs(&[service("empty", 80), slice("empty", 80, &[])]));
-    write(dir.path(), "policy.yaml", &policy("web", &["web.test"], &[("web", 80, 1, 0)], ""));
-    write(dir.path(), "empty-policy.yaml", &policy("empty", &["empty.test"], &[("empty", 80, 1, 0)], ""));
+    write(
+        dir.path(),
+        "empty.yaml",
+        &docs(&[service("empty", 80), slice("empty", 80, &[])]),
+    );
+    write(
+        dir.path(),
+        "policy.yaml",
+        &policy("web", &["web.test"], &[("web", 80, 1, 0)], ""),
+    );
+    write(
+        dir.path(),
+        "empty-policy.yaml",
+        &policy("empty", &["empty.test"], &[("empty", 80, 1, 0)], ""),
+    );
     let controller = Controller::start(dir.path()).await.expect("controller");
     let agent = Agent::start(&controller.url(), None).await.expect("agent");
     agent.wait_ready().await;
     let client = http_client();
     let base = format!("http://{}", agent.listen);
 
-    let got = get(&client, agent.listen, "unknown.test", "/").await.expect("request");
+    let got = get(&client, agent.listen, "unknown.test", "/")
+        .await
+        .expect("request");
     assert_eq!(got.status, 404);
     assert_eq!(got.headers["x-weir-error"], "no-route");
     assert!(got.body.contains("unknown.test"), "{}", got.body);
 
-    let got = get(&client, agent.listen, "empty.test", "/").await.expect("request");
+    let got = get(&client, agent.listen, "empty.test", "/")
+        .await
+        .expect("request");
     assert_eq!(got.status, 503);
     assert_eq!(got.headers["x-weir-error"], "no-healthy-endpoint");
 
     // Host matching ignores case and port; headers forwarded as a proxy should.
-    let got = get(&client, agent.listen, "WEB.test:8080", "/x?y=1").await.expect("request");
+    let got = get(&client, agent.listen, "WEB.test:8080", "/x?y=1")
+        .await
+        .expect("request");
     assert_eq!(got.status, 200, "{got:?}");
     assert_eq!(got.headers["x-echo-x-forwarded-for"], "127.0.0.1");
     assert_eq!(got.headers["x-echo-via"], "1.1 weir");
@@ -292,14 +440,31 @@ async fn agent_answers_itself_with_clear_errors_and_is_never_an_open_proxy() {
 
     // Absolute-form: the target's authority wins over Host, and unknown authorities are
     // refused rather than proxied anywhere.
-    let (_, absolute) = raw(agent.listen, "GET http://web.test/ HTTP/1.1\r\nHost: unknown.test\r\n\r\n").await;
+    let (_, absolute) = raw(
+        agent.listen,
+        "GET http://web.test/ HTTP/1.1\r\nHost: unknown.test\r\n\r\n",
+    )
+    .await;
     assert!(absolute.starts_with("HTTP/1.1 200"), "{absolute}");
-    let (_, open) = raw(agent.listen, "GET http://127.0.7.11:80/ HTTP/1.1\r\nHost: web.test\r\n\r\n").await;
-    assert!(open.starts_with("HTTP/1.1 404") && open.contains("no-route"), "{open}");
-    let (_, connect) = raw(agent.listen, "CONNECT web.test:80 HTTP/1.1\r\nHost: web.test:80\r\n\r\n").await;
+    let (_, open) = raw(
+        agent.listen,
+        "GET http://127.0.7.11:80/ HTTP/1.1\r\nHost: web.test\r\n\r\n",
+    )
+    .await;
+    assert!(
+        open.starts_with("HTTP/1.1 404") && open.contains("no-route"),
+        "{open}"
+    );
+    let (_, connect) = raw(
+        agent.listen,
+        "CONNECT web.test:80 HTTP/1.1\r\nHost: web.test:80\r\n\r\n",
+    )
+    .await;
     assert!(connect.starts_with("HTTP/1.1 4"), "{connect}");
 
-    let got = request(&client, "GET", &format!("{base}/"), Some("")).await.expect("request");
+    let got = request(&client, "GET", &format!("{base}/"), Some(""))
+        .await
+        .expect("request");
     assert_eq!(got.status, 400, "{got:?}");
 }
 

@@ -35,7 +35,10 @@ fn endpoints(dir: &std::path::Path) -> anyhow::Result<Vec<(String, SocketAddr)>>
     let mut out = Vec::new();
     for entry in std::fs::read_dir(dir)? {
         let path = entry?.path();
-        if !matches!(path.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")) {
+        if !matches!(
+            path.extension().and_then(|e| e.to_str()),
+            Some("yaml" | "yml")
+        ) {
             continue;
         }
         let text = std::fs::read_to_string(&path)?;
@@ -93,23 +96,41 @@ async fn main() -> anyhow::Result<()> {
     }
     let controller = Controller::start_at(&dir, args.grpc, args.controller_admin).await?;
     let state_dir = std::env::temp_dir().join("weir-quickstart-state");
-    let agent = Agent::start_at(&controller.url(), args.listen, args.agent_admin, Some(&state_dir)).await?;
+    let agent = Agent::start_at(
+        &controller.url(),
+        args.listen,
+        args.agent_admin,
+        Some(&state_dir),
+    )
+    .await?;
     agent.wait_ready().await;
 
     let l = args.listen;
     println!();
-    println!("weir is running: controller on {}, agent on {l}, {} demo backends:", controller.grpc, backends.len());
+    println!(
+        "weir is running: controller on {}, agent on {l}, {} demo backends:",
+        controller.grpc,
+        backends.len()
+    );
     for b in &backends {
         println!("  {:<14} {}", b.name, b.addr);
     }
     println!();
     println!("Try:");
     println!("  curl -s -H 'Host: shop' http://{l}/");
-    println!("  for i in $(seq 100); do curl -s -H 'Host: shop' http://{l}/; done | sort | uniq -c");
+    println!(
+        "  for i in $(seq 100); do curl -s -H 'Host: shop' http://{l}/; done | sort | uniq -c"
+    );
     println!();
-    println!("Then edit {}/ (weights, `ready: false`) and run the loop again.", dir.display());
+    println!(
+        "Then edit {}/ (weights, `ready: false`) and run the loop again.",
+        dir.display()
+    );
     println!("  agent:      curl -s http://{}/config", args.agent_admin);
-    println!("  controller: curl -s http://{}/state", args.controller_admin);
+    println!(
+        "  controller: curl -s http://{}/state",
+        args.controller_admin
+    );
     println!();
     println!("Ctrl-C stops everything.");
     tokio::signal::ctrl_c().await?;

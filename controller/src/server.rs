@@ -1,0 +1,376 @@
+//! The `weir.v1.RoutingDiscovery` server: one bidirectional stream per agent.
+//!
+//! Each session sends the full table first, then deltas computed against what it last sent,
+//! and records the agent's ACKs and NACKs in the [`Agents`] registry for `/state`. A session
+//! waits on the hub's `watch` channel, so it only ever sees the latest table (latest-wins): a
+//! slow agent is sent fewer, larger deltas and holds up nobody. Per-agent state is a version
+//! number and a pointer to the last table sent.
+
+use crate::hub::{Hub, Table};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+use weir_proto::v1::routing_discovery_server::RoutingDiscovery;
+use weir_proto::v1::{
+    AgentMessage, ControllerMessage, Ping, RoutingUpdate, agent_message, controller_message,
+};
+
+/// How often a session sends an application-level ping.
+const PING_INTERVAL: Duration = Duration::from_secs(15);
+/// How long an agent has to say hello after opening the stream.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What `/state` shows about one connected agent.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentState {
+    pub node_name: String,
+    pub zone: String,
+    pub agent_version: String,
+    pub peer: String,
+    pub connected_at_unix_ms: u64,
+    /// The last version sent to the agent.
+    pub sent_version: u64,
+    /// The last version the agent ACKed.
+    pub applied_version: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_nack: Option<NackState>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NackState {
+    pub version: u64,
+    pub error: String,
+    pub at_unix_ms: u64,
+}
+
+/// The agents connected to this controller, by session id.
+#[derive(Default)]
+pub struct Agents {
+    sessions: Mutex<BTreeMap<u64, AgentState>>,
+    next_id: AtomicU64,
+    pub updates_sent: AtomicU64,
+    pub nacks: AtomicU64,
+}
+
+impl Agents {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, AgentState>> {
+        self.sessions.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn list(&self) -> Vec<AgentState> {
+        self.lock().values().cloned().collect()
+    }
+
+    pub fn count(&self) -> usize {
+        self.lock().len()
+    }
+
+    fn with(&self, id: u64, f: impl FnOnce(&mut AgentState)) {
+        if let Some(a) = self.lock().get_mut(&id) {
+            f(a);
+        }
+    }
+}
+
+/// Removes the session from the registry however the session task ends.
+struct SessionGuard {
+    agents: Arc<Agents>,
+    id: u64,
+}
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        if let Some(a) = self.agents.lock().remove(&self.id) {
+            tracing::info!(node = %a.node_name, peer = %a.peer, "agent disconnected");
+        }
+    }
+}
+
+pub struct DiscoveryService {
+    hub: Arc<Hub>,
+    agents: Arc<Agents>,
+}
+
+impl DiscoveryService {
+    pub fn new(hub: Arc<Hub>, agents: Arc<Agents>) -> Self {
+        Self { hub, agents }
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+type OutStream = Pin<Box<dyn Stream<Item = Result<ControllerMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl RoutingDiscovery for DiscoveryService {
+    type StreamStream = OutStream;
+
+    async fn stream(
+        &self,
+        request: Request<Streaming<AgentMessage>>,
+    ) -> Result<Response<Self::StreamStream>, Status> {
+        let peer = request
+            .remote_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        let mut inbound = request.into_inner();
+        let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.next()).await {
+            Ok(Some(Ok(AgentMessage {
+                kind: Some(agent_message::Kind::Hello(h)),
+            }))) => h,
+            Ok(Some(Err(e))) => return Err(e),
+            Ok(_) => {
+                return Err(Status::invalid_argument(
+                    "the first message on the stream must be Hello",
+                ));
+            }
+            Err(_) => return Err(Status::deadline_exceeded("no Hello within 10s")),
+        };
+        if hello.node_name.is_empty() {
+            return Err(Status::invalid_argument("Hello.node_name is empty"));
+        }
+        let id = self.agents.next_id.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(node = %hello.node_name, zone = %hello.zone, %peer, "agent connected");
+        self.agents.lock().insert(
+            id,
+            AgentState {
+                node_name: hello.node_name,
+                zone: hello.zone,
+                agent_version: hello.agent_version,
+                peer,
+                connected_at_unix_ms: now_ms(),
+                sent_version: 0,
+                applied_version: hello.applied_version,
+                last_nack: None,
+            },
+        );
+        // A small buffer: back-pressure from a slow agent stops this session from reading
+        // the watch channel, which then simply holds the newest table for it.
+        let (tx, rx) = mpsc::channel(2);
+        let session = Session {
+            guard: SessionGuard {
+                agents: self.agents.clone(),
+                id,
+            },
+            tables: self.hub.subscribe(),
+            inbound,
+            tx,
+            sent: None,
+            last_full_version: None,
+        };
+        tokio::spawn(session.run());
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+struct Session {
+    guard: SessionGuard,
+    tables: tokio::sync::watch::Receiver<Arc<Table>>,
+    inbound: Streaming<AgentMessage>,
+    tx: mpsc::Sender<Result<ControllerMessage, Status>>,
+    /// The table last sent; `None` forces a full table next.
+    sent: Option<Arc<Table>>,
+    last_full_version: Option<u64>,
+}
+
+impl Session {
+    async fn run(mut self) {
+        let table = self.tables.borrow_and_update().clone();
+        if !self.send_table(table).await {
+            return;
+        }
+        let mut ping = tokio::time::interval(PING_INTERVAL);
+        ping.tick().await;
+        loop {
+            tokio::select! {
+                changed = self.tables.changed() => {
+                    if changed.is_err() {
+                        return; // the hub is gone: shutting down
+                    }
+                    let table = self.tables.borrow_and_update().clone();
+                    if !self.send_table(table).await {
+                        return;
+                    }
+                }
+                msg = self.inbound.next() => match msg {
+                    Some(Ok(m)) => {
+                        if !self.on_message(m).await {
+                            return;
+                        }
+                    }
+                    Some(Err(e)) => {
+                        tracing::debug!(error = %e, "agent stream failed");
+                        return;
+                    }
+                    None => return,
+                },
+                _ = ping.tick() => {
+                    let msg = ControllerMessage {
+                        kind: Some(controller_message::Kind::Ping(Ping { unix_millis: now_ms() })),
+                    };
+                    if self.tx.send(Ok(msg)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Handles one agent message; returns false when the session should end.
+    async fn on_message(&mut self, msg: AgentMessage) -> bool {
+        match msg.kind {
+            Some(agent_message::Kind::Ack(ack)) => {
+                self.guard.agents.with(self.guard.id, |a| {
+                    a.applied_version = a.applied_version.max(ack.version);
+                });
+            }
+            Some(agent_message::Kind::Nack(nack)) => {
+                self.guard.agents.nacks.fetch_add(1, Ordering::Relaxed);
+                let mut node = String::new();
+                self.guard.agents.with(self.guard.id, |a| {
+                    node = a.node_name.clone();
+                    a.applied_version = nack.applied_version;
+                    a.last_nack = Some(NackState {
+                        version: nack.version,
+                        error: nack.error.clone(),
+                        at_unix_ms: now_ms(),
+                    });
+                });
+                tracing::warn!(
+                    node = %node,
+                    version = nack.version,
+                    applied = nack.applied_version,
+                    error = %nack.error,
+                    "agent rejected routing update; it keeps its previous table"
+                );
+                // The agent still runs `applied_version`. A rejected delta may mean the agent
+                // lost track of its base, so resend the current table whole; a rejected full
+                // table would only fail again, so wait for the next change instead.
+                if self.last_full_version != Some(nack.version) {
+                    self.sent = None;
+                    let table = self.tables.borrow().clone();
+                    return self.send_table(table).await;
+                }
+            }
+            Some(agent_message::Kind::Hello(_)) => {
+                tracing::debug!("duplicate Hello ignored");
+            }
+            Some(agent_message::Kind::Load(_)) | Some(agent_message::Kind::Ping(_)) | None => {}
+        }
+        true
+    }
+
+    /// Sends `table` whole or as a delta on top of the last table sent; false if the agent
+    /// is gone.
+    async fn send_table(&mut self, table: Arc<Table>) -> bool {
+        let update = match &self.sent {
+            Some(prev) if prev.version == table.version => return true,
+            Some(prev) => delta(prev, &table),
+            None => RoutingUpdate {
+                version: table.version,
+                full: true,
+                base_version: 0,
+                upserted: table.routes.values().map(|r| (**r).clone()).collect(),
+                removed: Vec::new(),
+            },
+        };
+        if update.full {
+            self.last_full_version = Some(update.version);
+        }
+        let version = update.version;
+        let msg = ControllerMessage {
+            kind: Some(controller_message::Kind::Update(update)),
+        };
+        if self.tx.send(Ok(msg)).await.is_err() {
+            return false;
+        }
+        self.guard
+            .agents
+            .updates_sent
+            .fetch_add(1, Ordering::Relaxed);
+        self.guard
+            .agents
+            .with(self.guard.id, |a| a.sent_version = version);
+        self.sent = Some(table);
+        true
+    }
+}
+
+/// The routes of `next` that differ from `prev` (by pointer first, then by value), and the
+/// names that disappeared.
+pub fn delta(prev: &Table, next: &Table) -> RoutingUpdate {
+    let upserted = next
+        .routes
+        .iter()
+        .filter(|(name, route)| match prev.routes.get(*name) {
+            Some(old) => !Arc::ptr_eq(old, route) && old != *route,
+            None => true,
+        })
+        .map(|(_, r)| (**r).clone())
+        .collect();
+    let removed = prev
+        .routes
+        .keys()
+        .filter(|name| !next.routes.contains_key(*name))
+        .cloned()
+        .collect();
+    RoutingUpdate {
+        version: next.version,
+        full: false,
+        base_version: prev.version,
+        upserted,
+        removed,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use weir_proto::v1::Route;
+
+    fn table(version: u64, routes: &[(&str, &str)]) -> Table {
+        Table {
+            version,
+            routes: routes
+                .iter()
+                .map(|(name, host)| {
+                    (
+                        name.to_string(),
+                        Arc::new(Route {
+                            name: name.to_string(),
+                            hosts: vec![host.to_string()],
+                            ..Default::default()
+                        }),
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn delta_carries_only_changed_added_and_removed_routes() {
+        let prev = table(1, &[("a", "a"), ("b", "b"), ("c", "c")]);
+        let next = table(2, &[("a", "a"), ("b", "b2"), ("d", "d")]);
+        let d = delta(&prev, &next);
+        assert_eq!(d.base_version, 1);
+        assert_eq!(d.version, 2);
+        assert!(!d.full);
+        let names: Vec<_> = d.upserted.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["b", "d"]);
+        assert_eq!(d.removed, ["c"]);
+    }
+}

@@ -1,0 +1,385 @@
+//! Local mode's source of objects: a folder of Kubernetes manifests.
+//!
+//! Every `*.yaml` / `*.yml` file under the folder (hidden files and folders skipped, so
+//! editors' swap files and ConfigMap `..data` links do not count twice) may hold several YAML
+//! documents of kind `TrafficPolicy`, `Service` and `EndpointSlice`. A file that cannot be
+//! read or parsed keeps the objects it held before: one broken save must not wipe routing.
+//! A TrafficPolicy document that is valid YAML but not a valid TrafficPolicy is still handed
+//! on (as an `Err` spec) so that the routing computation can report it on the policy and keep
+//! the policy's last good version routing.
+
+use crate::model::{EndpointSlice, ObjectKey, Service, TrafficPolicy};
+use crate::routing::{PolicyInput, Snapshot};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// The objects one file contributed, as last parsed successfully.
+#[derive(Clone, Debug, Default)]
+struct FileObjects {
+    policies: Vec<PolicyInput>,
+    services: Vec<(ObjectKey, Service)>,
+    slices: Vec<(ObjectKey, EndpointSlice)>,
+}
+
+#[derive(Debug, Default)]
+struct FileState {
+    /// The raw bytes last read, to skip re-parsing unchanged files on a rescan.
+    /// `None` until read successfully, so a file that could not be read is parsed again.
+    content: Option<Vec<u8>>,
+    objects: FileObjects,
+    /// Set while the current content is broken; `objects` are then the previous good ones.
+    error: Option<String>,
+    /// Problems that did not stop the file from loading (unknown kinds, duplicates).
+    warnings: Vec<String>,
+}
+
+/// A problem with one manifest file, as shown in the admin API.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct FileReport {
+    pub path: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
+}
+
+/// The folder's files and the objects each holds.
+#[derive(Debug)]
+pub struct DirSource {
+    dir: PathBuf,
+    files: BTreeMap<PathBuf, FileState>,
+}
+
+impl DirSource {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self {
+            dir: dir.into(),
+            files: BTreeMap::new(),
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Reads the folder again; returns whether any file's objects or errors changed.
+    ///
+    /// An unreadable folder is an error, and the objects already loaded stay in force.
+    pub fn rescan(&mut self) -> std::io::Result<bool> {
+        let mut found = Vec::new();
+        collect_manifests(&self.dir, &mut found)?;
+        let mut changed = false;
+
+        let gone: Vec<PathBuf> = self
+            .files
+            .keys()
+            .filter(|p| !found.contains(p))
+            .cloned()
+            .collect();
+        for path in gone {
+            self.files.remove(&path);
+            changed = true;
+        }
+
+        for path in found {
+            let content = match std::fs::read(&path) {
+                Ok(c) => c,
+                // Deleted between the listing and the read: the next event rescans.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => {
+                    let state = self.files.entry(path.clone()).or_default();
+                    let msg = format!("cannot read file: {e}");
+                    if state.error.as_deref() != Some(msg.as_str()) {
+                        state.error = Some(msg);
+                        state.content = None;
+                        changed = true;
+                    }
+                    continue;
+                }
+            };
+            let display = self.display_path(&path);
+            let state = self.files.entry(path.clone()).or_default();
+            if state.content.as_ref() == Some(&content) {
+                continue;
+            }
+            match parse_file(&display, &content) {
+                Ok((objects, warnings)) => {
+                    state.objects = objects;
+                    state.error = None;
+                    state.warnings = warnings;
+                }
+                Err(e) => state.error = Some(e),
+            }
+            state.content = Some(content);
+            changed = true;
+        }
+        Ok(changed)
+    }
+
+    fn display_path(&self, path: &Path) -> String {
+        path.strip_prefix(&self.dir)
+            .map(|p| self.dir.join(p))
+            .unwrap_or_else(|_| path.to_path_buf())
+            .display()
+            .to_string()
+    }
+
+    /// Problems per file, for `/state` and logs; files without problems are left out.
+    pub fn reports(&self) -> Vec<FileReport> {
+        let mut out: Vec<FileReport> = self
+            .files
+            .iter()
+            .filter(|(_, s)| s.error.is_some() || !s.warnings.is_empty())
+            .map(|(p, s)| FileReport {
+                path: self.display_path(p),
+                error: s.error.clone(),
+                warnings: s.warnings.clone(),
+            })
+            .collect();
+        out.extend(self.duplicate_reports());
+        out
+    }
+
+    /// The same object in two files: the first file (in path order) wins, the other is named.
+    fn duplicate_reports(&self) -> Vec<FileReport> {
+        let mut seen: BTreeMap<(&'static str, &ObjectKey), &Path> = BTreeMap::new();
+        let mut out = Vec::new();
+        for (path, state) in &self.files {
+            let keys = state
+                .objects
+                .policies
+                .iter()
+                .map(|p| ("TrafficPolicy", &p.key))
+                .chain(state.objects.services.iter().map(|(k, _)| ("Service", k)))
+                .chain(
+                    state
+                        .objects
+                        .slices
+                        .iter()
+                        .map(|(k, _)| ("EndpointSlice", k)),
+                );
+            for (kind, key) in keys {
+                if let Some(first) = seen.get(&(kind, key)) {
+                    out.push(FileReport {
+                        path: self.display_path(path),
+                        error: None,
+                        warnings: vec![format!(
+                            "{kind} {key} is also defined in {}; that definition is used and this one is ignored",
+                            self.display_path(first)
+                        )],
+                    });
+                } else {
+                    seen.insert((kind, key), path);
+                }
+            }
+        }
+        out
+    }
+
+    /// Every object currently in force, for the routing computation.
+    pub fn snapshot(&self) -> Snapshot {
+        let mut policies: BTreeMap<ObjectKey, PolicyInput> = BTreeMap::new();
+        let mut services = BTreeMap::new();
+        let mut slices = BTreeMap::new();
+        for state in self.files.values() {
+            for p in &state.objects.policies {
+                policies.entry(p.key.clone()).or_insert_with(|| p.clone());
+            }
+            for (k, s) in &state.objects.services {
+                services.entry(k.clone()).or_insert_with(|| s.clone());
+            }
+            for (k, s) in &state.objects.slices {
+                slices.entry(k.clone()).or_insert_with(|| s.clone());
+            }
+        }
+        // Local mode has no creation timestamps: namespace/name order decides host conflicts.
+        Snapshot {
+            policies: policies.into_values().collect(),
+            services,
+            slices,
+        }
+    }
+}
+
+fn collect_manifests(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        if name.to_string_lossy().starts_with('.') {
+            continue;
+        }
+        let path = entry.path();
+        // Follow symlinks (ConfigMap volumes are made of them).
+        let Ok(meta) = std::fs::metadata(&path) else {
+            continue;
+        };
+        if meta.is_dir() {
+            collect_manifests(&path, out)?;
+        } else if matches!(
+            path.extension().and_then(|e| e.to_str()),
+            Some("yaml" | "yml")
+        ) {
+            out.push(path);
+        }
+    }
+    out.sort();
+    Ok(())
+}
+
+/// Parses one file's documents. An `Err` means the whole file is unusable (syntax error, or
+/// a Service / EndpointSlice that is not one), so its previous objects stay in force.
+fn parse_file(path: &str, content: &[u8]) -> Result<(FileObjects, Vec<String>), String> {
+    use serde::Deserialize;
+    let text = std::str::from_utf8(content).map_err(|e| format!("{path}: not UTF-8: {e}"))?;
+    let mut objects = FileObjects::default();
+    let mut warnings = Vec::new();
+    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let n = i + 1;
+        let value = serde_yaml::Value::deserialize(doc)
+            .map_err(|e| format!("{path}: document {n}: invalid YAML: {e}"))?;
+        if value.is_null() {
+            continue;
+        }
+        let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or("");
+        let api_version = value
+            .get("apiVersion")
+            .and_then(|k| k.as_str())
+            .unwrap_or("");
+        let name = value
+            .get("metadata")
+            .and_then(|m| m.get("name"))
+            .and_then(|n| n.as_str())
+            .unwrap_or("");
+        let namespace = value
+            .get("metadata")
+            .and_then(|m| m.get("namespace"))
+            .and_then(|n| n.as_str())
+            .unwrap_or("default");
+        let what = format!("{path}: document {n} ({kind} {namespace}/{name})");
+        if name.is_empty() && !kind.is_empty() {
+            return Err(format!("{what}: metadata.name is missing"));
+        }
+        let key = ObjectKey::new(namespace, name);
+        match (kind, api_version) {
+            ("TrafficPolicy", "weir.dev/v1alpha1") => {
+                let generation = value
+                    .get("metadata")
+                    .and_then(|m| m.get("generation"))
+                    .and_then(|g| g.as_i64());
+                let spec = serde_yaml::from_value::<TrafficPolicy>(value)
+                    .map(|tp| tp.spec)
+                    .map_err(|e| format!("{path}: not a valid TrafficPolicy: {e}"));
+                objects.policies.push(PolicyInput {
+                    key,
+                    source: path.to_string(),
+                    generation,
+                    spec,
+                });
+            }
+            ("Service", "v1") => {
+                let svc = serde_yaml::from_value::<Service>(value)
+                    .map_err(|e| format!("{what}: not a valid Service: {e}"))?;
+                objects.services.push((key, svc));
+            }
+            ("EndpointSlice", "discovery.k8s.io/v1") => {
+                let slice = serde_yaml::from_value::<EndpointSlice>(value)
+                    .map_err(|e| format!("{what}: not a valid EndpointSlice: {e}"))?;
+                objects.slices.push((key, slice));
+            }
+            ("", _) => return Err(format!("{what}: `kind` is missing")),
+            _ => warnings.push(format!(
+                "{what}: {api_version} {kind} is not read by weir; ignored"
+            )),
+        }
+    }
+    Ok((objects, warnings))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, text: &str) {
+        std::fs::write(dir.join(name), text).expect("write test file");
+    }
+
+    const SVC: &str =
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  ports: [{port: 80}]\n";
+    const TP: &str = "apiVersion: weir.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: web}\nspec:\n  hosts: [web]\n  rules: [{backendRefs: [{name: web, port: 80}]}]\n";
+
+    #[test]
+    fn reads_several_documents_across_files() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write(dir.path(), "a.yaml", &format!("{SVC}---\n{TP}"));
+        write(dir.path(), "notes.txt", "not yaml: [");
+        let mut src = DirSource::new(dir.path());
+        assert!(src.rescan().expect("rescan"));
+        let snap = src.snapshot();
+        assert_eq!(snap.policies.len(), 1);
+        assert_eq!(snap.services.len(), 1);
+        assert!(src.reports().is_empty());
+        assert!(!src.rescan().expect("rescan"), "nothing changed");
+    }
+
+    #[test]
+    fn broken_file_keeps_its_previous_objects_and_reports_the_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write(dir.path(), "svc.yaml", SVC);
+        let mut src = DirSource::new(dir.path());
+        src.rescan().expect("rescan");
+        write(
+            dir.path(),
+            "svc.yaml",
+            "apiVersion: v1\nkind: Service\nmetadata: {name: web\n",
+        );
+        assert!(src.rescan().expect("rescan"));
+        assert_eq!(src.snapshot().services.len(), 1, "last good Service kept");
+        let reports = src.reports();
+        assert_eq!(reports.len(), 1);
+        let err = reports[0].error.as_deref().unwrap_or_default();
+        assert!(
+            err.contains("svc.yaml") && err.contains("invalid YAML"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn invalid_policy_document_is_passed_on_as_an_error_naming_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write(
+            dir.path(),
+            "tp.yaml",
+            "apiVersion: weir.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: web}\nspec: {hosts: 3}\n",
+        );
+        let mut src = DirSource::new(dir.path());
+        src.rescan().expect("rescan");
+        let snap = src.snapshot();
+        let err = snap.policies[0].spec.as_ref().expect_err("invalid spec");
+        assert!(err.contains("tp.yaml"), "{err}");
+    }
+
+    #[test]
+    fn deleted_file_removes_its_objects() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write(dir.path(), "svc.yaml", SVC);
+        let mut src = DirSource::new(dir.path());
+        src.rescan().expect("rescan");
+        std::fs::remove_file(dir.path().join("svc.yaml")).expect("remove");
+        assert!(src.rescan().expect("rescan"));
+        assert!(src.snapshot().services.is_empty());
+    }
+
+    #[test]
+    fn duplicate_object_is_reported_and_first_file_wins() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write(dir.path(), "a.yaml", SVC);
+        write(dir.path(), "b.yaml", SVC);
+        let mut src = DirSource::new(dir.path());
+        src.rescan().expect("rescan");
+        let reports = src.reports();
+        assert_eq!(reports.len(), 1);
+        assert!(reports[0].path.ends_with("b.yaml"));
+        assert!(reports[0].warnings[0].contains("a.yaml"));
+    }
+}
