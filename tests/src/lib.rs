@@ -26,16 +26,23 @@ use std::time::{Duration, Instant};
 /// shared; the waits return as soon as their condition holds).
 pub const WAIT: Duration = Duration::from_secs(30);
 
-/// The folder holding the workspace's binaries (`target/debug` or `target/release`).
+/// The folder of the running executable's build profile (`target/debug` or
+/// `target/release`).
+pub fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test> or target/<profile>/<bin>
+    let mut dir = exe.parent().expect("exe dir").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir
+}
+
+/// The folder holding the workspace's `weir-controller` and `weir-agent` binaries.
 pub fn bin_dir() -> PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let exe = std::env::current_exe().expect("current exe");
-        // target/<profile>/deps/<test> or target/<profile>/<bin>
-        let mut dir = exe.parent().expect("exe dir").to_path_buf();
-        if dir.ends_with("deps") {
-            dir.pop();
-        }
+        let dir = profile_dir();
         for b in ["weir-controller", "weir-agent"] {
             assert!(
                 dir.join(b).exists(),

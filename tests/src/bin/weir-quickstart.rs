@@ -78,7 +78,7 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("config dir {}", dir.display()))?;
     // Under `cargo run`, make sure the controller and agent binaries are current too.
     if let Ok(cargo) = std::env::var("CARGO") {
-        let release = weir_tests::bin_dir().ends_with("release");
+        let release = weir_tests::profile_dir().ends_with("release");
         let mut cmd = std::process::Command::new(cargo);
         cmd.args(["build", "-q", "-p", "weir-controller", "-p", "weir-agent"]);
         if release {
