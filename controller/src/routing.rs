@@ -20,36 +20,8 @@
 //!
 //! # Weights
 //!
-//! For each rule, backends are grouped by tier `t`. With `w_s` the backendRef weight of
-//! Service `s`, `ready_s`/`total_s` its ready/all endpoints, and `M = minHealthyPercent/100`:
-//!
-//! ```text
-//! h_t    = Σ_{s∈t, w_s>0} w_s·ready_s/total_s  ÷  Σ_{s∈t, w_s>0} w_s      (0 if Σ w_s = 0 or total_s = 0)
-//! load_t = min(1 − Σ_{u<t} load_u,  h_t / M)                              (tiers in ascending order)
-//! load_t ← load_t / Σ_u load_u                                            (when 0 < Σ load < 1)
-//! ```
-//!
-//! This is Envoy's priority-level arithmetic with an overprovisioning factor of `1/M`: tier 0
-//! keeps everything while `h_0 ≥ M` and spills the missing share, in proportion, downwards.
-//! Inside tier `t`, Service `s` gets `w_s / Σ w` over the Services of `t` that have a ready
-//! endpoint, and each of its ready endpoints gets an equal part of that, so the split between
-//! Services does not depend on how many pods each has. Not-ready endpoints and weight-0
-//! Services get 0 but stay listed so the agent can show them.
-//!
-//! **Panic**: when every `h_t` is 0, all endpoints, ready or not, of the lowest tier that has
-//! any endpoint (in a Service of weight > 0) get traffic by Service weight, then evenly.
-//! Sending to endpoints that may be failing beats refusing every request.
-//!
-//! Integer weights (`Endpoint.weight`): with one tier loaded, endpoint `e` of Service `s`
-//! gets `w_s · L / n_s` where `n_s` is the number of serving endpoints of `s` and `L` the lcm
-//! of the `n_s`, so the ratios are exact. With several tiers loaded, tier `t`'s integers are
-//! multiplied by `(S / S_t) · k_t`, where `S_t` is the tier's integer sum, `S` the lcm of the
-//! `S_t`, and `k_t = max(1, round(1000 · load_t))`: per-mille precision between tiers, exact
-//! within a tier. The result is divided by the gcd of all weights. If the sum then exceeds
-//! [`MAX_WEIGHT_SUM`] (or the exact integers would overflow), weights are recomputed from the
-//! real-valued shares as `max(1, ⌊share · (MAX_WEIGHT_SUM − n)⌋)` with `n` the number of
-//! endpoints that get traffic: proportional, never turning a positive weight into 0, and
-//! summing to at most `MAX_WEIGHT_SUM` (when there are fewer endpoints than that).
+//! Endpoint weights, failover spill and panic follow [`weir_proto::weights`] (shared with
+//! the agent, which recomputes them when its own health checks change an endpoint's state).
 
 use crate::model::{
     BackendStatus, EndpointSlice, ObjectKey, SERVICE_NAME_LABEL, Service, TrafficPolicySpec,
@@ -63,17 +35,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use weir_proto::v1 as pb;
-
-/// The largest sum of the endpoint weights of one rule, so that agents can use `u32`
-/// arithmetic (and smooth weighted round robin stays short) without overflow.
-pub const MAX_WEIGHT_SUM: u64 = 1_000_000;
+use weir_proto::weights::assign_weights;
 
 /// The Service port `appProtocol` that selects HTTP/2 cleartext upstream.
 pub const H2C_APP_PROTOCOL: &str = "kubernetes.io/h2c";
-
-/// Tolerance when comparing a tier's capacity with the traffic still to place, so that float
-/// rounding in `h_t / M` never spills a crumb of traffic to the next tier.
-const EPSILON: f64 = 1e-9;
 
 /// One TrafficPolicy as the sources saw it.
 #[derive(Clone, Debug, PartialEq)]
@@ -193,28 +158,6 @@ pub fn compute(snapshot: &Snapshot, last_good: &LastGood) -> Computed {
     }
     computed.routes.sort_by(|a, b| a.name.cmp(&b.name));
     computed
-}
-
-/// Fills in every endpoint weight of `rule` and its `active_tier` and `panic`, from the
-/// backends' weights, tiers and endpoint readiness (see the module documentation).
-pub fn assign_weights(rule: &mut pb::Rule, min_healthy_percent: u32) {
-    let plan = plan_tiers(&rule.backends, min_healthy_percent);
-    let per_endpoint = endpoint_weights(&rule.backends, &plan);
-    let mut active_tier = None;
-    for (backend, &weight) in rule.backends.iter_mut().zip(&per_endpoint) {
-        for endpoint in &mut backend.endpoints {
-            endpoint.weight = if plan.panic || endpoint.ready {
-                weight
-            } else {
-                0
-            };
-        }
-        if weight > 0 && !backend.endpoints.is_empty() {
-            active_tier = active_tier.max(Some(backend.tier));
-        }
-    }
-    rule.active_tier = active_tier.unwrap_or(0);
-    rule.panic = plan.panic;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -775,224 +718,6 @@ fn backend_statuses(route: &pb::Route) -> Vec<BackendStatus> {
         .collect()
 }
 
-// ---------------------------------------------------------------------------------------
-// Weights.
-
-/// How one rule's traffic divides between its failover tiers.
-#[derive(Clone, Debug, PartialEq)]
-struct TierPlan {
-    /// The tiers that take traffic, ascending, each with its share; shares sum to 1.
-    loads: Vec<(u32, f64)>,
-    /// No tier is healthy: `loads` is the one tier whose endpoints all take traffic.
-    panic: bool,
-}
-
-fn ready_count(backend: &pb::Backend) -> usize {
-    backend.endpoints.iter().filter(|e| e.ready).count()
-}
-
-fn plan_tiers(backends: &[pb::Backend], min_healthy_percent: u32) -> TierPlan {
-    // tier → (Σ w, Σ w·ready/total)
-    let mut tiers: BTreeMap<u32, (f64, f64)> = BTreeMap::new();
-    for backend in backends.iter().filter(|b| b.weight > 0) {
-        let weight = f64::from(backend.weight);
-        let total = backend.endpoints.len();
-        let healthy = if total == 0 {
-            0.0
-        } else {
-            weight * ready_count(backend) as f64 / total as f64
-        };
-        let tier = tiers.entry(backend.tier).or_default();
-        tier.0 += weight;
-        tier.1 += healthy;
-    }
-    let min_healthy = f64::from(min_healthy_percent.clamp(1, 100)) / 100.0;
-    let mut loads = Vec::new();
-    let mut remaining = 1.0_f64;
-    for (&tier, &(weight, healthy)) in &tiers {
-        if healthy <= 0.0 {
-            continue;
-        }
-        let capacity = healthy / weight / min_healthy;
-        if capacity >= remaining - EPSILON {
-            loads.push((tier, remaining));
-            break;
-        }
-        loads.push((tier, capacity));
-        remaining -= capacity;
-    }
-    if loads.is_empty() {
-        let panic_tier = backends
-            .iter()
-            .filter(|b| b.weight > 0 && !b.endpoints.is_empty())
-            .map(|b| b.tier)
-            .min();
-        return TierPlan {
-            loads: panic_tier.map(|t| (t, 1.0)).into_iter().collect(),
-            panic: panic_tier.is_some(),
-        };
-    }
-    let sum: f64 = loads.iter().map(|(_, load)| load).sum();
-    for (_, load) in &mut loads {
-        *load /= sum;
-    }
-    TierPlan {
-        loads,
-        panic: false,
-    }
-}
-
-/// The weight of each serving endpoint, per backend (0: the backend serves nothing).
-fn endpoint_weights(backends: &[pb::Backend], plan: &TierPlan) -> Vec<u32> {
-    // How many endpoints of each backend share its traffic.
-    let counts: Vec<u64> = backends
-        .iter()
-        .map(|b| {
-            let serving = match b.weight {
-                0 => 0,
-                _ if plan.panic => b.endpoints.len(),
-                _ => ready_count(b),
-            };
-            u64::try_from(serving).unwrap_or(u64::MAX)
-        })
-        .collect();
-    let Some(mut exact) = exact_weights(backends, &counts, plan) else {
-        return fit_shares(&real_shares(backends, &counts, plan), &counts);
-    };
-    reduce_by_gcd(&mut exact);
-    let sum = exact.iter().zip(&counts).try_fold(0u128, |acc, (v, c)| {
-        acc.checked_add(v.checked_mul(u128::from(*c))?)
-    });
-    if sum.is_some_and(|s| s <= u128::from(MAX_WEIGHT_SUM)) {
-        return exact
-            .into_iter()
-            .map(|v| u32::try_from(v).unwrap_or(u32::MAX))
-            .collect();
-    }
-    let total: f64 = exact
-        .iter()
-        .zip(&counts)
-        .map(|(v, c)| *v as f64 * *c as f64)
-        .sum();
-    let shares: Vec<f64> = exact.iter().map(|v| *v as f64 / total).collect();
-    fit_shares(&shares, &counts)
-}
-
-/// Each serving endpoint's share of the rule's traffic, per backend, straight from the
-/// formula: `load_t · (w_s / Σ w) / n_s`.
-fn real_shares(backends: &[pb::Backend], counts: &[u64], plan: &TierPlan) -> Vec<f64> {
-    backends
-        .iter()
-        .zip(counts)
-        .map(|(b, &count)| {
-            let Some(&(_, load)) = plan.loads.iter().find(|(t, _)| *t == b.tier) else {
-                return 0.0;
-            };
-            if count == 0 {
-                return 0.0;
-            }
-            let tier_weight: f64 = backends
-                .iter()
-                .zip(counts)
-                .filter(|(o, c)| o.tier == b.tier && **c > 0)
-                .map(|(o, _)| f64::from(o.weight))
-                .sum();
-            load * f64::from(b.weight) / tier_weight / count as f64
-        })
-        .collect()
-}
-
-/// Integer weights proportional to per-endpoint `shares` (summing to 1 over all serving
-/// endpoints): `max(1, ⌊share · (MAX_WEIGHT_SUM − n)⌋)`, so the sum stays within
-/// [`MAX_WEIGHT_SUM`] and no serving endpoint drops to 0.
-fn fit_shares(shares: &[f64], counts: &[u64]) -> Vec<u32> {
-    let serving: u64 = shares
-        .iter()
-        .zip(counts)
-        .filter(|(s, _)| **s > 0.0)
-        .map(|(_, c)| *c)
-        .sum();
-    let budget = MAX_WEIGHT_SUM.saturating_sub(serving) as f64;
-    let mut values: Vec<u128> = shares
-        .iter()
-        .map(|&share| {
-            if share > 0.0 && share.is_finite() {
-                ((share * budget).floor() as u128).max(1)
-            } else {
-                0
-            }
-        })
-        .collect();
-    reduce_by_gcd(&mut values);
-    values
-        .into_iter()
-        .map(|v| u32::try_from(v).unwrap_or(u32::MAX))
-        .collect()
-}
-
-/// Exact integer weights per serving endpoint of each backend (see the module documentation),
-/// or `None` when they would overflow.
-fn exact_weights(backends: &[pb::Backend], counts: &[u64], plan: &TierPlan) -> Option<Vec<u128>> {
-    let mut values = vec![0u128; backends.len()];
-    let mut tier_sums = Vec::with_capacity(plan.loads.len());
-    for &(tier, _) in &plan.loads {
-        let serving = || {
-            backends
-                .iter()
-                .zip(counts)
-                .enumerate()
-                .filter(move |(_, (b, c))| b.tier == tier && **c > 0)
-                .map(|(i, (b, c))| (i, u128::from(b.weight), u128::from(*c)))
-        };
-        let lcm_count = serving().try_fold(1u128, |acc, (_, _, c)| lcm(acc, c))?;
-        let mut sum = 0u128;
-        for (i, weight, count) in serving() {
-            values[i] = weight.checked_mul(lcm_count / count)?;
-            sum = sum.checked_add(values[i].checked_mul(count)?)?;
-        }
-        if sum == 0 {
-            return None;
-        }
-        tier_sums.push(sum);
-    }
-    if plan.loads.len() > 1 {
-        let common = tier_sums.iter().try_fold(1u128, |acc, &s| lcm(acc, s))?;
-        for (&(tier, load), &sum) in plan.loads.iter().zip(&tier_sums) {
-            let per_mille = ((load * 1000.0).round() as u128).max(1);
-            let factor = (common / sum).checked_mul(per_mille)?;
-            for (backend, value) in backends.iter().zip(values.iter_mut()) {
-                if backend.tier == tier {
-                    *value = value.checked_mul(factor)?;
-                }
-            }
-        }
-    }
-    Some(values)
-}
-
-fn gcd(mut a: u128, mut b: u128) -> u128 {
-    while b != 0 {
-        (a, b) = (b, a % b);
-    }
-    a
-}
-
-fn lcm(a: u128, b: u128) -> Option<u128> {
-    if a == 0 || b == 0 {
-        return Some(0);
-    }
-    (a / gcd(a, b)).checked_mul(b)
-}
-
-fn reduce_by_gcd(values: &mut [u128]) {
-    let divisor = values.iter().fold(0, |acc, &v| gcd(acc, v));
-    if divisor > 1 {
-        for value in values {
-            *value /= divisor;
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1001,6 +726,7 @@ mod tests {
     use k8s_openapi::api::discovery::v1::{EndpointConditions, EndpointPort};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
     use proptest::prelude::*;
+    use weir_proto::weights::{MAX_WEIGHT_SUM, TierPlan, plan_tiers};
 
     const NS: &str = "default";
 
@@ -1396,35 +1122,6 @@ mod tests {
         assert_eq!(endpoint_weight_list(&rule), [0, 0]);
         assert!(!rule.panic);
         assert_eq!(rule.active_tier, 0);
-    }
-
-    #[test]
-    fn weights_that_would_overflow_stay_under_the_sum_cap_without_zeroing_anyone() {
-        // Ready counts of distinct primes make the exact lcm enormous.
-        let primes = [
-            101usize, 103, 107, 109, 113, 127, 131, 137, 139, 149, 151, 157, 163, 167, 173, 179,
-            181, 191, 193, 197,
-        ];
-        let mut rule = pb::Rule {
-            backends: primes
-                .iter()
-                .enumerate()
-                .map(|(i, &p)| pb::Backend {
-                    service: format!("s{i}"),
-                    ..backend(0, if i == 0 { 1_000_000 } else { 1 }, &vec![true; p])
-                })
-                .collect(),
-            ..pb::Rule::default()
-        };
-        let counts: Vec<u64> = primes.iter().map(|p| *p as u64).collect();
-        let plan = plan_tiers(&rule.backends, 70);
-        assert_eq!(exact_weights(&rule.backends, &counts, &plan), None);
-        assign_weights(&mut rule, 70);
-        let all = endpoint_weight_list(&rule);
-        assert!(all.iter().all(|w| *w > 0));
-        assert!(all.iter().map(|w| u64::from(*w)).sum::<u64>() <= MAX_WEIGHT_SUM);
-        let first = backend_share(&rule, "s0");
-        assert!(first > 0.99, "{first}");
     }
 
     // --- hosts and last good --------------------------------------------------------------
