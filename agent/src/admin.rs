@@ -1,8 +1,10 @@
 //! The agent's admin HTTP API: `/healthz`, `/readyz` (ready once a routing table is in
-//! force), `/metrics` (Prometheus text) and `/config` (the applied table with every
-//! endpoint's state and weight, and the control connection, as JSON).
+//! force), `/metrics` (Prometheus text) and `/config` (the applied table with the weights in
+//! force, every endpoint's health and why, and the control connection, as JSON).
 
+use crate::health::now_ms;
 use crate::state::Shared;
+use crate::table::RuleRt;
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
@@ -53,6 +55,7 @@ fn handle(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
 /// shown is exactly what was received.
 pub fn config_json(shared: &Shared) -> Value {
     let table = shared.table.load();
+    let now = now_ms();
     let routes: Vec<Value> = table
         .routes()
         .iter()
@@ -68,7 +71,13 @@ pub fn config_json(shared: &Shared) -> Value {
                 "note": rt.note,
                 "timeoutMs": rt.timeout.map(|t| t.as_millis() as u64),
                 "minHealthyPercent": r.min_healthy_percent,
-                "rules": r.rules.iter().map(rule_json).collect::<Vec<_>>(),
+                "retry": {
+                    "attempts": rt.retry.attempts,
+                    "perTryTimeoutMs": rt.retry.per_try_timeout.map(|t| t.as_millis() as u64),
+                    "budgetPercent": rt.retry.budget_percent,
+                },
+                "maxRequestsPerEndpoint": rt.max_per_endpoint,
+                "rules": rt.rules.iter().map(|rule| rule_json(rule, now)).collect::<Vec<_>>(),
             })
         })
         .collect();
@@ -82,7 +91,10 @@ pub fn config_json(shared: &Shared) -> Value {
     })
 }
 
-fn rule_json(rule: &pb::Rule) -> Value {
+/// A rule with the weights in force and every endpoint's health and why.
+fn rule_json(rt: &RuleRt, now: u64) -> Value {
+    let rule = &rt.effective;
+    let mut members = rt.members.iter();
     json!({
         "matches": rule.matches.iter().map(|m| json!({
             "method": (!m.method.is_empty()).then_some(&m.method),
@@ -100,12 +112,24 @@ fn rule_json(rule: &pb::Rule) -> Value {
             "tier": b.tier,
             "weight": b.weight,
             "protocol": pb::Protocol::try_from(b.protocol).map(|p| p.as_str_name()).unwrap_or("?"),
-            "endpoints": b.endpoints.iter().map(|e| json!({
-                "address": e.address,
-                "ready": e.ready,
-                "zone": e.zone,
-                "weight": e.weight,
-            })).collect::<Vec<_>>(),
+            "endpoints": b.endpoints.iter().map(|e| {
+                let health = members.next();
+                let why = match health.and_then(|h| h.reason(now)) {
+                    Some(r) => Some(r),
+                    None if !e.ready => Some("not ready in its EndpointSlice".to_string()),
+                    None => None,
+                };
+                json!({
+                    "address": e.address,
+                    "ready": e.ready,
+                    "healthy": e.ready && why.is_none(),
+                    "why": why,
+                    "zone": e.zone,
+                    "weight": e.weight,
+                    "inFlight": health.map(|h| h.load.in_flight()),
+                    "ejections": health.map(|h| h.ejections()),
+                })
+            }).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
     })
 }

@@ -7,8 +7,12 @@
 
 pub mod admin;
 pub mod balance;
+pub mod cache;
+pub mod checks;
 pub mod client;
+pub mod health;
 pub mod metrics;
+pub mod pick;
 pub mod proxy;
 pub mod state;
 pub mod table;

@@ -6,7 +6,7 @@ use clap::Parser;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use weir_agent::{admin, client, proxy, state::Shared};
+use weir_agent::{admin, checks, client, proxy, state::Shared};
 
 #[derive(Parser, Debug)]
 #[command(name = "weir-agent", version, about)]
@@ -38,6 +38,10 @@ struct Args {
     /// Proxy worker threads, each with its own runtime and listener (default: one per core).
     #[arg(long, env = "WEIR_WORKERS")]
     workers: Option<usize>,
+    /// Time a client has to send a complete request head before its connection is closed
+    /// (slowloris guard), e.g. `10s`.
+    #[arg(long, env = "WEIR_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    header_read_timeout: std::time::Duration,
     /// Client certificate for the controller stream (PEM).
     #[arg(long, env = "WEIR_TLS_CERT")]
     tls_cert: Option<PathBuf>,
@@ -81,6 +85,9 @@ fn main() -> anyhow::Result<()> {
         .max(1);
     let listeners = proxy::bind_listeners(args.listen, workers)
         .with_context(|| format!("cannot listen on --listen {}", args.listen))?;
+    let limits = proxy::Limits {
+        header_read_timeout: args.header_read_timeout,
+    };
     for (i, listener) in listeners.into_iter().enumerate() {
         let shared = shared.clone();
         std::thread::Builder::new()
@@ -96,7 +103,7 @@ fn main() -> anyhow::Result<()> {
                         std::process::exit(1);
                     }
                 };
-                if let Err(e) = rt.block_on(proxy::serve(listener, shared)) {
+                if let Err(e) = rt.block_on(proxy::serve(listener, shared, limits)) {
                     tracing::error!(error = %e, "worker stopped");
                     std::process::exit(1);
                 }
@@ -112,6 +119,7 @@ fn main() -> anyhow::Result<()> {
             .with_context(|| format!("cannot listen on --admin-addr {}", args.admin_addr))?;
         tracing::info!(listen = %args.listen, admin = %args.admin_addr, workers, node = %args.node_name, "weir-agent started");
         tokio::spawn(admin::serve(admin_listener, shared.clone()));
+        tokio::spawn(checks::run(shared.clone()));
         tokio::spawn(client::run(args.controllers, shared));
         shutdown_signal().await;
         tracing::info!("weir-agent stopping");

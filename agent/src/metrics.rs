@@ -5,17 +5,31 @@
 //! then increments a plain atomic, with no label hashing and no lock. The families keep the
 //! counters across table swaps, so a route's counts survive updates.
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
-use std::sync::atomic::AtomicI64;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::Duration;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteClassLabels {
     pub route: String,
     pub code: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabels {
+    pub endpoint: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -33,16 +47,18 @@ pub enum LocalReply {
     UpstreamTimeout,
     UpstreamError,
     BadRequest,
+    CircuitOpen,
 }
 
 impl LocalReply {
-    pub const ALL: [LocalReply; 6] = [
+    pub const ALL: [LocalReply; 7] = [
         LocalReply::NoRoute,
         LocalReply::NoHealthyEndpoint,
         LocalReply::UpstreamConnect,
         LocalReply::UpstreamTimeout,
         LocalReply::UpstreamError,
         LocalReply::BadRequest,
+        LocalReply::CircuitOpen,
     ];
 
     /// The value of the `x-weir-error` header and the metric label.
@@ -54,6 +70,7 @@ impl LocalReply {
             LocalReply::UpstreamTimeout => "upstream-timeout",
             LocalReply::UpstreamError => "upstream-error",
             LocalReply::BadRequest => "bad-request",
+            LocalReply::CircuitOpen => "circuit-open",
         }
     }
 
@@ -61,7 +78,7 @@ impl LocalReply {
         use http::StatusCode as S;
         match self {
             LocalReply::NoRoute => S::NOT_FOUND,
-            LocalReply::NoHealthyEndpoint => S::SERVICE_UNAVAILABLE,
+            LocalReply::NoHealthyEndpoint | LocalReply::CircuitOpen => S::SERVICE_UNAVAILABLE,
             LocalReply::UpstreamConnect | LocalReply::UpstreamError => S::BAD_GATEWAY,
             LocalReply::UpstreamTimeout => S::GATEWAY_TIMEOUT,
             LocalReply::BadRequest => S::BAD_REQUEST,
@@ -76,6 +93,75 @@ const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 pub struct RouteCounters {
     by_class: [Counter; 5],
     replies: [Counter; LocalReply::ALL.len()],
+    pub retries: Counter,
+    pub in_flight: Gauge<i64, AtomicI64>,
+    pub latency: Histogram,
+}
+
+/// Counter handles of one endpoint.
+#[derive(Debug, Clone)]
+pub struct EndpointCounters {
+    pub requests: Counter,
+    pub failures: Counter,
+    ejections: Counter,
+}
+
+impl EndpointCounters {
+    pub fn ejected(&self) {
+        self.ejections.inc();
+    }
+}
+
+/// Upper bounds of the latency buckets, in seconds.
+const BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// A latency histogram of plain atomics: prometheus-client's own takes a lock per
+/// observation, which the request path cannot afford.
+#[derive(Debug, Clone, Default)]
+pub struct Histogram(Arc<HistogramInner>);
+
+#[derive(Debug, Default)]
+struct HistogramInner {
+    /// Non-cumulative counts; the last slot is +Inf.
+    buckets: [AtomicU64; BUCKETS.len() + 1],
+    sum_nanos: AtomicU64,
+}
+
+impl Histogram {
+    #[inline]
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        let i = BUCKETS.iter().position(|b| secs <= *b).unwrap_or(BUCKETS.len());
+        self.0.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.0
+            .sum_nanos
+            .fetch_add(d.as_nanos() as u64, Ordering::Relaxed);
+    }
+}
+
+impl TypedMetric for Histogram {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for Histogram {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let mut cumulative = 0;
+        let mut buckets = Vec::with_capacity(BUCKETS.len() + 1);
+        for (i, upper) in BUCKETS.iter().chain([f64::MAX].iter()).enumerate() {
+            cumulative += self.0.buckets[i].load(Ordering::Relaxed);
+            buckets.push((*upper, cumulative));
+        }
+        let sum = self.0.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
+        encoder.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+            sum, cumulative, &buckets, None,
+        )
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
 }
 
 impl RouteCounters {
@@ -102,6 +188,14 @@ pub struct Metrics {
     pub registry: Registry,
     requests: Family<RouteClassLabels, Counter>,
     replies: Family<ReplyLabels, Counter>,
+    retries: Family<RouteLabels, Counter>,
+    in_flight: Family<RouteLabels, Gauge<i64, AtomicI64>>,
+    latency: Family<RouteLabels, Histogram>,
+    endpoint_requests: Family<EndpointLabels, Counter>,
+    endpoint_failures: Family<EndpointLabels, Counter>,
+    endpoint_ejections: Family<EndpointLabels, Counter>,
+    /// 1 healthy, 0 not (EndpointSlice ∧ active ∧ passive); refreshed on every table build.
+    pub endpoint_healthy: Family<EndpointLabels, Gauge<i64, AtomicI64>>,
     pub table_version: Gauge<i64, AtomicI64>,
     pub controller_connected: Gauge<i64, AtomicI64>,
     pub updates_applied: Counter,
@@ -149,11 +243,59 @@ impl Metrics {
             "Routing updates rejected (NACKed)",
             updates_rejected.clone(),
         );
-        let unrouted = counters(&requests, &replies, "");
+        let retries = Family::<RouteLabels, Counter>::default();
+        let in_flight = Family::<RouteLabels, Gauge<i64, AtomicI64>>::default();
+        let latency = Family::<RouteLabels, Histogram>::default();
+        let endpoint_requests = Family::<EndpointLabels, Counter>::default();
+        let endpoint_failures = Family::<EndpointLabels, Counter>::default();
+        let endpoint_ejections = Family::<EndpointLabels, Counter>::default();
+        let endpoint_healthy = Family::<EndpointLabels, Gauge<i64, AtomicI64>>::default();
+        registry.register("retries", "Retried tries, by route", retries.clone());
+        registry.register("in_flight", "Requests in flight, by route", in_flight.clone());
+        registry.register(
+            "request_duration_seconds",
+            "Time to the upstream's response head, by route (all tries)",
+            latency.clone(),
+        );
+        registry.register(
+            "endpoint_requests",
+            "Tries sent to each endpoint",
+            endpoint_requests.clone(),
+        );
+        registry.register(
+            "endpoint_failures",
+            "Tries that failed (5xx, connect failure, reset, timeout), by endpoint",
+            endpoint_failures.clone(),
+        );
+        registry.register(
+            "endpoint_ejections",
+            "Outlier-detection ejections, by endpoint",
+            endpoint_ejections.clone(),
+        );
+        registry.register(
+            "endpoint_healthy",
+            "1 while the endpoint may receive traffic (ready, passing checks, not ejected)",
+            endpoint_healthy.clone(),
+        );
+        let parts = Parts {
+            requests: &requests,
+            replies: &replies,
+            retries: &retries,
+            in_flight: &in_flight,
+            latency: &latency,
+        };
+        let unrouted = parts.route("");
         Self {
             registry,
             requests,
             replies,
+            retries,
+            in_flight,
+            latency,
+            endpoint_requests,
+            endpoint_failures,
+            endpoint_ejections,
+            endpoint_healthy,
             table_version,
             controller_connected,
             updates_applied,
@@ -164,7 +306,45 @@ impl Metrics {
 
     /// The counter handles of `route`, created on first use.
     pub fn route_counters(&self, route: &str) -> RouteCounters {
-        counters(&self.requests, &self.replies, route)
+        Parts {
+            requests: &self.requests,
+            replies: &self.replies,
+            retries: &self.retries,
+            in_flight: &self.in_flight,
+            latency: &self.latency,
+        }
+        .route(route)
+    }
+
+    /// The counter handles of endpoint `addr`, created on first use.
+    pub fn endpoint_counters(&self, addr: SocketAddr) -> EndpointCounters {
+        let l = EndpointLabels {
+            endpoint: addr.to_string(),
+        };
+        EndpointCounters {
+            requests: self.endpoint_requests.get_or_create_owned(&l),
+            failures: self.endpoint_failures.get_or_create_owned(&l),
+            ejections: self.endpoint_ejections.get_or_create_owned(&l),
+        }
+    }
+
+    pub fn set_endpoint_healthy(&self, addr: SocketAddr, healthy: bool) {
+        self.endpoint_healthy
+            .get_or_create(&EndpointLabels {
+                endpoint: addr.to_string(),
+            })
+            .set(i64::from(healthy));
+    }
+
+    /// Drops the series of an endpoint no table uses any more.
+    pub fn forget_endpoint(&self, addr: SocketAddr) {
+        let l = EndpointLabels {
+            endpoint: addr.to_string(),
+        };
+        self.endpoint_requests.remove(&l);
+        self.endpoint_failures.remove(&l);
+        self.endpoint_ejections.remove(&l);
+        self.endpoint_healthy.remove(&l);
     }
 
     /// Drops the series of routes that no longer exist, so `/metrics` does not grow forever.
@@ -181,6 +361,12 @@ impl Metrics {
                 reason: r.code(),
             });
         }
+        let l = RouteLabels {
+            route: route.to_string(),
+        };
+        self.retries.remove(&l);
+        self.in_flight.remove(&l);
+        self.latency.remove(&l);
     }
 
     pub fn encode(&self) -> Result<String, std::fmt::Error> {
@@ -196,23 +382,36 @@ impl Default for Metrics {
     }
 }
 
-fn counters(
-    requests: &Family<RouteClassLabels, Counter>,
-    replies: &Family<ReplyLabels, Counter>,
-    route: &str,
-) -> RouteCounters {
-    RouteCounters {
-        by_class: CLASSES.map(|code| {
-            requests.get_or_create_owned(&RouteClassLabels {
-                route: route.to_string(),
-                code,
-            })
-        }),
-        replies: LocalReply::ALL.map(|r| {
-            replies.get_or_create_owned(&ReplyLabels {
-                route: route.to_string(),
-                reason: r.code(),
-            })
-        }),
+/// The families a route's handles come from.
+struct Parts<'a> {
+    requests: &'a Family<RouteClassLabels, Counter>,
+    replies: &'a Family<ReplyLabels, Counter>,
+    retries: &'a Family<RouteLabels, Counter>,
+    in_flight: &'a Family<RouteLabels, Gauge<i64, AtomicI64>>,
+    latency: &'a Family<RouteLabels, Histogram>,
+}
+
+impl Parts<'_> {
+    fn route(&self, route: &str) -> RouteCounters {
+        let l = RouteLabels {
+            route: route.to_string(),
+        };
+        RouteCounters {
+            by_class: CLASSES.map(|code| {
+                self.requests.get_or_create_owned(&RouteClassLabels {
+                    route: route.to_string(),
+                    code,
+                })
+            }),
+            replies: LocalReply::ALL.map(|r| {
+                self.replies.get_or_create_owned(&ReplyLabels {
+                    route: route.to_string(),
+                    reason: r.code(),
+                })
+            }),
+            retries: self.retries.get_or_create_owned(&l),
+            in_flight: self.in_flight.get_or_create_owned(&l),
+            latency: self.latency.get_or_create_owned(&l),
+        }
     }
 }

@@ -10,13 +10,16 @@
 //! Each request is handled on its own: the table is loaded once per request, so a request
 //! in flight keeps the route it started with while new requests see a new table at once.
 
+use crate::health::{Event, Outcome, now_ms, now_nanos};
 use crate::metrics::{LocalReply, RouteCounters};
+use crate::pick::InFlight;
 use crate::state::Shared;
-use crate::table::{RouteRt, upstream_uri};
+use crate::table::{RouteRt, RuleRt, Target, upstream_uri};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
-use http_body_util::{Either, Full};
+use http_body_util::{BodyExt, Either, Full};
+use hyper::body::Body as _;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -24,7 +27,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 /// The body of a response: streamed from upstream, or a short local reply.
 pub type Body = Either<Incoming, Full<Bytes>>;
@@ -59,8 +63,11 @@ const X_WEIR_ERROR: HeaderName = HeaderName::from_static("x-weir-error");
 /// One worker's request handler: the shared table plus this worker's upstream pool.
 pub struct Worker {
     shared: Arc<Shared>,
-    client: Client<HttpConnector, Incoming>,
+    client: Client<HttpConnector, ReqBody>,
 }
+
+/// An upstream request body: streamed from the client, or replayable bytes.
+pub type ReqBody = Either<Incoming, Full<Bytes>>;
 
 impl Worker {
     pub fn new(shared: Arc<Shared>) -> Self {
@@ -123,7 +130,7 @@ impl Worker {
             ));
         };
 
-        let (route, target_uri_authority, timeout) = {
+        let (route, rule_idx) = {
             let table = self.shared.table.load();
             let Some(route) = table.route(host) else {
                 let msg = format!("no route for host {host:?}");
@@ -133,40 +140,61 @@ impl Worker {
                     &msg,
                 ));
             };
-            let Some(rule) = route.rule(req.method(), req.uri().path(), req.headers()) else {
+            let method = req.method();
+            let (path, headers) = (req.uri().path(), req.headers());
+            let Some(idx) = route.rules.iter().position(|r| r.matches(method, path, headers))
+            else {
                 return Ok(local_reply(
                     &route.counters,
                     LocalReply::NoRoute,
                     "no rule of the route matches this request",
                 ));
             };
-            let Some(target) = rule.pick() else {
-                return Ok(local_reply(
-                    &route.counters,
-                    LocalReply::NoHealthyEndpoint,
-                    "no healthy endpoint",
-                ));
-            };
-            (route.clone(), target.authority.clone(), route.timeout)
+            (route.clone(), idx)
         };
-        Ok(self
-            .forward(req, &route, target_uri_authority, timeout, from_uri, peer)
-            .await)
+        Ok(self.forward(req, route, rule_idx, from_uri, peer).await)
     }
 
+    /// Sends the request to an endpoint of the rule, retrying where that is safe, and maps
+    /// failures to local replies.
     async fn forward(
         &self,
         req: Request<Incoming>,
-        route: &RouteRt,
-        authority: http::uri::Authority,
-        timeout: Option<Duration>,
+        route: Arc<RouteRt>,
+        rule_idx: usize,
         host_from_uri: bool,
         peer: HeaderValue,
     ) -> Response<Body> {
+        let started = Instant::now();
+        let _active = Active::new(&route);
+        let rule = &route.rules[rule_idx];
         let (mut parts, body) = req.into_parts();
+        let hash = route.request_hash(parts.uri.path(), &parts.headers);
+        let idempotent = is_idempotent(&parts.method);
+        let deadline = started + route.timeout.unwrap_or(DEFAULT_TIMEOUT);
+
+        // A request can be tried again only if its body can be sent again: no body at all,
+        // or a small one read up front (only when the policy could retry it).
+        let (replay, mut stream_body): (Option<Bytes>, Option<Incoming>) = if body.is_end_stream() {
+            (Some(Bytes::new()), None)
+        } else if route.retry.attempts > 0
+            && idempotent
+            && content_length(&parts.headers).is_some_and(|n| n <= REPLAY_LIMIT)
+        {
+            match tokio::time::timeout_at(deadline.into(), body.collect()).await {
+                Ok(Ok(b)) => (Some(b.to_bytes()), None),
+                Ok(Err(_)) => {
+                    return local_reply(&route.counters, LocalReply::BadRequest, "request body broke off");
+                }
+                Err(_) => {
+                    return local_reply(&route.counters, LocalReply::UpstreamTimeout, "request body not received in time");
+                }
+            }
+        } else {
+            (None, Some(body))
+        };
+
         let downstream_version = parts.version;
-        // An h2 request or an absolute-form one carries its host in the URI; the upstream
-        // HTTP/1.1 request needs it as Host.
         if (host_from_uri || parts.headers.get(header::HOST).is_none())
             && let Some(a) = parts.uri.authority()
             && let Ok(v) = HeaderValue::from_str(a.as_str())
@@ -174,17 +202,6 @@ impl Worker {
             parts.headers.insert(header::HOST, v);
         }
         let pq = std::mem::take(&mut parts.uri).into_parts().path_and_query;
-        parts.uri = match upstream_uri(&authority, pq) {
-            Ok(u) => u,
-            Err(_) => {
-                return local_reply(
-                    &route.counters,
-                    LocalReply::BadRequest,
-                    "bad request target",
-                );
-            }
-        };
-        parts.version = Version::HTTP_11;
         strip_hop_by_hop(&mut parts.headers);
         append_forwarded_for(&mut parts.headers, peer);
         parts.headers.append(
@@ -196,43 +213,172 @@ impl Worker {
             },
         );
 
-        let fut = self.client.request(Request::from_parts(parts, body));
-        let result = match tokio::time::timeout(timeout.unwrap_or(DEFAULT_TIMEOUT), fut).await {
-            Ok(r) => r,
-            Err(_) => {
-                return local_reply(
-                    &route.counters,
-                    LocalReply::UpstreamTimeout,
-                    "upstream did not answer in time",
-                );
+        let mut tries = 0u32;
+        let mut previous: Option<SocketAddr> = None;
+        loop {
+            let Some(target) = pick_target(rule, hash, previous, route.max_per_endpoint) else {
+                let reply = if rule.targets.is_empty() {
+                    (LocalReply::NoHealthyEndpoint, "no healthy endpoint")
+                } else {
+                    (LocalReply::CircuitOpen, "every endpoint is at its limit of requests in flight")
+                };
+                return local_reply(&route.counters, reply.0, reply.1);
+            };
+            let uri = match upstream_uri(&target.authority, pq.clone()) {
+                Ok(u) => u,
+                Err(_) => return local_reply(&route.counters, LocalReply::BadRequest, "bad request target"),
+            };
+            let body = match (&replay, stream_body.take()) {
+                (Some(b), _) => Either::Right(Full::new(b.clone())),
+                (None, Some(b)) => Either::Left(b),
+                (None, None) => Either::Right(Full::new(Bytes::new())),
+            };
+            let mut up = Request::new(body);
+            *up.method_mut() = parts.method.clone();
+            *up.uri_mut() = uri;
+            *up.version_mut() = Version::HTTP_11;
+            *up.headers_mut() = if replay.is_some() {
+                parts.headers.clone()
+            } else {
+                std::mem::take(&mut parts.headers)
+            };
+
+            let now = Instant::now();
+            let remaining = deadline.saturating_duration_since(now);
+            let per_try = route.retry.per_try_timeout.map_or(remaining, |p| p.min(remaining));
+            let in_flight = InFlight::new(target.health.load.clone());
+            target.health.counters.requests.inc();
+            let result = tokio::time::timeout(per_try, self.client.request(up)).await;
+            let latency = now.elapsed();
+            in_flight.finish(latency, now_nanos());
+
+            let (failure, retryable, outcome) = match result {
+                Ok(Ok(resp)) => {
+                    let status = resp.status().as_u16();
+                    let failed = status >= 500;
+                    let retry = route.retry.retry_status(status) && idempotent;
+                    (failed, retry, Ok(resp))
+                }
+                Ok(Err(e)) if e.is_connect() => {
+                    tracing::debug!(route = %route.name, target = %target.addr, error = %e, "upstream connect failed");
+                    (true, route.retry.on_connect_failure, Err(LocalReply::UpstreamConnect))
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!(route = %route.name, target = %target.addr, error = %e, "upstream request failed");
+                    (true, route.retry.on_reset && idempotent, Err(LocalReply::UpstreamError))
+                }
+                Err(_) => (true, route.retry.on_timeout && idempotent, Err(LocalReply::UpstreamTimeout)),
+            };
+            let outcome_kind = if failure { Outcome::Failure } else { Outcome::Success };
+            if failure {
+                target.health.counters.failures.inc();
             }
-        };
-        match result {
-            Ok(resp) => {
-                let (mut parts, body) = resp.into_parts();
-                strip_hop_by_hop(&mut parts.headers);
-                parts.headers.append(header::VIA, VIA_11);
-                route.counters.response(parts.status);
-                Response::from_parts(parts, Either::Left(body))
+            let now_ms = now_ms();
+            let max_ejection = route.outlier.max_ejection_percent;
+            if let Some(until) = target.health.record(outcome_kind, &route.outlier, now_ms, || {
+                rule.may_eject(max_ejection, now_ms)
+            }) {
+                tracing::warn!(route = %route.name, endpoint = %target.addr, "endpoint ejected by outlier detection");
+                self.shared.endpoints.notify(Event::EjectedUntil(until));
             }
-            Err(e) if e.is_connect() => {
-                tracing::debug!(route = %route.name, target = %authority, error = %e, "upstream connect failed");
-                local_reply(
-                    &route.counters,
-                    LocalReply::UpstreamConnect,
-                    "upstream connection failed",
-                )
+            if tries > 0 {
+                route.end_retry();
             }
-            Err(e) => {
-                tracing::debug!(route = %route.name, target = %authority, error = %e, "upstream request failed");
-                local_reply(
-                    &route.counters,
-                    LocalReply::UpstreamError,
-                    "upstream request failed",
-                )
+
+            let can_retry = retryable
+                && replay.is_some()
+                && tries < route.retry.attempts
+                && Instant::now() < deadline
+                && route.try_begin_retry();
+            if can_retry {
+                tries += 1;
+                route.counters.retries.inc();
+                previous = Some(target.addr);
+                continue;
             }
+            route.counters.latency.observe(started.elapsed());
+            return match outcome {
+                Ok(resp) => {
+                    let (mut rparts, rbody) = resp.into_parts();
+                    strip_hop_by_hop(&mut rparts.headers);
+                    rparts.headers.append(header::VIA, VIA_11);
+                    route.counters.response(rparts.status);
+                    Response::from_parts(rparts, Either::Left(rbody))
+                }
+                Err(reply) => {
+                    let msg = match reply {
+                        LocalReply::UpstreamConnect => "upstream connection failed",
+                        LocalReply::UpstreamTimeout => "upstream did not answer in time",
+                        _ => "upstream request failed",
+                    };
+                    local_reply(&route.counters, reply, msg)
+                }
+            };
         }
     }
+}
+
+/// Largest request body kept in memory so the request can be retried.
+pub const REPLAY_LIMIT: u64 = 64 * 1024;
+
+/// Counts a request as live on its route (for the retry budget and the in-flight gauge).
+struct Active<'a>(&'a RouteRt);
+
+impl<'a> Active<'a> {
+    fn new(route: &'a RouteRt) -> Self {
+        route.active.fetch_add(1, Ordering::Relaxed);
+        route.counters.in_flight.inc();
+        Self(route)
+    }
+}
+
+impl Drop for Active<'_> {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+        self.0.counters.in_flight.dec();
+    }
+}
+
+/// Methods RFC 9110 §9.2.2 calls idempotent: safe to send twice.
+fn is_idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+fn content_length(h: &HeaderMap) -> Option<u64> {
+    h.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
+}
+
+/// Picks an endpoint below its in-flight limit, preferring one other than `avoid` (the
+/// endpoint a retry is moving away from). A few draws, not a scan: the pickers already favour
+/// lightly loaded endpoints.
+fn pick_target(
+    rule: &RuleRt,
+    hash: Option<u64>,
+    avoid: Option<SocketAddr>,
+    max_in_flight: u32,
+) -> Option<&Target> {
+    let mut fallback = None;
+    for _ in 0..3 {
+        let t = rule.pick(hash)?;
+        if t.health.load.in_flight() >= max_in_flight {
+            continue;
+        }
+        if Some(t.addr) != avoid || rule.targets.len() == 1 {
+            return Some(t);
+        }
+        fallback = Some(t);
+        if hash.is_some() {
+            break; // the same key keeps mapping to the same endpoint
+        }
+    }
+    fallback.or_else(|| {
+        rule.targets
+            .iter()
+            .find(|t| t.health.load.in_flight() < max_in_flight)
+    })
 }
 
 /// A short plain-text answer from the agent itself, with `x-weir-error` naming the reason.
@@ -351,15 +497,39 @@ pub fn bind_listeners(addr: SocketAddr, n: usize) -> std::io::Result<Vec<std::ne
         .collect()
 }
 
+/// Limits that protect the listener from slow or greedy clients.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// A request head must arrive within this time, or the connection is closed.
+    pub header_read_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            header_read_timeout: HEADER_READ_TIMEOUT,
+        }
+    }
+}
+
 /// Accepts and serves connections on `listener` until the runtime stops.
-pub async fn serve(listener: std::net::TcpListener, shared: Arc<Shared>) -> std::io::Result<()> {
+///
+/// Request heads larger than 64 KiB get `431`, malformed ones `400` (hyper's strict parser);
+/// a request carrying both `Content-Length` and `Transfer-Encoding` is decoded as chunked,
+/// its `Content-Length` dropped and the connection closed after the answer (RFC 9112 §6.1),
+/// and since the agent re-frames every message it forwards, no ambiguity reaches upstreams.
+pub async fn serve(
+    listener: std::net::TcpListener,
+    shared: Arc<Shared>,
+    limits: Limits,
+) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::from_std(listener)?;
     let worker = Arc::new(Worker::new(shared));
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .header_read_timeout(limits.header_read_timeout)
         .max_buf_size(64 * 1024);
     builder
         .http2()

@@ -6,14 +6,17 @@
 //! so a restarted agent can serve before any controller answers (static stability). An update
 //! that cannot be applied leaves the table in force untouched and becomes a NACK.
 
+use crate::health::{Endpoints, Event, now_ms};
 use crate::metrics::Metrics;
-use crate::table::Table;
+use crate::table::{BuildCtx, Table};
 use arc_swap::ArcSwap;
 use prost::Message;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
+use tokio::sync::mpsc;
 use weir_proto::v1::RoutingUpdate;
 
 /// File name of the persisted table inside `--state-dir`.
@@ -52,21 +55,63 @@ pub struct Shared {
     pub zone: String,
     pub table: ArcSwap<Table>,
     pub metrics: Metrics,
+    pub endpoints: Endpoints,
     ready: AtomicBool,
     status: Mutex<ControlStatus>,
     state_dir: Option<PathBuf>,
+    /// Serialises table builds (controller updates and health rebuilds); never taken on the
+    /// request path.
+    writer: Mutex<()>,
+    events: Mutex<Option<mpsc::UnboundedReceiver<Event>>>,
+    /// Woken when a controller update installs a new table.
+    pub table_changed: tokio::sync::Notify,
 }
 
 impl Shared {
     pub fn new(node_name: String, zone: String, state_dir: Option<PathBuf>) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
         Self {
             node_name,
             zone,
             table: ArcSwap::from_pointee(Table::default()),
             metrics: Metrics::new(),
+            endpoints: Endpoints::new(tx),
             ready: AtomicBool::new(false),
             status: Mutex::new(ControlStatus::default()),
             state_dir,
+            writer: Mutex::new(()),
+            events: Mutex::new(Some(rx)),
+            table_changed: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// The health events channel, for the one task that reacts to them.
+    pub fn take_events(&self) -> Option<mpsc::UnboundedReceiver<Event>> {
+        self.events.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+
+    fn build(&self, version: u64, source: Arc<BTreeMap<String, weir_proto::v1::Route>>) -> Result<Table, String> {
+        let ctx = BuildCtx {
+            metrics: &self.metrics,
+            endpoints: &self.endpoints,
+            zone: &self.zone,
+            now_ms: now_ms(),
+        };
+        Table::build(version, source, &ctx).map_err(|e| e.to_string())
+    }
+
+    /// Rebuilds the table in force with the current health view (after a health
+    /// transition). Cannot fail for a table that built before, but if it does the old one
+    /// stays.
+    pub fn rebuild(&self) {
+        let _w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let current = self.table.load_full();
+        if current.source.is_empty() && !self.is_ready() {
+            return;
+        }
+        match self.build(current.version, current.source.clone()) {
+            Ok(t) => self.table.store(Arc::new(t)),
+            Err(e) => tracing::error!(error = %e, "health rebuild failed; keeping the table in force"),
         }
     }
 
@@ -90,8 +135,9 @@ impl Shared {
     /// Applies an update from the controller. On error nothing changes and the message
     /// is what the NACK says.
     pub fn apply(&self, update: RoutingUpdate) -> Result<Arc<Table>, String> {
+        let _w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         let current = self.table.load_full();
-        let source = if update.full {
+        let source: BTreeMap<String, weir_proto::v1::Route> = if update.full {
             update
                 .upserted
                 .into_iter()
@@ -104,7 +150,7 @@ impl Shared {
                     update.base_version, current.version
                 ));
             }
-            let mut source = current.source.clone();
+            let mut source = (*current.source).clone();
             for name in &update.removed {
                 source.remove(name);
             }
@@ -113,16 +159,27 @@ impl Shared {
             }
             source
         };
-        let table =
-            Table::build(update.version, source, &self.metrics).map_err(|e| e.to_string())?;
+        let table = self.build(update.version, Arc::new(source))?;
         for name in current.source.keys() {
             if !table.source.contains_key(name) {
                 self.metrics.forget_route(name);
             }
         }
+        self.forget_unused_endpoints(&table);
         let table = Arc::new(table);
         self.install(table.clone(), TableSource::Controller);
         Ok(table)
+    }
+
+    fn forget_unused_endpoints(&self, table: &Table) {
+        let used: HashSet<std::net::SocketAddr> = table
+            .routes()
+            .iter()
+            .flat_map(|r| r.rules.iter())
+            .flat_map(|rule| rule.members.iter().map(|m| m.addr))
+            .collect();
+        self.endpoints
+            .retain(|a| used.contains(a), &self.metrics);
     }
 
     fn install(&self, table: Arc<Table>, source: TableSource) {
@@ -136,6 +193,7 @@ impl Shared {
         self.table.store(table);
         self.ready.store(true, Ordering::Release);
         self.set_status(|s| s.table_source = source);
+        self.table_changed.notify_one();
     }
 
     /// Serves the table persisted by a previous run, if there is a usable one.
@@ -158,7 +216,7 @@ impl Shared {
                     .into_iter()
                     .map(|r| (r.name.clone(), r))
                     .collect();
-                Table::build(u.version, source, &self.metrics).map_err(|e| e.to_string())
+                self.build(u.version, Arc::new(source))
             });
         match built {
             Ok(table) => {

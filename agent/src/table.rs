@@ -1,18 +1,26 @@
-//! The agent's routing table: the controller's protobuf routes converted once (at apply time)
+//! The agent's routing table: the controller's protobuf routes converted once (at build time)
 //! into a shape the request path can use without allocating or locking — hosts in a hash map,
-//! pre-parsed addresses and authorities, precomputed pick schedules.
+//! pre-parsed addresses and authorities, pickers precomputed per rule.
+//!
+//! A table is built from the controller's routes *and* the agent's own view of endpoint health
+//! ([`crate::health`]): an endpoint failing its active check or ejected by outlier detection
+//! counts as not ready, and weights, failover spill and panic are recomputed with
+//! `weir_proto::weights` — the controller's own formula — before the pickers are built. So a
+//! health transition is just another rebuild, and the request path never evaluates health.
 //!
 //! Conversion is where a bad update is caught: any route that cannot be used makes the whole
 //! update fail, and the error becomes the NACK, so the previous table stays in force.
 
-use crate::balance::Schedule;
+use crate::health::{EndpointHealth, Endpoints, OutlierConfig};
 use crate::metrics::{Metrics, RouteCounters};
+use crate::pick::{EndpointLoad, Picker, Placement, endpoint_id, zone_aware_weights};
 use http::uri::{Authority, PathAndQuery};
 use http::{HeaderName, HeaderValue, Method};
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
 use weir_proto::v1::{self as pb, Algorithm};
 
 /// Why an update was rejected.
@@ -28,12 +36,27 @@ pub enum TableError {
     },
 }
 
-/// An immutable routing table; swapped whole on every update.
+/// Requests in flight to one endpoint before the circuit opens, when the policy sets none.
+pub const DEFAULT_MAX_PER_ENDPOINT: u32 = 1024;
+/// Share of a zone's even share of the weight that keeps traffic in the zone.
+pub const LOCALITY_MIN_PERCENT: u32 = 70;
+
+/// What a table is built with besides the routes.
+pub struct BuildCtx<'a> {
+    pub metrics: &'a Metrics,
+    pub endpoints: &'a Endpoints,
+    /// The agent's zone; empty disables locality.
+    pub zone: &'a str,
+    pub now_ms: u64,
+}
+
+/// An immutable routing table; swapped whole on every update and health transition.
 #[derive(Debug, Default)]
 pub struct Table {
     pub version: u64,
-    /// The protobuf routes it was built from, kept for deltas, `/config` and persistence.
-    pub source: BTreeMap<String, pb::Route>,
+    /// The protobuf routes it was built from, kept for deltas, rebuilds, `/config` and
+    /// persistence; shared between the tables of one version.
+    pub source: Arc<BTreeMap<String, pb::Route>>,
     routes: Vec<Arc<RouteRt>>,
     by_host: HashMap<Box<str>, usize>,
 }
@@ -45,18 +68,112 @@ pub struct RouteRt {
     pub counters: RouteCounters,
     /// Anything about the route the operator should know (shown in `/config`).
     pub note: Option<String>,
-    /// Time allowed for the upstream's response head; `None` uses the agent default.
-    pub timeout: Option<std::time::Duration>,
+    /// Time allowed for the whole exchange up to the upstream's response head (all tries).
+    pub timeout: Option<Duration>,
+    pub retry: RetryRt,
+    pub outlier: OutlierConfig,
+    pub max_per_endpoint: u32,
+    pub hash_on: Option<HashOnRt>,
+    /// Live requests and retries, for the retry budget.
+    pub active: AtomicU32,
+    pub active_retries: AtomicU32,
+}
+
+/// The consistent-hashing key of a request.
+#[derive(Debug, Clone)]
+pub enum HashOnRt {
+    Header(HeaderName),
+    Cookie(Box<str>),
+    Path,
+}
+
+/// Retry settings, parsed once.
+#[derive(Debug, Clone, Default)]
+pub struct RetryRt {
+    /// Extra tries after the first.
+    pub attempts: u32,
+    pub on_connect_failure: bool,
+    pub on_reset: bool,
+    pub on_timeout: bool,
+    pub on_5xx: bool,
+    pub on_gateway_error: bool,
+    /// Specific statuses, e.g. 503.
+    pub on_status: Box<[u16]>,
+    /// gRPC status codes (numbers) that may be retried.
+    pub on_grpc: Box<[u32]>,
+    pub per_try_timeout: Option<Duration>,
+    pub budget_percent: u32,
+}
+
+impl RetryRt {
+    /// With no policy: one more try when the connection could not even be opened, which is
+    /// safe for any request because nothing reached the upstream.
+    fn default_policy() -> Self {
+        Self {
+            attempts: 1,
+            on_connect_failure: true,
+            budget_percent: 20,
+            ..Self::default()
+        }
+    }
+
+    fn from_proto(r: &pb::RetryPolicy) -> Self {
+        let mut out = Self {
+            attempts: r.attempts,
+            per_try_timeout: (r.per_try_timeout_ms > 0)
+                .then(|| Duration::from_millis(r.per_try_timeout_ms)),
+            budget_percent: if r.budget_percent == 0 {
+                20
+            } else {
+                r.budget_percent
+            },
+            ..Self::default()
+        };
+        let mut status = Vec::new();
+        let mut grpc = Vec::new();
+        for on in &r.on {
+            match on.as_str() {
+                "connect-failure" => out.on_connect_failure = true,
+                "reset" | "refused-stream" => out.on_reset = true,
+                "timeout" => out.on_timeout = true,
+                "5xx" => out.on_5xx = true,
+                "gateway-error" => out.on_gateway_error = true,
+                "cancelled" => grpc.push(1),
+                "deadline-exceeded" => grpc.push(4),
+                "resource-exhausted" => grpc.push(8),
+                "internal" => grpc.push(13),
+                "unavailable" => grpc.push(14),
+                other => {
+                    if let Ok(code) = other.parse::<u16>() {
+                        status.push(code);
+                    }
+                }
+            }
+        }
+        out.on_status = status.into_boxed_slice();
+        out.on_grpc = grpc.into_boxed_slice();
+        out
+    }
+
+    /// Whether an upstream answer with `status` may be retried.
+    pub fn retry_status(&self, status: u16) -> bool {
+        (self.on_5xx && status >= 500)
+            || (self.on_gateway_error && matches!(status, 502..=504))
+            || self.on_status.contains(&status)
+    }
 }
 
 #[derive(Debug)]
 pub struct RuleRt {
     matches: Box<[MatchRt]>,
-    /// Endpoints with a positive weight, in the order the schedule indexes.
+    /// Endpoints with a positive weight, in the order the picker indexes.
     pub targets: Box<[Target]>,
-    schedule: Schedule,
-    /// Shared by all worker threads so proportions hold across them.
-    next: AtomicUsize,
+    loads: Box<[Arc<EndpointLoad>]>,
+    picker: Picker,
+    /// Every endpoint of the rule, whatever its weight (for the ejection limit).
+    pub members: Box<[Arc<EndpointHealth>]>,
+    /// The rule with the weights in force (after local health), for `/config`.
+    pub effective: pb::Rule,
 }
 
 #[derive(Debug)]
@@ -64,6 +181,7 @@ pub struct Target {
     pub addr: SocketAddr,
     /// `ip:port`, ready to be put in an upstream URI without re-parsing.
     pub authority: Authority,
+    pub health: Arc<EndpointHealth>,
 }
 
 #[derive(Debug)]
@@ -80,25 +198,23 @@ enum PathRt {
 }
 
 impl Table {
-    /// Builds a table from routes. `metrics` hands out per-route counters, which outlive
-    /// tables so counts survive updates.
+    /// Builds a table from routes and the agent's health view.
     pub fn build(
         version: u64,
-        source: BTreeMap<String, pb::Route>,
-        metrics: &Metrics,
+        source: Arc<BTreeMap<String, pb::Route>>,
+        ctx: &BuildCtx<'_>,
     ) -> Result<Self, TableError> {
         let mut routes: Vec<Arc<RouteRt>> = Vec::with_capacity(source.len());
         let mut by_host: HashMap<Box<str>, usize> = HashMap::with_capacity(source.len());
         for route in source.values() {
             let idx = routes.len();
-            let rt = RouteRt::build(route, metrics)?;
+            let rt = RouteRt::build(route, ctx)?;
             for host in &route.hosts {
                 let host = host.to_ascii_lowercase();
                 if let Some(&other) = by_host.get(host.as_str()) {
-                    let first = &routes[other];
                     return Err(TableError::DuplicateHost {
                         host,
-                        first: first.name.to_string(),
+                        first: routes[other].name.to_string(),
                         second: route.name.clone(),
                     });
                 }
@@ -126,7 +242,7 @@ impl Table {
 }
 
 impl RouteRt {
-    fn build(route: &pb::Route, metrics: &Metrics) -> Result<Self, TableError> {
+    fn build(route: &pb::Route, ctx: &BuildCtx<'_>) -> Result<Self, TableError> {
         let err = |msg: String| TableError::Route {
             route: route.name.clone(),
             msg,
@@ -137,38 +253,83 @@ impl RouteRt {
         if route.hosts.is_empty() {
             return Err(err("no hosts".into()));
         }
-        let algorithm = route
-            .load_balancer
-            .as_ref()
-            .map(|lb| lb.algorithm)
-            .unwrap_or_default();
-        // Algorithms this agent does not implement yet fall back to weighted round robin
-        // rather than failing the whole update: the Service split still holds, and the
-        // fallback is shown in /config.
-        let note = match Algorithm::try_from(algorithm) {
-            Ok(Algorithm::RoundRobin | Algorithm::WeightedRoundRobin) => None,
-            Ok(other) => Some(format!(
-                "{} is not implemented by this agent; using WEIGHTED_ROUND_ROBIN",
-                other.as_str_name()
+        let lb = route.load_balancer.clone().unwrap_or_default();
+        let (algorithm, note) = match Algorithm::try_from(lb.algorithm) {
+            Ok(a) => (a, None),
+            Err(_) => (
+                Algorithm::WeightedRoundRobin,
+                Some(format!(
+                    "unknown algorithm number {}; using WEIGHTED_ROUND_ROBIN",
+                    lb.algorithm
+                )),
+            ),
+        };
+        let hash_on = match lb.hash_on.and_then(|h| h.key) {
+            None => None,
+            Some(pb::hash_on::Key::Header(h)) => Some(HashOnRt::Header(
+                HeaderName::from_bytes(h.as_bytes())
+                    .map_err(|_| err(format!("bad hashOn header {h:?}")))?,
             )),
-            Err(_) => Some(format!(
-                "unknown algorithm number {algorithm}; using WEIGHTED_ROUND_ROBIN"
-            )),
+            Some(pb::hash_on::Key::Cookie(c)) => Some(HashOnRt::Cookie(c.into())),
+            Some(pb::hash_on::Key::Path(true)) => Some(HashOnRt::Path),
+            Some(pb::hash_on::Key::Path(false)) => None,
+        };
+        let min_healthy = if route.min_healthy_percent == 0 {
+            70
+        } else {
+            route.min_healthy_percent
         };
         let mut rules = Vec::with_capacity(route.rules.len());
         for (i, rule) in route.rules.iter().enumerate() {
-            rules.push(RuleRt::build(rule).map_err(|m| err(format!("rules[{i}]: {m}")))?);
+            rules.push(
+                RuleRt::build(rule, algorithm, min_healthy, ctx)
+                    .map_err(|m| err(format!("rules[{i}]: {m}")))?,
+            );
         }
+        let outlier = match &route.outlier_detection {
+            None => OutlierConfig::default(),
+            Some(o) => {
+                let d = OutlierConfig::default();
+                OutlierConfig {
+                    consecutive_errors: if o.consecutive_errors == 0 {
+                        d.consecutive_errors
+                    } else {
+                        o.consecutive_errors
+                    },
+                    base_ejection: if o.base_ejection_time_ms == 0 {
+                        d.base_ejection
+                    } else {
+                        Duration::from_millis(o.base_ejection_time_ms)
+                    },
+                    max_ejection_percent: o.max_ejection_percent,
+                }
+            }
+        };
         Ok(Self {
             name: route.name.as_str().into(),
             rules: rules.into_boxed_slice(),
-            counters: metrics.route_counters(&route.name),
+            counters: ctx.metrics.route_counters(&route.name),
             note,
             timeout: route
                 .timeouts
                 .as_ref()
                 .filter(|t| t.request_ms > 0)
-                .map(|t| std::time::Duration::from_millis(t.request_ms)),
+                .map(|t| Duration::from_millis(t.request_ms)),
+            retry: route
+                .retry
+                .as_ref()
+                .map(RetryRt::from_proto)
+                .unwrap_or_else(RetryRt::default_policy),
+            outlier,
+            max_per_endpoint: route
+                .circuit_breaker
+                .as_ref()
+                .map(|c| c.max_requests_per_endpoint)
+                .filter(|m| *m > 0)
+                .unwrap_or(DEFAULT_MAX_PER_ENDPOINT),
+            hash_on,
+            active: AtomicU32::new(0),
+            active_retries: AtomicU32::new(0),
         })
     }
 
@@ -177,56 +338,150 @@ impl RouteRt {
     pub fn rule(&self, method: &Method, path: &str, headers: &http::HeaderMap) -> Option<&RuleRt> {
         self.rules.iter().find(|r| r.matches(method, path, headers))
     }
+
+    /// Whether one more retry fits the budget: retries in flight stay below
+    /// `budgetPercent` of the requests in flight (never fewer than 3, so a quiet route can
+    /// still retry), as Envoy's retry budgets do.
+    pub fn try_begin_retry(&self) -> bool {
+        let active = self.active.load(Ordering::Relaxed);
+        let allowed = (active * self.retry.budget_percent / 100).max(3);
+        if self.active_retries.fetch_add(1, Ordering::Relaxed) < allowed {
+            true
+        } else {
+            self.active_retries.fetch_sub(1, Ordering::Relaxed);
+            false
+        }
+    }
+
+    pub fn end_retry(&self) {
+        self.active_retries.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// The hashing key of a request, hashed.
+    pub fn request_hash(&self, path: &str, headers: &http::HeaderMap) -> Option<u64> {
+        let key: &[u8] = match self.hash_on.as_ref()? {
+            HashOnRt::Path => path.as_bytes(),
+            HashOnRt::Header(h) => headers.get(h)?.as_bytes(),
+            HashOnRt::Cookie(name) => headers
+                .get_all(http::header::COOKIE)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(';'))
+                .find_map(|kv| {
+                    let (k, v) = kv.trim().split_once('=')?;
+                    (k == &**name).then_some(v)
+                })?
+                .as_bytes(),
+        };
+        Some(crate::pick::hash_key(key))
+    }
 }
 
 impl RuleRt {
-    fn build(rule: &pb::Rule) -> Result<Self, String> {
+    fn build(
+        rule: &pb::Rule,
+        algorithm: Algorithm,
+        min_healthy: u32,
+        ctx: &BuildCtx<'_>,
+    ) -> Result<Self, String> {
         let mut matches = Vec::with_capacity(rule.matches.len());
         for m in &rule.matches {
             matches.push(MatchRt::build(m)?);
         }
+        // The agent's health view: an endpoint failing checks or ejected counts as not ready.
+        let mut effective = rule.clone();
+        let mut members = Vec::new();
+        let mut local_differs = false;
+        for b in &mut effective.backends {
+            for ep in &mut b.endpoints {
+                let addr: SocketAddr = ep.address.parse().map_err(|e| {
+                    format!("backend {}: bad endpoint address {:?}: {e}", b.service, ep.address)
+                })?;
+                let health = ctx.endpoints.get(addr, ctx.metrics);
+                if ep.ready && !health.is_healthy(ctx.now_ms) {
+                    ep.ready = false;
+                    local_differs = true;
+                }
+                members.push(health);
+            }
+        }
+        if local_differs {
+            weir_proto::weights::assign_weights(&mut effective, min_healthy);
+        }
         let mut targets = Vec::new();
         let mut weights = Vec::new();
-        for b in &rule.backends {
+        let mut zones: Vec<(&str, u32)> = Vec::new();
+        let mut ids = Vec::new();
+        let mut member = members.iter();
+        for (group, b) in effective.backends.iter().enumerate() {
             for ep in &b.endpoints {
-                let addr: SocketAddr = ep.address.parse().map_err(|e| {
-                    format!(
-                        "backend {}: bad endpoint address {:?}: {e}",
-                        b.service, ep.address
-                    )
-                })?;
+                let Some(health) = member.next() else { break };
+                ctx.metrics.set_endpoint_healthy(health.addr, ep.ready);
                 if ep.weight == 0 {
                     continue;
                 }
-                let authority = Authority::try_from(addr.to_string().as_str())
-                    .map_err(|e| format!("endpoint {addr}: {e}"))?;
-                targets.push(Target { addr, authority });
+                let authority = Authority::try_from(health.addr.to_string().as_str())
+                    .map_err(|e| format!("endpoint {}: {e}", health.addr))?;
+                zones.push((ep.zone.as_str(), group as u32));
+                ids.push(endpoint_id(&ep.address));
                 weights.push(ep.weight);
+                targets.push(Target {
+                    addr: health.addr,
+                    authority,
+                    health: health.clone(),
+                });
             }
         }
+        if !ctx.zone.is_empty() {
+            let placements: Vec<Placement<'_>> = weights
+                .iter()
+                .zip(&zones)
+                .map(|(&weight, &(zone, group))| Placement { weight, zone, group })
+                .collect();
+            weights = zone_aware_weights(&placements, ctx.zone, LOCALITY_MIN_PERCENT);
+            // Endpoints locality turned off leave the target list, like any weight-0 one.
+            if weights.contains(&0) {
+                let keep: Vec<bool> = weights.iter().map(|w| *w > 0).collect();
+                let mut k = keep.iter();
+                targets.retain(|_| k.next().copied().unwrap_or(false));
+                let mut k = keep.iter();
+                ids.retain(|_| k.next().copied().unwrap_or(false));
+                weights.retain(|w| *w > 0);
+            }
+        }
+        let loads: Vec<Arc<EndpointLoad>> = targets.iter().map(|t| t.health.load.clone()).collect();
         Ok(Self {
             matches: matches.into_boxed_slice(),
+            picker: Picker::build(algorithm, &weights, &ids),
             targets: targets.into_boxed_slice(),
-            schedule: Schedule::new(&weights),
-            next: AtomicUsize::new(0),
+            loads: loads.into_boxed_slice(),
+            members: members.into_boxed_slice(),
+            effective,
         })
     }
 
     #[inline]
-    fn matches(&self, method: &Method, path: &str, headers: &http::HeaderMap) -> bool {
-        self.matches.is_empty()
-            || self
-                .matches
-                .iter()
-                .any(|m| m.matches(method, path, headers))
+    pub fn matches(&self, method: &Method, path: &str, headers: &http::HeaderMap) -> bool {
+        self.matches.is_empty() || self.matches.iter().any(|m| m.matches(method, path, headers))
     }
 
-    /// The next endpoint in the weighted round-robin order, or `None` when no endpoint may
-    /// receive traffic.
+    /// The endpoint for the next request, or `None` when no endpoint may receive traffic.
     #[inline]
-    pub fn pick(&self) -> Option<&Target> {
-        let n = self.next.fetch_add(1, Ordering::Relaxed);
-        self.schedule.pick(n).map(|i| &self.targets[i])
+    pub fn pick(&self, hash: Option<u64>) -> Option<&Target> {
+        let i = self.picker.pick(
+            hash,
+            &self.loads,
+            rand::random::<u64>(),
+            crate::health::now_nanos(),
+        )?;
+        self.targets.get(i)
+    }
+
+    /// Whether ejecting one more member keeps the rule within `max_percent` ejected.
+    pub fn may_eject(&self, max_percent: u32, now_ms: u64) -> bool {
+        let total = self.members.len() as u64;
+        let ejected = self.members.iter().filter(|m| m.is_ejected(now_ms)).count() as u64;
+        (ejected + 1) * 100 <= u64::from(max_percent) * total
     }
 }
 
@@ -336,12 +591,50 @@ mod tests {
     }
 
     fn build(routes: Vec<pb::Route>) -> Result<Table, TableError> {
-        let m = Metrics::new();
+        let metrics = Metrics::new();
+        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        let endpoints = Endpoints::new(tx);
+        let ctx = BuildCtx {
+            metrics: &metrics,
+            endpoints: &endpoints,
+            zone: "",
+            now_ms: 1,
+        };
         Table::build(
             1,
-            routes.into_iter().map(|r| (r.name.clone(), r)).collect(),
-            &m,
+            Arc::new(routes.into_iter().map(|r| (r.name.clone(), r)).collect()),
+            &ctx,
         )
+    }
+
+    #[test]
+    fn an_agent_with_a_zone_keeps_traffic_in_its_zone_while_it_has_capacity() {
+        let mut r = route(
+            "a/b",
+            &["shop"],
+            &[("127.0.0.1:80", 1), ("127.0.0.2:80", 1), ("127.0.0.3:80", 1), ("127.0.0.4:80", 1)],
+        );
+        for (i, ep) in r.rules[0].backends[0].endpoints.iter_mut().enumerate() {
+            ep.zone = if i < 2 { "a".into() } else { "b".into() };
+        }
+        let metrics = Metrics::new();
+        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        let endpoints = Endpoints::new(tx);
+        let ctx = BuildCtx {
+            metrics: &metrics,
+            endpoints: &endpoints,
+            zone: "a",
+            now_ms: 1,
+        };
+        let t = Table::build(1, Arc::new([(r.name.clone(), r)].into_iter().collect()), &ctx)
+            .expect("table");
+        let rule = &t.route("shop").expect("route").rules[0];
+        let picked: std::collections::BTreeSet<String> =
+            (0..20).filter_map(|_| rule.pick(None)).map(|t| t.addr.to_string()).collect();
+        assert_eq!(
+            picked.into_iter().collect::<Vec<_>>(),
+            ["127.0.0.1:80", "127.0.0.2:80"]
+        );
     }
 
     #[test]
@@ -362,7 +655,7 @@ mod tests {
         let rule = &t.route("shop").expect("route").rules[0];
         for _ in 0..10 {
             assert_eq!(
-                rule.pick().expect("target").addr.to_string(),
+                rule.pick(None).expect("target").addr.to_string(),
                 "127.0.0.2:80"
             );
         }

@@ -90,6 +90,18 @@ pub struct TrafficPolicySpec {
     pub timeout: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache: Option<Cache>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub circuit_breaker: Option<CircuitBreaker>,
+}
+
+/// Load shedding per endpoint.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CircuitBreaker {
+    /// Requests in flight to one endpoint before the agent answers `503` with
+    /// `x-weir-error: circuit-open` instead of queueing more (default 1024).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_requests_per_endpoint: Option<i64>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]

@@ -95,6 +95,15 @@ pub fn validate(spec: &TrafficPolicySpec) -> Result<pb::Route, Vec<String>> {
             .as_ref()
             .map(|o| v.outlier_detection(o)),
         cache: spec.cache.as_ref().map(|c| v.cache(c)),
+        circuit_breaker: spec.circuit_breaker.as_ref().map(|c| pb::CircuitBreaker {
+            max_requests_per_endpoint: v.int_in(
+                format_args!("spec.circuitBreaker.maxRequestsPerEndpoint"),
+                c.max_requests_per_endpoint,
+                0,
+                1,
+                1_000_000,
+            ),
+        }),
     };
     if v.errors.is_empty() {
         Ok(route)

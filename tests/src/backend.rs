@@ -16,11 +16,56 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
+/// How a backend answers; switchable while it runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// `200 hello from …`.
+    Normal,
+    /// Accepts and reads the request, never answers.
+    Hang,
+    /// Answers with this status.
+    Status(u16),
+    /// Answers normally after this many milliseconds.
+    Delay(u64),
+}
+
+impl Mode {
+    fn encode(self) -> u64 {
+        match self {
+            Mode::Normal => 0,
+            Mode::Hang => 1,
+            Mode::Status(s) => u64::from(s),
+            Mode::Delay(ms) => 1_000_000 + ms,
+        }
+    }
+
+    fn decode(v: u64) -> Self {
+        match v {
+            0 => Mode::Normal,
+            1 => Mode::Hang,
+            v if v >= 1_000_000 => Mode::Delay(v - 1_000_000),
+            v => Mode::Status(v as u16),
+        }
+    }
+
+    /// Parses `normal`, `hang`, `status:503` or `delay:50`.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.split_once(':') {
+            None if s == "normal" => Some(Mode::Normal),
+            None if s == "hang" => Some(Mode::Hang),
+            Some(("status", n)) => n.parse().ok().map(Mode::Status),
+            Some(("delay", n)) => n.parse().ok().map(Mode::Delay),
+            _ => None,
+        }
+    }
+}
+
 /// A running backend; stops when dropped.
 pub struct Backend {
     pub addr: SocketAddr,
     pub name: String,
     hits: Arc<AtomicU64>,
+    mode: Arc<AtomicU64>,
     task: JoinHandle<()>,
 }
 
@@ -30,13 +75,20 @@ impl Backend {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let hits = Arc::new(AtomicU64::new(0));
-        let task = tokio::spawn(serve(listener, name.to_string(), hits.clone()));
+        let mode = Arc::new(AtomicU64::new(0));
+        let task = tokio::spawn(serve(listener, name.to_string(), hits.clone(), mode.clone()));
         Ok(Self {
             addr,
             name: name.to_string(),
             hits,
+            mode,
             task,
         })
+    }
+
+    /// Changes how the backend answers from now on.
+    pub fn set_mode(&self, mode: Mode) {
+        self.mode.store(mode.encode(), Ordering::Relaxed);
     }
 
     /// Requests served so far.
@@ -51,8 +103,8 @@ impl Drop for Backend {
     }
 }
 
-/// Serves on `listener` forever: `200 hello from NAME (ADDR)`.
-pub async fn serve(listener: TcpListener, name: String, hits: Arc<AtomicU64>) {
+/// Serves on `listener` forever: `200 hello from NAME (ADDR)`, or as `mode` says.
+pub async fn serve(listener: TcpListener, name: String, hits: Arc<AtomicU64>, mode: Arc<AtomicU64>) {
     let local = listener
         .local_addr()
         .map(|a| a.to_string())
@@ -66,10 +118,16 @@ pub async fn serve(listener: TcpListener, name: String, hits: Arc<AtomicU64>) {
         let body = body.clone();
         let name = name.clone();
         let hits = hits.clone();
+        let mode = mode.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                 hits.fetch_add(1, Ordering::Relaxed);
+                let mode = Mode::decode(mode.load(Ordering::Relaxed));
                 let mut resp = Response::new(Full::new(body.clone()));
+                if let Mode::Status(code) = mode {
+                    *resp.status_mut() =
+                        http::StatusCode::from_u16(code).unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
+                }
                 resp.headers_mut().insert("x-backend", name.clone());
                 // Echo what the proxy forwarded, for header tests.
                 for h in ["x-forwarded-for", "via", "host"] {
@@ -82,7 +140,14 @@ pub async fn serve(listener: TcpListener, name: String, hits: Arc<AtomicU64>) {
                         }
                     }
                 }
-                async move { Ok::<_, Infallible>(resp) }
+                async move {
+                    match mode {
+                        Mode::Hang => std::future::pending::<()>().await,
+                        Mode::Delay(ms) => tokio::time::sleep(std::time::Duration::from_millis(ms)).await,
+                        _ => {}
+                    }
+                    Ok::<_, Infallible>(resp)
+                }
             });
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), svc)

@@ -276,6 +276,8 @@ impl Agent {
             "test-node".into(),
             "--workers".into(),
             "2".into(),
+            "--header-read-timeout".into(),
+            "1s".into(),
         ];
         if let Some(d) = state_dir {
             args.push("--state-dir".into());

@@ -1,0 +1,422 @@
+//! The agent's response cache: a shared HTTP cache (RFC 9111) per route, with request
+//! coalescing and the stale-while-revalidate / stale-if-error windows of `spec.cache`.
+//!
+//! Layout, after pingora-cache: [`policy`] holds the RFC decisions as plain functions;
+//! [`store`] the byte-bounded storage behind the [`store::Storage`] trait and the eviction
+//! policies; [`entry`] the compact stored form; [`coalesce`] the in-flight fills that
+//! concurrent misses share; [`body`] the body wrapper that fills the cache while the
+//! response streams to the client. [`Cache`] ties them together for the proxy.
+//!
+//! # How the proxy uses it
+//!
+//! 1. Per route, keep a [`Cache`] built from the route's [`CacheConfig`]; on a table update
+//!    keep the old `Cache` when [`Cache::config`] equals the new config (entries survive).
+//! 2. For each request call [`Cache::lookup`] with the normalized host, the request head
+//!    and `SystemTime::now()`:
+//!    - [`Lookup::Hit`]: answer with it.
+//!    - [`Lookup::Stale`]: answer with `response`; if `refresh` is `Some`, spawn a task
+//!      that sends [`Fill::refresh_request`] upstream and hands the answer to
+//!      [`Fill::on_response`] (draining a [`TeeBody`] to the end on `Store`).
+//!    - [`Lookup::Miss`]: call [`Fill::add_validators`] on the upstream request's fields,
+//!      forward, then [`Fill::on_response`] with the upstream head: `Respond(r)` → answer
+//!      `r` instead; `Store(c)` → answer with the upstream head and
+//!      `TeeBody::new(body, c)`; `Forward` → answer as usual. If the upstream failed
+//!      (after retries), [`Fill::fail`] gives a stale answer within stale-if-error, if any.
+//!      Dropping the `Fill` releases the waiters.
+//!    - [`Lookup::Wait`]: `waiter.wait(&headers, now).await`: `Some(r)` → answer `r`;
+//!      `None` → forward as for [`Lookup::Bypass`].
+//!    - [`Lookup::Bypass`]: forward, mark the answer `x-cache: BYPASS`; for an unsafe
+//!      method call [`Cache::invalidate_after_unsafe`] with the answer's head, and on an
+//!      upstream failure try [`Cache::stale_for_error`].
+//!
+//! Bodies are `bytes::Bytes`: stored once, and every hit clones the handle, not the data.
+
+pub mod body;
+pub mod coalesce;
+pub mod entry;
+pub mod policy;
+pub mod store;
+
+pub use body::TeeBody;
+pub use coalesce::{Collector, Fill, FillAction, Waiter};
+pub use entry::{Entry, Key, KeyRef, Variant, X_CACHE, XCache};
+pub use store::{EvictionPolicy, MemoryStorage, Storage};
+
+use bytes::Bytes;
+use http::header::HeaderMap;
+use http::{Method, Response, StatusCode, request};
+use policy::{RequestDirectives, RequestKind};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, SystemTime};
+
+/// Upper bound of the default per-object limit: larger responses stream through uncached.
+/// It also bounds the memory one in-flight fill can hold.
+pub const MAX_OBJECT_SIZE_CAP: u64 = 8 << 20;
+
+/// Why a cache policy from the controller cannot be used.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// `eviction` names no known policy.
+    #[error("unknown cache eviction policy {0:?}: use Lru, Lfu, Fifo or TinyLfu")]
+    UnknownEviction(String),
+}
+
+/// A route's cache settings, built once from `spec.cache`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CacheConfig {
+    /// Bound on the bytes held (bodies, heads, keys and a fixed per-entry overhead).
+    pub max_size: u64,
+    /// Responses larger than this are never stored (they stream through).
+    pub max_object_size: u64,
+    /// Eviction policy.
+    pub eviction: EvictionPolicy,
+    /// How long past freshness a response is served while refreshed in the background.
+    pub stale_while_revalidate: Duration,
+    /// How long past freshness a response may stand in for an origin failure.
+    pub stale_if_error: Duration,
+}
+
+impl CacheConfig {
+    /// The default per-object limit for a cache of `max_size` bytes: 1/8 of it (one object
+    /// must not flush most of the cache), at most [`MAX_OBJECT_SIZE_CAP`].
+    pub fn default_max_object_size(max_size: u64) -> u64 {
+        (max_size / 8).min(MAX_OBJECT_SIZE_CAP)
+    }
+
+    /// A config with the defaults for everything but the size.
+    pub fn with_max_size(max_size: u64) -> Self {
+        Self {
+            max_size,
+            max_object_size: Self::default_max_object_size(max_size),
+            eviction: EvictionPolicy::default(),
+            stale_while_revalidate: Duration::ZERO,
+            stale_if_error: Duration::ZERO,
+        }
+    }
+
+    /// Converts the controller's policy; `Ok(None)` when caching is off (disabled or a
+    /// zero size).
+    pub fn from_proto(p: &weir_proto::v1::CachePolicy) -> Result<Option<Self>, ConfigError> {
+        let eviction = EvictionPolicy::from_name(&p.eviction)
+            .ok_or_else(|| ConfigError::UnknownEviction(p.eviction.clone()))?;
+        if !p.enabled || p.max_size_bytes == 0 {
+            return Ok(None);
+        }
+        Ok(Some(Self {
+            max_size: p.max_size_bytes,
+            max_object_size: Self::default_max_object_size(p.max_size_bytes),
+            eviction,
+            stale_while_revalidate: Duration::from_millis(p.stale_while_revalidate_ms),
+            stale_if_error: Duration::from_millis(p.stale_if_error_ms),
+        }))
+    }
+}
+
+/// Counters of one cache. Relaxed atomics: they are statistics, not synchronization.
+#[derive(Debug, Default)]
+pub struct CacheStats {
+    hits: AtomicU64,
+    misses: AtomicU64,
+    stale: AtomicU64,
+    coalesced: AtomicU64,
+    bypass: AtomicU64,
+    stores: AtomicU64,
+    evictions: AtomicU64,
+}
+
+/// A copy of a cache's counters and usage.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct StatsSnapshot {
+    /// Answered fresh from the cache (including 304s to clients' own conditionals).
+    pub hits: u64,
+    /// Fills started (the leader of each coalesced group).
+    pub misses: u64,
+    /// Answered stale (stale-while-revalidate, stale-if-error).
+    pub stale: u64,
+    /// Requests that waited for another request's fill.
+    pub coalesced: u64,
+    /// Requests not eligible (method, range, upgrade, HEAD miss, `no-store`).
+    pub bypass: u64,
+    /// Responses stored.
+    pub stores: u64,
+    /// Entries evicted to make room.
+    pub evictions: u64,
+    /// Bytes held.
+    pub bytes: u64,
+    /// URIs held.
+    pub entries: u64,
+}
+
+/// The result of [`Cache::lookup`].
+pub enum Lookup {
+    /// A fresh stored response (`Age` and `x-cache: HIT` set); or a 304 when the client's
+    /// own validators match it.
+    Hit(Response<Bytes>),
+    /// A stale response within stale-while-revalidate (`x-cache: STALE`), to send now.
+    /// `refresh` is `Some` for exactly one request while no refresh is running: the proxy
+    /// runs it in the background.
+    Stale {
+        /// The answer.
+        response: Response<Bytes>,
+        /// The background refresh to run, if this request won it.
+        refresh: Option<Fill>,
+    },
+    /// Nothing usable: this request leads the fill; the proxy forwards it.
+    Miss(Fill),
+    /// Another request is filling this URI: wait for its answer.
+    Wait(Waiter),
+    /// Not cacheable: forward untouched (mark `x-cache: BYPASS`).
+    Bypass,
+}
+
+impl std::fmt::Debug for Lookup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Lookup::Hit(r) => write!(f, "Hit({})", r.status()),
+            Lookup::Stale { response, refresh } => {
+                write!(
+                    f,
+                    "Stale({}, refresh: {})",
+                    response.status(),
+                    refresh.is_some()
+                )
+            }
+            Lookup::Miss(_) => f.write_str("Miss"),
+            Lookup::Wait(_) => f.write_str("Wait"),
+            Lookup::Bypass => f.write_str("Bypass"),
+        }
+    }
+}
+
+pub(crate) struct Inner {
+    pub(crate) config: CacheConfig,
+    pub(crate) storage: Box<dyn Storage>,
+    pub(crate) inflight: coalesce::InFlight,
+    pub(crate) stats: CacheStats,
+}
+
+impl Inner {
+    /// Stores `v` under `key` beside the other variants of the URI.
+    pub(crate) fn store(&self, key: &KeyRef<'_>, v: &Variant) {
+        let put = self.storage.update(key, &mut |old| {
+            Some(match old {
+                Some(e) => e.with(v.clone()),
+                None => Entry::single(v.clone()),
+            })
+        });
+        if put.stored {
+            self.stats.stores.fetch_add(1, Relaxed);
+        }
+        self.stats.evictions.fetch_add(put.evicted, Relaxed);
+    }
+}
+
+/// One route's response cache. Cloning is cheap and shares the cache.
+#[derive(Clone)]
+pub struct Cache {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Cache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cache")
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Cache {
+    /// An empty in-memory cache.
+    pub fn new(config: CacheConfig) -> Self {
+        let storage = MemoryStorage::new(config.eviction, config.max_size);
+        Self::with_storage(config, Box::new(storage))
+    }
+
+    /// A cache over another storage.
+    pub fn with_storage(config: CacheConfig, storage: Box<dyn Storage>) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                config,
+                storage,
+                inflight: coalesce::InFlight::default(),
+                stats: CacheStats::default(),
+            }),
+        }
+    }
+
+    /// The config it was built with (compare to decide whether a table update keeps it).
+    pub fn config(&self) -> &CacheConfig {
+        &self.inner.config
+    }
+
+    /// Whether two handles share one cache.
+    pub fn ptr_eq(&self, other: &Cache) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+
+    /// Counters and usage.
+    pub fn stats(&self) -> StatsSnapshot {
+        let s = &self.inner.stats;
+        let usage = self.inner.storage.usage();
+        StatsSnapshot {
+            hits: s.hits.load(Relaxed),
+            misses: s.misses.load(Relaxed),
+            stale: s.stale.load(Relaxed),
+            coalesced: s.coalesced.load(Relaxed),
+            bypass: s.bypass.load(Relaxed),
+            stores: s.stores.load(Relaxed),
+            evictions: s.evictions.load(Relaxed),
+            bytes: usage.bytes,
+            entries: usage.entries,
+        }
+    }
+
+    /// Decides how to answer a request. `host` is the normalized host the route matched
+    /// (lower case, no port); `req` the request head as received; `now` the wall clock.
+    pub fn lookup(&self, host: &str, req: &request::Parts, now: SystemTime) -> Lookup {
+        let inner = &self.inner;
+        let kind = policy::classify(&req.method, &req.headers);
+        let key = req
+            .uri
+            .path_and_query()
+            .and_then(|pq| KeyRef::new(host, pq.as_str()));
+        let (Some(key), RequestKind::Get | RequestKind::Head) = (key, kind) else {
+            return self.bypass();
+        };
+        let head_only = kind == RequestKind::Head;
+        let rd = RequestDirectives::parse(&req.headers);
+        let now_ms = policy::epoch_ms(now);
+        let entry = inner.storage.get(&key);
+        let variant = entry.as_ref().and_then(|e| e.select(&req.headers));
+        if let Some(v) = variant {
+            if policy::is_fresh(v, now_ms, &rd) {
+                inner.stats.hits.fetch_add(1, Relaxed);
+                if policy::client_validators_match(&req.headers, v) {
+                    return Lookup::Hit(v.to_not_modified(now_ms));
+                }
+                return Lookup::Hit(v.to_response(now_ms, head_only, XCache::Hit));
+            }
+            if policy::may_serve_stale_while_revalidating(
+                v,
+                now_ms,
+                &rd,
+                inner.config.stale_while_revalidate,
+            ) {
+                inner.stats.stale.fetch_add(1, Relaxed);
+                let refresh = match inner.inflight.join_or_lead(&key) {
+                    coalesce::Joined::Lead(slot) => {
+                        Some(Fill::new(self.inner.clone(), key, slot, req, Some(v.clone())))
+                    }
+                    coalesce::Joined::Wait(_) => None,
+                };
+                return Lookup::Stale {
+                    response: v.to_response(now_ms, head_only, XCache::Stale),
+                    refresh,
+                };
+            }
+        }
+        // A HEAD miss is forwarded (its answer has no body to store), and so is a request
+        // that forbids storing its answer.
+        if head_only || rd.no_store {
+            return self.bypass();
+        }
+        match inner.inflight.join_or_lead(&key) {
+            coalesce::Joined::Lead(slot) => {
+                inner.stats.misses.fetch_add(1, Relaxed);
+                Lookup::Miss(Fill::new(
+                    self.inner.clone(),
+                    key,
+                    slot,
+                    req,
+                    variant.cloned(),
+                ))
+            }
+            coalesce::Joined::Wait(rx) => {
+                inner.stats.coalesced.fetch_add(1, Relaxed);
+                Lookup::Wait(Waiter::new(rx))
+            }
+        }
+    }
+
+    fn bypass(&self) -> Lookup {
+        self.inner.stats.bypass.fetch_add(1, Relaxed);
+        Lookup::Bypass
+    }
+
+    /// A stale stored answer for a request whose upstream failed (every endpoint failed, or
+    /// no endpoint is healthy), if one is within stale-if-error. Marked `x-cache: STALE`.
+    pub fn stale_for_error(
+        &self,
+        host: &str,
+        req: &request::Parts,
+        now: SystemTime,
+    ) -> Option<Response<Bytes>> {
+        let kind = policy::classify(&req.method, &req.headers);
+        if !matches!(kind, RequestKind::Get | RequestKind::Head) {
+            return None;
+        }
+        let key = KeyRef::new(host, req.uri.path_and_query()?.as_str())?;
+        let entry = self.inner.storage.peek(&key)?;
+        let v = entry.select(&req.headers)?;
+        let now_ms = policy::epoch_ms(now);
+        if !policy::may_serve_stale_on_error(v, now_ms, self.inner.config.stale_if_error) {
+            return None;
+        }
+        self.inner.stats.stale.fetch_add(1, Relaxed);
+        Some(v.to_response(now_ms, kind == RequestKind::Head, XCache::Stale))
+    }
+
+    /// After the answer to an unsafe request (POST, PUT, DELETE, PATCH, …) on `host`:
+    /// invalidates the target URI and its `Location` / `Content-Location` on the same host
+    /// when the status is 2xx or 3xx (RFC 9111 §4.4). Returns how many entries went.
+    pub fn invalidate_after_unsafe(
+        &self,
+        host: &str,
+        method: &Method,
+        path_and_query: &str,
+        status: StatusCode,
+        resp_headers: &HeaderMap,
+    ) -> usize {
+        policy::invalidation_targets(host, method, path_and_query, status, resp_headers)
+            .iter()
+            .filter_map(|pq| KeyRef::new(host, pq))
+            .filter(|k| self.inner.storage.remove(k))
+            .count()
+    }
+
+    /// Removes everything; returns how many entries went.
+    pub fn purge_all(&self) -> u64 {
+        self.inner.storage.retain(&mut |_| false)
+    }
+
+    /// Removes every entry of `host` (case-insensitive, port ignored).
+    pub fn purge_host(&self, host: &str) -> u64 {
+        let host = normalize_purge_host(host);
+        self.inner.storage.retain(&mut |k| k.host() != host)
+    }
+
+    /// Removes every entry whose path (and query) starts with `prefix`, on `host` only
+    /// when given.
+    pub fn purge_prefix(&self, host: Option<&str>, prefix: &str) -> u64 {
+        let host = host.map(normalize_purge_host);
+        self.inner.storage.retain(&mut |k| {
+            !(host.as_deref().is_none_or(|h| k.host() == h)
+                && k.path_and_query().starts_with(prefix))
+        })
+    }
+}
+
+fn normalize_purge_host(host: &str) -> String {
+    let h = host.trim().trim_end_matches('.');
+    let h = match h.rsplit_once(':') {
+        Some((name, port)) if !name.contains(':') && port.bytes().all(|b| b.is_ascii_digit()) => {
+            name
+        }
+        _ => h,
+    };
+    h.to_ascii_lowercase()
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,201 @@
+//! Active health checks, and the control-thread loop that turns health transitions into
+//! table rebuilds.
+//!
+//! One task per (endpoint, check settings) probes the endpoint with an HTTP GET at the
+//! policy's interval (jittered ±10 % so a thousand agents do not probe in step), and flips the
+//! endpoint's verdict after `unhealthyThreshold` failures or `healthyThreshold` successes in
+//! a row. An endpoint starts healthy: the EndpointSlice already said it is ready, and failing
+//! closed on start-up would blackhole a fresh agent's traffic for a whole interval.
+
+use crate::health::{EndpointHealth, Event, now_ms};
+use crate::state::Shared;
+use crate::table::Table;
+use bytes::Bytes;
+use http::{HeaderValue, Request, header};
+use http_body_util::Empty;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use rand::Rng;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::task::JoinHandle;
+
+/// Settings of one active check, as the policy gives them (defaults filled in).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct CheckSpec {
+    pub addr: SocketAddr,
+    pub path: String,
+    pub host: String,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub healthy_threshold: u32,
+    pub unhealthy_threshold: u32,
+}
+
+/// The desired checks of a table.
+pub fn desired(table: &Table) -> HashMap<CheckSpec, Arc<EndpointHealth>> {
+    let mut out = HashMap::new();
+    for rt in table.routes() {
+        let Some(route) = table.source.get(&*rt.name) else {
+            continue;
+        };
+        let Some(hc) = &route.health_check else {
+            continue;
+        };
+        if hc.grpc_service.is_some() || hc.path.is_empty() {
+            continue;
+        }
+        for rule in rt.rules.iter() {
+            for m in rule.members.iter() {
+                let spec = CheckSpec {
+                    addr: m.addr,
+                    path: hc.path.clone(),
+                    host: route.hosts.first().cloned().unwrap_or_default(),
+                    interval: ms_or(hc.interval_ms, 5_000),
+                    timeout: ms_or(hc.timeout_ms, 1_000),
+                    healthy_threshold: hc.healthy_threshold.max(1),
+                    unhealthy_threshold: hc.unhealthy_threshold.max(1),
+                };
+                out.insert(spec, m.clone());
+            }
+        }
+    }
+    out
+}
+
+fn ms_or(ms: u64, default: u64) -> Duration {
+    Duration::from_millis(if ms == 0 { default } else { ms })
+}
+
+/// The running checks.
+#[derive(Default)]
+pub struct Checks {
+    running: HashMap<CheckSpec, (Arc<EndpointHealth>, JoinHandle<()>)>,
+}
+
+impl Checks {
+    /// Starts the checks `table` wants and stops the others. An endpoint whose check is
+    /// stopped is healthy again as far as active checking goes.
+    pub fn reconcile(&mut self, table: &Table, shared: &Arc<Shared>) {
+        let want = desired(table);
+        let mut changed = false;
+        self.running.retain(|spec, (health, task)| {
+            if want.contains_key(spec) {
+                return true;
+            }
+            task.abort();
+            changed |= health.set_active(true, "");
+            false
+        });
+        for (spec, health) in want {
+            if self.running.contains_key(&spec) {
+                continue;
+            }
+            let task = tokio::spawn(probe_loop(spec.clone(), health.clone(), shared.clone()));
+            self.running.insert(spec, (health, task));
+        }
+        if changed {
+            shared.endpoints.notify(Event::Changed);
+        }
+    }
+}
+
+async fn probe_loop(spec: CheckSpec, health: Arc<EndpointHealth>, shared: Arc<Shared>) {
+    let client: Client<HttpConnector, Empty<Bytes>> =
+        Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+    let uri = format!("http://{}{}", spec.addr, spec.path);
+    let host = HeaderValue::from_str(&spec.host).unwrap_or(HeaderValue::from_static("localhost"));
+    let (mut ok_run, mut fail_run) = (0u32, 0u32);
+    // Spread the first probe over one interval.
+    let first = rand::rng().random_range(0.0..1.0) * spec.interval.as_secs_f64();
+    tokio::time::sleep(Duration::from_secs_f64(first)).await;
+    loop {
+        let req = Request::get(&uri)
+            .header(header::HOST, host.clone())
+            .header(header::USER_AGENT, "weir-health-check")
+            .body(Empty::new());
+        let verdict = match req {
+            Err(e) => Err(format!("bad check request: {e}")),
+            Ok(req) => match tokio::time::timeout(spec.timeout, client.request(req)).await {
+                Err(_) => Err(format!("no answer within {:?}", spec.timeout)),
+                Ok(Err(e)) => Err(format!("request failed: {e}")),
+                Ok(Ok(resp)) if resp.status().is_success() => Ok(()),
+                Ok(Ok(resp)) => Err(format!("HTTP {}", resp.status().as_u16())),
+            },
+        };
+        match verdict {
+            Ok(()) => {
+                ok_run += 1;
+                fail_run = 0;
+                if ok_run >= spec.healthy_threshold && health.set_active(true, "") {
+                    tracing::info!(endpoint = %spec.addr, path = %spec.path, "active health check passing again");
+                    shared.endpoints.notify(Event::Changed);
+                }
+            }
+            Err(why) => {
+                fail_run += 1;
+                ok_run = 0;
+                if fail_run >= spec.unhealthy_threshold && health.set_active(false, &why) {
+                    tracing::warn!(endpoint = %spec.addr, path = %spec.path, %why, "active health check failing; endpoint taken out");
+                    shared.endpoints.notify(Event::Changed);
+                }
+            }
+        }
+        let jitter = rand::rng().random_range(0.9..1.1);
+        tokio::time::sleep(spec.interval.mul_f64(jitter)).await;
+    }
+}
+
+/// The control thread's health loop: rebuilds the table on every transition, readmits
+/// ejected endpoints when their time is up, and keeps the active checks in line with the
+/// table in force.
+pub async fn run(shared: Arc<Shared>) {
+    let Some(mut events) = shared.take_events() else {
+        return;
+    };
+    let mut checks = Checks::default();
+    let mut seen: Option<Arc<Table>> = None;
+    loop {
+        let current = shared.table.load_full();
+        if seen.as_ref().is_none_or(|s| !Arc::ptr_eq(s, &current)) {
+            checks.reconcile(&current, &shared);
+            seen = Some(current);
+        }
+        let next_readmission = shared
+            .endpoints
+            .all()
+            .iter()
+            .filter_map(|e| e.ejected_until())
+            .min();
+        let wait = next_readmission
+            .map(|t| Duration::from_millis(t.saturating_sub(now_ms())))
+            .unwrap_or(Duration::from_secs(3600));
+        tokio::select! {
+            ev = events.recv() => {
+                if ev.is_none() {
+                    return;
+                }
+                // Coalesce a burst of transitions into one rebuild.
+                while events.try_recv().is_ok() {}
+                shared.rebuild();
+            }
+            _ = tokio::time::sleep(wait) => {
+                let now = now_ms();
+                let mut any = false;
+                for e in shared.endpoints.all() {
+                    if e.readmit_if_due(now) {
+                        tracing::info!(endpoint = %e.addr, "ejection over; endpoint readmitted");
+                        any = true;
+                    }
+                }
+                if any {
+                    shared.rebuild();
+                }
+            }
+            _ = shared.table_changed.notified() => {}
+        }
+    }
+}

@@ -1,0 +1,306 @@
+//! Endpoint health as the agent sees it: active checks and passive outlier detection, on top
+//! of the EndpointSlice readiness the controller sends.
+//!
+//! State is kept per endpoint address in an [`Endpoints`] registry that outlives routing
+//! tables: a table rebuild looks every endpoint up, so in-flight counts, latency estimates,
+//! ejections and check verdicts carry over. Workers only touch atomics; a health transition
+//! is sent as an [`Event`] to the control thread, the single writer, which rebuilds the table
+//! with the new verdicts (weights, failover spill and panic recomputed by
+//! `weir_proto::weights`, exactly as the controller would).
+
+use crate::metrics::{EndpointCounters, Metrics};
+use crate::pick::EndpointLoad;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// Milliseconds on a monotonic clock private to this process (never 0).
+pub fn now_ms() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
+}
+
+/// Nanoseconds on the same monotonic clock, for latency estimates.
+pub fn now_nanos() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_nanos() as u64
+}
+
+/// What the control thread must react to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// An endpoint's verdict changed: rebuild the table.
+    Changed,
+    /// An endpoint was ejected until this time (`now_ms` clock): rebuild, and again then.
+    EjectedUntil(u64),
+}
+
+/// The outcome of one try against an endpoint, as passive outlier detection counts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Success,
+    /// 5xx, connect failure, reset or timeout.
+    Failure,
+}
+
+/// Passive outlier detection settings of a route (from `outlierDetection`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutlierConfig {
+    pub consecutive_errors: u32,
+    pub base_ejection: Duration,
+    pub max_ejection_percent: u32,
+}
+
+impl Default for OutlierConfig {
+    /// Envoy's defaults: 5 consecutive errors, 30 s, at most 10 % ejected. weir allows 50 %
+    /// by default so that one bad endpoint of two can still be ejected.
+    fn default() -> Self {
+        Self {
+            consecutive_errors: 5,
+            base_ejection: Duration::from_secs(30),
+            max_ejection_percent: 50,
+        }
+    }
+}
+
+/// Health and load of one endpoint address.
+#[derive(Debug)]
+pub struct EndpointHealth {
+    pub addr: SocketAddr,
+    pub load: Arc<EndpointLoad>,
+    pub counters: EndpointCounters,
+    /// Verdict of the active health check; true until a check says otherwise.
+    active_ok: AtomicBool,
+    /// `now_ms` until which the endpoint is ejected; 0 when not ejected.
+    ejected_until: AtomicU64,
+    ejections: AtomicU32,
+    consecutive_failures: AtomicU32,
+    /// Why the endpoint is unhealthy, for `/config` (written only on transitions).
+    reason: Mutex<Option<String>>,
+}
+
+impl EndpointHealth {
+    fn new(addr: SocketAddr, metrics: &Metrics) -> Self {
+        Self {
+            addr,
+            load: Arc::new(EndpointLoad::new()),
+            counters: metrics.endpoint_counters(addr),
+            active_ok: AtomicBool::new(true),
+            ejected_until: AtomicU64::new(0),
+            ejections: AtomicU32::new(0),
+            consecutive_failures: AtomicU32::new(0),
+            reason: Mutex::new(None),
+        }
+    }
+
+    /// Healthy as far as this agent knows (active check passing and not ejected).
+    pub fn is_healthy(&self, now_ms: u64) -> bool {
+        self.active_ok.load(Ordering::Relaxed) && !self.is_ejected(now_ms)
+    }
+
+    pub fn is_ejected(&self, now_ms: u64) -> bool {
+        let until = self.ejected_until.load(Ordering::Relaxed);
+        until != 0 && until > now_ms
+    }
+
+    /// When the current ejection ends, if ejected.
+    pub fn ejected_until(&self) -> Option<u64> {
+        let until = self.ejected_until.load(Ordering::Relaxed);
+        (until != 0).then_some(until)
+    }
+
+    pub fn ejections(&self) -> u32 {
+        self.ejections.load(Ordering::Relaxed)
+    }
+
+    /// Why the endpoint is not healthy, or `None`.
+    pub fn reason(&self, now_ms: u64) -> Option<String> {
+        if self.is_healthy(now_ms) {
+            return None;
+        }
+        self.reason.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn set_reason(&self, why: String) {
+        *self.reason.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
+    }
+
+    /// Records an active check verdict; true if it changed.
+    pub fn set_active(&self, ok: bool, why: &str) -> bool {
+        let changed = self.active_ok.swap(ok, Ordering::Relaxed) != ok;
+        if changed && !ok {
+            self.set_reason(format!("active health check failing: {why}"));
+        }
+        changed
+    }
+
+    /// Ends an ejection whose time is up. True if the endpoint was ejected.
+    pub fn readmit_if_due(&self, now_ms: u64) -> bool {
+        let until = self.ejected_until.load(Ordering::Relaxed);
+        if until != 0 && until <= now_ms {
+            self.ejected_until.store(0, Ordering::Relaxed);
+            self.consecutive_failures.store(0, Ordering::Relaxed);
+            return true;
+        }
+        false
+    }
+
+    /// Counts a try's outcome. Returns `Some(until)` when this failure ejects the endpoint;
+    /// `may_eject` says whether the route's `maxEjectionPercent` leaves room for it.
+    pub fn record(
+        &self,
+        outcome: Outcome,
+        cfg: &OutlierConfig,
+        now_ms: u64,
+        may_eject: impl FnOnce() -> bool,
+    ) -> Option<u64> {
+        match outcome {
+            Outcome::Success => {
+                // Read first: a write on every success would bounce the cache line between
+                // workers for nothing.
+                if self.consecutive_failures.load(Ordering::Relaxed) != 0 {
+                    self.consecutive_failures.store(0, Ordering::Relaxed);
+                }
+                None
+            }
+            Outcome::Failure => {
+                let n = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+                if cfg.consecutive_errors == 0
+                    || n < cfg.consecutive_errors
+                    || self.is_ejected(now_ms)
+                    || !may_eject()
+                {
+                    return None;
+                }
+                let times = self.ejections.fetch_add(1, Ordering::Relaxed) + 1;
+                let until = now_ms + cfg.base_ejection.as_millis() as u64 * u64::from(times);
+                // Only one worker wins the ejection of an endpoint.
+                if self
+                    .ejected_until
+                    .compare_exchange(0, until, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_err()
+                {
+                    self.ejections.fetch_sub(1, Ordering::Relaxed);
+                    return None;
+                }
+                self.consecutive_failures.store(0, Ordering::Relaxed);
+                self.counters.ejected();
+                self.set_reason(format!(
+                    "ejected by outlier detection after {n} consecutive errors (ejection #{times}, {} s)",
+                    (until - now_ms) / 1000
+                ));
+                Some(until)
+            }
+        }
+    }
+}
+
+/// Every endpoint the agent knows, by address. Written only when tables are built.
+pub struct Endpoints {
+    map: Mutex<HashMap<SocketAddr, Arc<EndpointHealth>>>,
+    events: mpsc::UnboundedSender<Event>,
+}
+
+impl Endpoints {
+    pub fn new(events: mpsc::UnboundedSender<Event>) -> Self {
+        Self {
+            map: Mutex::new(HashMap::new()),
+            events,
+        }
+    }
+
+    /// The state of `addr`, created on first use.
+    pub fn get(&self, addr: SocketAddr, metrics: &Metrics) -> Arc<EndpointHealth> {
+        self.lock()
+            .entry(addr)
+            .or_insert_with(|| Arc::new(EndpointHealth::new(addr, metrics)))
+            .clone()
+    }
+
+    /// Forgets endpoints no table uses any more (their state would otherwise grow forever).
+    pub fn retain(&self, keep: impl Fn(&SocketAddr) -> bool, metrics: &Metrics) {
+        self.lock().retain(|addr, _| {
+            let kept = keep(addr);
+            if !kept {
+                metrics.forget_endpoint(*addr);
+            }
+            kept
+        });
+    }
+
+    pub fn all(&self) -> Vec<Arc<EndpointHealth>> {
+        self.lock().values().cloned().collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, Arc<EndpointHealth>>> {
+        self.map.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Tells the control thread about a transition.
+    pub fn notify(&self, event: Event) {
+        let _ = self.events.send(event);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn endpoint() -> EndpointHealth {
+        EndpointHealth::new("127.0.0.1:80".parse().expect("addr"), &Metrics::new())
+    }
+
+    const CFG: OutlierConfig = OutlierConfig {
+        consecutive_errors: 3,
+        base_ejection: Duration::from_secs(10),
+        max_ejection_percent: 50,
+    };
+
+    #[test]
+    fn consecutive_failures_eject_for_base_time_times_ejections() {
+        let e = endpoint();
+        assert_eq!(e.record(Outcome::Failure, &CFG, 1000, || true), None);
+        assert_eq!(e.record(Outcome::Failure, &CFG, 1000, || true), None);
+        assert_eq!(e.record(Outcome::Failure, &CFG, 1000, || true), Some(11_000));
+        assert!(!e.is_healthy(5000));
+        assert!(e.reason(5000).is_some_and(|r| r.contains("outlier")));
+        assert!(e.readmit_if_due(11_000));
+        assert!(e.is_healthy(11_000));
+        for _ in 0..2 {
+            e.record(Outcome::Failure, &CFG, 20_000, || true);
+        }
+        // Second ejection lasts twice as long.
+        assert_eq!(e.record(Outcome::Failure, &CFG, 20_000, || true), Some(40_000));
+    }
+
+    #[test]
+    fn a_success_resets_the_count() {
+        let e = endpoint();
+        e.record(Outcome::Failure, &CFG, 0, || true);
+        e.record(Outcome::Failure, &CFG, 0, || true);
+        e.record(Outcome::Success, &CFG, 0, || true);
+        assert_eq!(e.record(Outcome::Failure, &CFG, 0, || true), None);
+    }
+
+    #[test]
+    fn no_ejection_when_the_route_is_at_its_ejection_limit() {
+        let e = endpoint();
+        for _ in 0..5 {
+            assert_eq!(e.record(Outcome::Failure, &CFG, 0, || false), None);
+        }
+        assert!(e.is_healthy(1));
+    }
+
+    #[test]
+    fn active_verdict_changes_are_reported_once() {
+        let e = endpoint();
+        assert!(e.set_active(false, "HTTP 500"));
+        assert!(!e.set_active(false, "HTTP 500"));
+        assert!(!e.is_healthy(0));
+        assert!(e.set_active(true, ""));
+        assert!(e.is_healthy(0));
+    }
+}

@@ -1,0 +1,306 @@
+//! `weir-load`: an open-loop HTTP/1.1 load generator for latency at a fixed rate.
+//!
+//! Requests are *scheduled* at fixed intervals (`1 / --rate`) by a dedicated thread that
+//! sleeps with a lowered timer slack, and handed round robin to `--connections` keep-alive
+//! connections (one request in flight per connection, like wrk). Latency is measured from a
+//! request's **scheduled** time, not from when it could be sent, so a stall that makes later
+//! requests wait on a busy connection shows up in the percentiles (coordinated omission is
+//! accounted for, as in wrk2). Results go to an HDR histogram (1 µs … 60 s, 3 digits).
+//!
+//!     weir-load --url http://127.0.0.1:15001/ --host bench --rate 10000 \
+//!         --connections 64 --duration 10s
+//!
+//! Prints one JSON object on stdout:
+//! `{"sent":..,"ok":..,"errors":..,"p50_us":..,"p90_us":..,"p99_us":..,"p999_us":..,
+//!   "achieved_rps":..}` plus `max_us`, `mean_us` and the scheduler's own lateness
+//! (`sched_lag_p50_us`, `sched_lag_p99_us`: how late the generator dispatched requests
+//! relative to their schedule; that lateness is included in the latencies, so check that it
+//! is small before trusting a low percentile). Requests during `--warmup` are sent at the
+//! same rate but not recorded. A non-2xx answer or a transport error counts as an error and
+//! is not recorded in the histogram; a broken connection is re-established.
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use clap::Parser;
+use hdrhistogram::Histogram;
+use http::{Request, Uri, header};
+use http_body_util::{BodyExt, Empty};
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+
+#[derive(Parser, Debug)]
+#[command(name = "weir-load", about = "Open-loop HTTP/1.1 load at a fixed rate")]
+struct Args {
+    /// Target URL (http only), e.g. http://127.0.0.1:15001/
+    #[arg(long)]
+    url: String,
+    /// Host header to send (default: the URL's authority).
+    #[arg(long)]
+    host: Option<String>,
+    /// Requests per second, spread evenly in time.
+    #[arg(long)]
+    rate: f64,
+    /// Keep-alive connections; request i goes to connection i mod C.
+    #[arg(long, default_value_t = 64)]
+    connections: usize,
+    /// Measured duration: 10s, 500ms, 2m or plain seconds.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    duration: Duration,
+    /// Unrecorded lead-in at the same rate.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    warmup: Duration,
+    /// How long to wait for requests still in flight after the schedule ends.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    drain: Duration,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, scale) = if let Some(n) = s.strip_suffix("ms") {
+        (n, 1e-3)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1.0)
+    } else if let Some(n) = s.strip_suffix('m') {
+        (n, 60.0)
+    } else {
+        (s, 1.0)
+    };
+    let v: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?}"))?;
+    if !(v.is_finite() && v >= 0.0) {
+        return Err(format!("invalid duration {s:?}"));
+    }
+    Ok(Duration::from_secs_f64(v * scale))
+}
+
+struct Target {
+    addr: String,
+    path: String,
+    host: String,
+}
+
+/// One scheduled request: when it should have started, and whether it is measured.
+struct Slot {
+    at: Instant,
+    measured: bool,
+}
+
+#[derive(Default)]
+struct ConnStats {
+    ok: u64,
+    errors: u64,
+    done_measured: u64,
+}
+
+fn new_hist() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds")
+}
+
+async fn connect(t: &Target) -> anyhow::Result<SendRequest<Empty<Bytes>>> {
+    let stream = TcpStream::connect(&t.addr)
+        .await
+        .with_context(|| format!("connect {}", t.addr))?;
+    stream.set_nodelay(true)?;
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(sender)
+}
+
+async fn run_conn(
+    target: Arc<Target>,
+    mut sender: Option<SendRequest<Empty<Bytes>>>,
+    mut rx: mpsc::UnboundedReceiver<Slot>,
+) -> (ConnStats, Histogram<u64>) {
+    let mut stats = ConnStats::default();
+    let mut hist = new_hist();
+    while let Some(slot) = rx.recv().await {
+        let ok = one_request(&target, &mut sender).await;
+        if !slot.measured {
+            continue;
+        }
+        stats.done_measured += 1;
+        if ok {
+            stats.ok += 1;
+            let us = slot.at.elapsed().as_micros().max(1) as u64;
+            hist.saturating_record(us);
+        } else {
+            stats.errors += 1;
+        }
+    }
+    (stats, hist)
+}
+
+/// Sends one request on the connection (re-connecting if needed); true for a complete 2xx.
+async fn one_request(target: &Target, sender: &mut Option<SendRequest<Empty<Bytes>>>) -> bool {
+    if sender.is_none() {
+        match connect(target).await {
+            Ok(s) => *sender = Some(s),
+            Err(_) => return false,
+        }
+    }
+    let s = sender.as_mut().expect("connected above");
+    if s.ready().await.is_err() {
+        *sender = None;
+        return false;
+    }
+    let req = Request::get(target.path.as_str())
+        .header(header::HOST, target.host.as_str())
+        .body(Empty::<Bytes>::new())
+        .expect("valid request");
+    match s.send_request(req).await {
+        Ok(resp) => {
+            let status = resp.status();
+            match resp.into_body().collect().await {
+                Ok(_) => status.is_success(),
+                Err(_) => {
+                    *sender = None;
+                    false
+                }
+            }
+        }
+        Err(_) => {
+            *sender = None;
+            false
+        }
+    }
+}
+
+/// Lowers the main thread's timer slack (default 50 µs) so that sleeps end close to their
+/// deadline; threads created afterwards inherit it. Best effort: needs Linux ≥ 4.6 and the
+/// right to write `/proc/self/timerslack_ns` (root, or CAP_SYS_NICE since Linux 4.12).
+fn lower_timer_slack() {
+    if std::fs::write("/proc/self/timerslack_ns", "1000").is_err() {
+        eprintln!("weir-load: could not lower timer slack; schedule may lag by ~50-100 µs");
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    lower_timer_slack();
+    if !(args.rate.is_finite() && args.rate > 0.0) {
+        bail!("--rate must be positive");
+    }
+    if args.connections == 0 {
+        bail!("--connections must be at least 1");
+    }
+    let uri: Uri = args.url.parse().context("--url")?;
+    if uri.scheme_str() != Some("http") {
+        bail!("--url must be http://");
+    }
+    let authority = uri.authority().context("--url needs a host")?.clone();
+    let addr = if authority.port().is_some() {
+        authority.as_str().to_string()
+    } else {
+        format!("{}:80", authority.host())
+    };
+    let path = uri
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "/".to_string());
+    let target = Arc::new(Target {
+        addr,
+        path,
+        host: args.host.clone().unwrap_or_else(|| authority.to_string()),
+    });
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        // All connections are opened before the clock starts.
+        let mut senders = Vec::with_capacity(args.connections);
+        let mut tasks = Vec::with_capacity(args.connections);
+        for _ in 0..args.connections {
+            let conn = connect(&target).await?;
+            let (tx, rx) = mpsc::unbounded_channel();
+            senders.push(tx);
+            tasks.push(tokio::spawn(run_conn(target.clone(), Some(conn), rx)));
+        }
+
+        let rate = args.rate;
+        let warmup = args.warmup;
+        let duration = args.duration;
+        let scheduler = std::thread::Builder::new()
+            .name("weir-load-sched".into())
+            .spawn(move || {
+                let mut lag = new_hist();
+                let interval_ns = 1e9 / rate;
+                let start = Instant::now() + Duration::from_millis(20);
+                let measure_from = start + warmup;
+                let end = measure_from + duration;
+                let mut sent: u64 = 0;
+                let mut i: u64 = 0;
+                loop {
+                    let at = start + Duration::from_nanos((i as f64 * interval_ns) as u64);
+                    if at >= end {
+                        break;
+                    }
+                    let now = Instant::now();
+                    if at > now {
+                        std::thread::sleep(at - now);
+                    }
+                    let measured = at >= measure_from;
+                    if measured {
+                        sent += 1;
+                        lag.saturating_record(at.elapsed().as_micros() as u64 + 1);
+                    }
+                    let c = (i % senders.len() as u64) as usize;
+                    if senders[c].send(Slot { at, measured }).is_err() {
+                        break;
+                    }
+                    i += 1;
+                }
+                (sent, lag)
+            })?;
+        let (sent, lag) = tokio::task::spawn_blocking(move || scheduler.join())
+            .await?
+            .map_err(|_| anyhow::anyhow!("scheduler thread panicked"))?;
+
+        // The schedule is over (its senders are dropped): let in-flight requests finish.
+        let deadline = tokio::time::Instant::now() + args.drain;
+        let mut hist = new_hist();
+        let (mut ok, mut errors, mut done) = (0u64, 0u64, 0u64);
+        for task in tasks {
+            let abort = task.abort_handle();
+            match tokio::time::timeout_at(deadline, task).await {
+                Ok(Ok((stats, h))) => {
+                    ok += stats.ok;
+                    errors += stats.errors;
+                    done += stats.done_measured;
+                    hist.add(&h).ok();
+                }
+                _ => abort.abort(),
+            }
+        }
+        // Requests that never completed within the drain count as errors.
+        errors += sent.saturating_sub(done);
+        let q = |p: f64| if hist.is_empty() { 0 } else { hist.value_at_quantile(p) };
+        let out = serde_json::json!({
+            "sent": sent,
+            "ok": ok,
+            "errors": errors,
+            "p50_us": q(0.50),
+            "p90_us": q(0.90),
+            "p99_us": q(0.99),
+            "p999_us": q(0.999),
+            "max_us": hist.max(),
+            "mean_us": (hist.mean() * 10.0).round() / 10.0,
+            "achieved_rps": (ok as f64 / duration.as_secs_f64()).round(),
+            "target_rps": rate,
+            "connections": args.connections,
+            "duration_s": duration.as_secs_f64(),
+            "sched_lag_p50_us": lag.value_at_quantile(0.50).saturating_sub(1),
+            "sched_lag_p99_us": lag.value_at_quantile(0.99).saturating_sub(1),
+        });
+        println!("{out}");
+        anyhow::Ok(())
+    })
+}
