@@ -14,5 +14,6 @@ pub mod health;
 pub mod metrics;
 pub mod pick;
 pub mod proxy;
+pub mod replay;
 pub mod state;
 pub mod table;

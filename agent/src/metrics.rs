@@ -74,6 +74,17 @@ impl LocalReply {
         }
     }
 
+    /// The gRPC status a gRPC client gets for this reply.
+    pub fn grpc_status(self) -> u32 {
+        match self {
+            LocalReply::NoRoute => 12,                  // UNIMPLEMENTED
+            LocalReply::UpstreamTimeout => 4,           // DEADLINE_EXCEEDED
+            LocalReply::BadRequest => 13,               // INTERNAL
+            LocalReply::UpstreamError => 14,            // UNAVAILABLE
+            LocalReply::NoHealthyEndpoint | LocalReply::UpstreamConnect | LocalReply::CircuitOpen => 14,
+        }
+    }
+
     pub fn status(self) -> http::StatusCode {
         use http::StatusCode as S;
         match self {

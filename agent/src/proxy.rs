@@ -13,13 +13,13 @@
 use crate::health::{Event, Outcome, now_ms, now_nanos};
 use crate::metrics::{LocalReply, RouteCounters};
 use crate::pick::InFlight;
+use crate::replay::{ReplayBody, UpBody};
 use crate::state::Shared;
 use crate::table::{RouteRt, RuleRt, Target, upstream_uri};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
-use http_body_util::{BodyExt, Either, Full};
-use hyper::body::Body as _;
+use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -59,27 +59,44 @@ const VIA_11: HeaderValue = HeaderValue::from_static("1.1 weir");
 const VIA_2: HeaderValue = HeaderValue::from_static("2 weir");
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_WEIR_ERROR: HeaderName = HeaderName::from_static("x-weir-error");
+const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+const GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
+const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
 
-/// One worker's request handler: the shared table plus this worker's upstream pool.
+/// One worker's request handler: the shared table plus this worker's upstream pools.
 pub struct Worker {
     shared: Arc<Shared>,
-    client: Client<HttpConnector, ReqBody>,
+    /// HTTP/1.1 upstreams: a pool of keep-alive connections per endpoint.
+    http1: Client<HttpConnector, UpBody>,
+    /// h2c upstreams: one multiplexed HTTP/2 connection per endpoint, kept alive with PINGs.
+    /// Streams beyond the endpoint's `MAX_CONCURRENT_STREAMS` wait on it for a free slot.
+    h2c: Client<HttpConnector, UpBody>,
 }
-
-/// An upstream request body: streamed from the client, or replayable bytes.
-pub type ReqBody = Either<Incoming, Full<Bytes>>;
 
 impl Worker {
     pub fn new(shared: Arc<Shared>) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
-        let client = Client::builder(TokioExecutor::new())
+        let http1 = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
+            .build(connector.clone());
+        let h2c = Client::builder(TokioExecutor::new())
+            .http2_only(true)
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .http2_keep_alive_timeout(Duration::from_secs(10))
+            .http2_keep_alive_while_idle(true)
+            .pool_idle_timeout(Duration::from_secs(300))
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
             .build(connector);
-        Self { shared, client }
+        Self {
+            shared,
+            http1,
+            h2c,
+        }
     }
 
     /// Handles one request from `peer` (its IP pre-rendered as a header value).
@@ -88,9 +105,11 @@ impl Worker {
         req: Request<Incoming>,
         peer: HeaderValue,
     ) -> Result<Response<Body>, Infallible> {
+        let grpc = is_grpc(req.headers());
         if req.method() == Method::CONNECT {
             // weir is never a tunnel: CONNECT is refused whatever the authority.
             return Ok(local_reply(
+                grpc,
                 &self.shared.metrics.unrouted,
                 LocalReply::BadRequest,
                 "CONNECT is not supported",
@@ -103,6 +122,7 @@ impl Worker {
             Some(a) => {
                 if req.uri().scheme() != Some(&http::uri::Scheme::HTTP) {
                     return Ok(local_reply(
+                        grpc,
                         &self.shared.metrics.unrouted,
                         LocalReply::BadRequest,
                         "only http:// absolute-form targets are accepted",
@@ -114,6 +134,7 @@ impl Worker {
                 Some(h) => h.as_bytes(),
                 None => {
                     return Ok(local_reply(
+                        grpc,
                         &self.shared.metrics.unrouted,
                         LocalReply::BadRequest,
                         "request has no Host",
@@ -124,6 +145,7 @@ impl Worker {
         let mut buf = [0u8; 256];
         let Some(host) = normalize_host(host_bytes, &mut buf) else {
             return Ok(local_reply(
+                grpc,
                 &self.shared.metrics.unrouted,
                 LocalReply::BadRequest,
                 "malformed Host",
@@ -135,6 +157,7 @@ impl Worker {
             let Some(route) = table.route(host) else {
                 let msg = format!("no route for host {host:?}");
                 return Ok(local_reply(
+                    grpc,
                     &self.shared.metrics.unrouted,
                     LocalReply::NoRoute,
                     &msg,
@@ -145,6 +168,7 @@ impl Worker {
             let Some(idx) = route.rules.iter().position(|r| r.matches(method, path, headers))
             else {
                 return Ok(local_reply(
+                    grpc,
                     &route.counters,
                     LocalReply::NoRoute,
                     "no rule of the route matches this request",
@@ -152,7 +176,7 @@ impl Worker {
             };
             (route.clone(), idx)
         };
-        Ok(self.forward(req, route, rule_idx, from_uri, peer).await)
+        Ok(self.forward(req, route, rule_idx, from_uri, peer, grpc).await)
     }
 
     /// Sends the request to an endpoint of the rule, retrying where that is safe, and maps
@@ -164,6 +188,7 @@ impl Worker {
         rule_idx: usize,
         host_from_uri: bool,
         peer: HeaderValue,
+        grpc: bool,
     ) -> Response<Body> {
         let started = Instant::now();
         let _active = Active::new(&route);
@@ -171,28 +196,20 @@ impl Worker {
         let (mut parts, body) = req.into_parts();
         let hash = route.request_hash(parts.uri.path(), &parts.headers);
         let idempotent = is_idempotent(&parts.method);
-        let deadline = started + route.timeout.unwrap_or(DEFAULT_TIMEOUT);
+        let mut budget = route.timeout.unwrap_or(DEFAULT_TIMEOUT);
+        if grpc && let Some(t) = grpc_timeout(&parts.headers) {
+            budget = budget.min(t);
+        }
+        let deadline = started + budget;
 
-        // A request can be tried again only if its body can be sent again: no body at all,
-        // or a small one read up front (only when the policy could retry it).
-        let (replay, mut stream_body): (Option<Bytes>, Option<Incoming>) = if body.is_end_stream() {
-            (Some(Bytes::new()), None)
-        } else if route.retry.attempts > 0
-            && idempotent
-            && content_length(&parts.headers).is_some_and(|n| n <= REPLAY_LIMIT)
-        {
-            match tokio::time::timeout_at(deadline.into(), body.collect()).await {
-                Ok(Ok(b)) => (Some(b.to_bytes()), None),
-                Ok(Err(_)) => {
-                    return local_reply(&route.counters, LocalReply::BadRequest, "request body broke off");
-                }
-                Err(_) => {
-                    return local_reply(&route.counters, LocalReply::UpstreamTimeout, "request body not received in time");
-                }
-            }
+        // A request can be tried again only if its body can be sent again: it streams
+        // through at once, and a copy of up to REPLAY_LIMIT bytes is kept for retries.
+        let mut first_body = if route.retry.attempts > 0 {
+            Some(UpBody::Replay(ReplayBody::new(body, REPLAY_LIMIT)))
         } else {
-            (None, Some(body))
+            Some(UpBody::Stream(body))
         };
+        let mut replay: Option<ReplayBody> = None;
 
         let downstream_version = parts.version;
         if (host_from_uri || parts.headers.get(header::HOST).is_none())
@@ -202,6 +219,10 @@ impl Worker {
             parts.headers.insert(header::HOST, v);
         }
         let pq = std::mem::take(&mut parts.uri).into_parts().path_and_query;
+        let te_trailers = parts
+            .headers
+            .get(header::TE)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
         strip_hop_by_hop(&mut parts.headers);
         append_forwarded_for(&mut parts.headers, peer);
         parts.headers.append(
@@ -222,25 +243,43 @@ impl Worker {
                 } else {
                     (LocalReply::CircuitOpen, "every endpoint is at its limit of requests in flight")
                 };
-                return local_reply(&route.counters, reply.0, reply.1);
+                return local_reply(grpc, &route.counters, reply.0, reply.1);
             };
             let uri = match upstream_uri(&target.authority, pq.clone()) {
                 Ok(u) => u,
-                Err(_) => return local_reply(&route.counters, LocalReply::BadRequest, "bad request target"),
+                Err(_) => return local_reply(grpc, &route.counters, LocalReply::BadRequest, "bad request target"),
             };
-            let body = match (&replay, stream_body.take()) {
-                (Some(b), _) => Either::Right(Full::new(b.clone())),
-                (None, Some(b)) => Either::Left(b),
-                (None, None) => Either::Right(Full::new(Bytes::new())),
+            let body = match first_body.take() {
+                Some(UpBody::Replay(b)) => {
+                    let replica = b.replica();
+                    replay = replica;
+                    UpBody::Replay(b)
+                }
+                Some(other) => other,
+                None => match replay.as_ref().and_then(ReplayBody::replica) {
+                    Some(b) => UpBody::Replay(b),
+                    None => {
+                        return local_reply(grpc, &route.counters, LocalReply::UpstreamError, "upstream request failed");
+                    }
+                },
             };
             let mut up = Request::new(body);
             *up.method_mut() = parts.method.clone();
             *up.uri_mut() = uri;
-            *up.version_mut() = Version::HTTP_11;
-            *up.headers_mut() = if replay.is_some() {
+            *up.headers_mut() = if route.retry.attempts > tries {
                 parts.headers.clone()
             } else {
                 std::mem::take(&mut parts.headers)
+            };
+            let client = if target.h2c {
+                *up.version_mut() = Version::HTTP_2;
+                if te_trailers || grpc {
+                    up.headers_mut().insert(header::TE, HeaderValue::from_static("trailers"));
+                }
+                &self.h2c
+            } else {
+                *up.version_mut() = Version::HTTP_11;
+                &self.http1
             };
 
             let now = Instant::now();
@@ -248,24 +287,38 @@ impl Worker {
             let per_try = route.retry.per_try_timeout.map_or(remaining, |p| p.min(remaining));
             let in_flight = InFlight::new(target.health.load.clone());
             target.health.counters.requests.inc();
-            let result = tokio::time::timeout(per_try, self.client.request(up)).await;
+            let result = tokio::time::timeout(per_try, client.request(up)).await;
             let latency = now.elapsed();
             in_flight.finish(latency, now_nanos());
 
             let (failure, retryable, outcome) = match result {
                 Ok(Ok(resp)) => {
                     let status = resp.status().as_u16();
-                    let failed = status >= 500;
-                    let retry = route.retry.retry_status(status) && idempotent;
-                    (failed, retry, Ok(resp))
+                    if grpc {
+                        // A failed call before any message: a Trailers-Only answer.
+                        let code = head_grpc_status(resp.headers());
+                        let failed = status >= 500 || matches!(code, Some(4 | 8 | 13 | 14 | 15));
+                        let retry = code.is_some_and(|c| route.retry.on_grpc.contains(&c));
+                        (failed, retry, Ok(resp))
+                    } else {
+                        let failed = status >= 500;
+                        let retry = route.retry.retry_status(status) && idempotent;
+                        (failed, retry, Ok(resp))
+                    }
                 }
                 Ok(Err(e)) if e.is_connect() => {
                     tracing::debug!(route = %route.name, target = %target.addr, error = %e, "upstream connect failed");
                     (true, route.retry.on_connect_failure, Err(LocalReply::UpstreamConnect))
                 }
+                Ok(Err(e)) if never_processed(&e) => {
+                    // Refused or cut off by a graceful GOAWAY before the endpoint saw it:
+                    // as safe to send again as a connect failure.
+                    tracing::debug!(route = %route.name, target = %target.addr, error = %e, "upstream did not process the request");
+                    (false, true, Err(LocalReply::UpstreamError))
+                }
                 Ok(Err(e)) => {
                     tracing::debug!(route = %route.name, target = %target.addr, error = %e, "upstream request failed");
-                    (true, route.retry.on_reset && idempotent, Err(LocalReply::UpstreamError))
+                    (true, route.retry.on_reset && (idempotent || grpc), Err(LocalReply::UpstreamError))
                 }
                 Err(_) => (true, route.retry.on_timeout && idempotent, Err(LocalReply::UpstreamTimeout)),
             };
@@ -286,7 +339,7 @@ impl Worker {
             }
 
             let can_retry = retryable
-                && replay.is_some()
+                && replay.as_ref().is_some_and(ReplayBody::replayable)
                 && tries < route.retry.attempts
                 && Instant::now() < deadline
                 && route.try_begin_retry();
@@ -311,15 +364,16 @@ impl Worker {
                         LocalReply::UpstreamTimeout => "upstream did not answer in time",
                         _ => "upstream request failed",
                     };
-                    local_reply(&route.counters, reply, msg)
+                    local_reply(grpc, &route.counters, reply, msg)
                 }
             };
         }
     }
 }
 
-/// Largest request body kept in memory so the request can be retried.
-pub const REPLAY_LIMIT: u64 = 64 * 1024;
+/// Largest request body kept in memory so the request can be retried (gRPC's default
+/// message size limit is 4 MiB; most retried requests are far smaller).
+pub const REPLAY_LIMIT: usize = 64 * 1024;
 
 /// Counts a request as live on its route (for the retry budget and the in-flight gauge).
 struct Active<'a>(&'a RouteRt);
@@ -347,9 +401,6 @@ fn is_idempotent(m: &Method) -> bool {
     )
 }
 
-fn content_length(h: &HeaderMap) -> Option<u64> {
-    h.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
-}
 
 /// Picks an endpoint below its in-flight limit, preferring one other than `avoid` (the
 /// endpoint a retry is moving away from). A few draws, not a scan: the pickers already favour
@@ -381,22 +432,99 @@ fn pick_target(
     })
 }
 
-/// A short plain-text answer from the agent itself, with `x-weir-error` naming the reason.
-pub fn local_reply(counters: &RouteCounters, reply: LocalReply, msg: &str) -> Response<Body> {
+/// An answer from the agent itself. HTTP clients get a short plain-text body with
+/// `x-weir-error` naming the reason; gRPC clients cannot read that, so they get a gRPC
+/// "Trailers-Only" answer: HTTP 200 with `grpc-status` and a `grpc-message` saying why.
+pub fn local_reply(grpc: bool, counters: &RouteCounters, reply: LocalReply, msg: &str) -> Response<Body> {
     counters.reply(reply);
-    let body = format!("weir: {msg}\n");
-    let mut resp = Response::new(Either::Right(Full::new(Bytes::from(body))));
-    *resp.status_mut() = reply.status();
+    let body = if grpc {
+        Bytes::new()
+    } else {
+        Bytes::from(format!("weir: {msg}\n"))
+    };
+    let mut resp = Response::new(Either::Right(Full::new(body)));
+    if !grpc {
+        *resp.status_mut() = reply.status();
+    }
     let h = resp.headers_mut();
+    h.insert(X_WEIR_ERROR, HeaderValue::from_static(reply.code()));
+    if grpc {
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        h.insert(GRPC_STATUS, HeaderValue::from(reply.grpc_status()));
+        if let Ok(v) = HeaderValue::from_str(&percent_encode_grpc(&format!("weir: {msg}"))) {
+            h.insert(GRPC_MESSAGE, v);
+        }
+        return resp;
+    }
     h.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
-    h.insert(X_WEIR_ERROR, HeaderValue::from_static(reply.code()));
     if reply.status() == StatusCode::BAD_REQUEST {
         h.insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     resp
+}
+
+/// `grpc-message` is percent-encoded (gRPC over HTTP/2 spec): everything outside printable
+/// ASCII, and `%` itself.
+fn percent_encode_grpc(msg: &str) -> String {
+    let mut out = String::with_capacity(msg.len());
+    for b in msg.bytes() {
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Whether the request is a gRPC call (`content-type: application/grpc[+proto|…]`).
+pub fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// The call's `grpc-timeout` (e.g. `300m`, `2S`), if it has a valid one.
+pub fn grpc_timeout(headers: &HeaderMap) -> Option<Duration> {
+    let v = headers.get(GRPC_TIMEOUT)?.as_bytes();
+    let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 {
+        return None;
+    }
+    let n: u64 = std::str::from_utf8(digits).ok()?.parse().ok()?;
+    Some(match unit {
+        b"H" => Duration::from_secs(n * 3600),
+        b"M" => Duration::from_secs(n * 60),
+        b"S" => Duration::from_secs(n),
+        b"m" => Duration::from_millis(n),
+        b"u" => Duration::from_micros(n),
+        b"n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// The `grpc-status` of a response whose head already carries it (a Trailers-Only answer,
+/// which is how servers fail a call before sending any message).
+fn head_grpc_status(headers: &HeaderMap) -> Option<u32> {
+    headers.get(GRPC_STATUS)?.to_str().ok()?.parse().ok()
+}
+
+/// Whether an upstream error says the request was never processed: a stream refused
+/// (`REFUSED_STREAM`) or above the last stream id of a graceful `GOAWAY`. Such a request may
+/// be sent again whatever its method.
+fn never_processed(e: &hyper_util::client::legacy::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(err) = source {
+        if let Some(h2) = err.downcast_ref::<h2::Error>() {
+            return h2.reason() == Some(h2::Reason::REFUSED_STREAM)
+                || (h2.is_go_away() && h2.reason() == Some(h2::Reason::NO_ERROR));
+        }
+        source = err.source();
+    }
+    false
 }
 
 /// Lower-cases the host part of a Host / authority value (port and userinfo dropped) into
@@ -531,10 +659,19 @@ pub async fn serve(
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
         .max_buf_size(64 * 1024);
+    // HTTP/2 abuse limits, per connection: a rapid-reset flood (CVE-2023-44487) hits the cap
+    // on streams reset before they were accepted and the connection is closed with GOAWAY;
+    // header blocks (CONTINUATION floods) are capped at 64 KiB; a stream the client resets
+    // drops its request future, which cancels the upstream request.
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_concurrent_streams(1024);
+        .max_concurrent_streams(1024)
+        .max_pending_accept_reset_streams(Some(64))
+        .max_local_error_reset_streams(Some(256))
+        .max_header_list_size(64 * 1024)
+        .keep_alive_interval(Some(Duration::from_secs(60)))
+        .keep_alive_timeout(Duration::from_secs(20));
     let builder = Arc::new(builder);
     loop {
         let (stream, peer) = match listener.accept().await {

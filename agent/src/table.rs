@@ -179,6 +179,9 @@ pub struct RuleRt {
 #[derive(Debug)]
 pub struct Target {
     pub addr: SocketAddr,
+    /// The upstream speaks HTTP/2 with prior knowledge (Service port `appProtocol:
+    /// kubernetes.io/h2c`); otherwise HTTP/1.1.
+    pub h2c: bool,
     /// `ip:port`, ready to be put in an upstream URI without re-parsing.
     pub authority: Authority,
     pub health: Arc<EndpointHealth>,
@@ -427,6 +430,7 @@ impl RuleRt {
                 weights.push(ep.weight);
                 targets.push(Target {
                     addr: health.addr,
+                    h2c: b.protocol == pb::Protocol::H2c as i32,
                     authority,
                     health: health.clone(),
                 });

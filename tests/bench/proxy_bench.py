@@ -701,6 +701,12 @@ def main():
 
     d = tempfile.mkdtemp(prefix="weir-bench-")
     log(f"work dir {d}")
+    # Snapshot the binaries: a concurrent `cargo build` must not swap them mid-benchmark.
+    os.makedirs(f"{d}/bin")
+    for b in ["weir-load", "weir-agent", "weir-controller"]:
+        if os.path.exists(f"{BIN}/{b}"):
+            shutil.copy2(f"{BIN}/{b}", f"{d}/bin/{b}")
+    BIN = f"{d}/bin"
     started = datetime.datetime.now(datetime.timezone.utc)
     results, extra = [], {}
     try:

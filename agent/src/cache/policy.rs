@@ -46,13 +46,15 @@ pub fn classify(method: &Method, headers: &HeaderMap) -> RequestKind {
         Method::OPTIONS | Method::TRACE | Method::CONNECT => return RequestKind::Bypass,
         _ => return RequestKind::Unsafe,
     };
-    let has_body = headers.contains_key(header::TRANSFER_ENCODING)
-        || headers
-            .get(header::CONTENT_LENGTH)
-            .is_some_and(|v| v.as_bytes() != b"0");
-    if headers.contains_key(header::RANGE) || headers.contains_key(header::UPGRADE) || has_body
-    {
-        return RequestKind::Bypass;
+    // One pass over the (few) request fields beats a hash probe per name.
+    for (name, value) in headers {
+        let bypass = *name == header::RANGE
+            || *name == header::UPGRADE
+            || *name == header::TRANSFER_ENCODING
+            || (*name == header::CONTENT_LENGTH && value.as_bytes() != b"0");
+        if bypass {
+            return RequestKind::Bypass;
+        }
     }
     kind
 }
@@ -569,15 +571,15 @@ pub fn client_validators_match(req: &HeaderMap, v: &Variant) -> bool {
                 .any(|t| t.trim_ascii() == b"*" || opaque(t) == stored)
         });
     }
-    let (Some(ims), Some(lm)) = (
-        req.get(header::IF_MODIFIED_SINCE)
-            .and_then(|v| httpdate::parse_http_date(v.to_str().ok()?).ok()),
-        v.field(&header::LAST_MODIFIED)
-            .and_then(|v| httpdate::parse_http_date(std::str::from_utf8(v).ok()?).ok()),
-    ) else {
+    let Some(ims) = req
+        .get(header::IF_MODIFIED_SINCE)
+        .and_then(|v| httpdate::parse_http_date(v.to_str().ok()?).ok())
+    else {
         return false;
     };
-    lm <= ims
+    v.field(&header::LAST_MODIFIED)
+        .and_then(|v| httpdate::parse_http_date(std::str::from_utf8(v).ok()?).ok())
+        .is_some_and(|lm| lm <= ims)
 }
 
 /// The stored fields of `old` updated by a 304 (RFC 9111 §4.3.4), or `None` when the 304

@@ -1,7 +1,8 @@
 //! `weir-load`: an open-loop HTTP/1.1 load generator for latency at a fixed rate.
 //!
-//! Requests are *scheduled* at fixed intervals (`1 / --rate`) by a dedicated thread that
-//! sleeps with a lowered timer slack, and handed round robin to `--connections` keep-alive
+//! Requests are *scheduled* at fixed intervals (`1 / --rate`) by a periodic timerfd (with a
+//! lowered timer slack) on the runtime's own thread, and handed round robin to
+//! `--connections` keep-alive
 //! connections (one request in flight per connection, like wrk). Latency is measured from a
 //! request's **scheduled** time, not from when it could be sent, so a stall that makes later
 //! requests wait on a busy connection shows up in the percentiles (coordinated omission is
@@ -173,6 +174,89 @@ async fn one_request(target: &Target, sender: &mut Option<SendRequest<Empty<Byte
     }
 }
 
+/// Dispatches the schedule: request k is due at `start + k / rate` and goes to connection
+/// k mod C. A periodic `timerfd` (nanosecond resolution, unlike tokio's 1 ms timer wheel)
+/// wakes this runtime thread itself, so there is no cross-thread hand-off per request; a
+/// read returns how many periods have elapsed, so a busy moment is caught up in one batch
+/// with every request keeping its own scheduled time. Returns the measured requests sent
+/// and the histogram of dispatch lateness.
+async fn schedule(
+    rate: f64,
+    warmup: Duration,
+    duration: Duration,
+    senders: Vec<mpsc::UnboundedSender<Slot>>,
+) -> anyhow::Result<(u64, Histogram<u64>)> {
+    use rustix::time::{
+        ClockId, Itimerspec, TimerfdClockId, TimerfdFlags, TimerfdTimerFlags, Timespec,
+        clock_gettime, timerfd_create, timerfd_settime,
+    };
+    use tokio::io::{Interest, unix::AsyncFd};
+
+    let period_ns = ((1e9 / rate).round() as u64).max(1);
+    let fd = timerfd_create(
+        TimerfdClockId::Monotonic,
+        TimerfdFlags::NONBLOCK | TimerfdFlags::CLOEXEC,
+    )?;
+    // Instant is CLOCK_MONOTONIC on Linux: take both readings together, start 20 ms later.
+    let lead = Duration::from_millis(20);
+    let now_ts = clock_gettime(ClockId::Monotonic);
+    let start = Instant::now() + lead;
+    let first_ns = now_ts.tv_sec as u128 * 1_000_000_000 + now_ts.tv_nsec as u128 + lead.as_nanos();
+    let spec = Itimerspec {
+        it_value: Timespec {
+            tv_sec: (first_ns / 1_000_000_000) as _,
+            tv_nsec: (first_ns % 1_000_000_000) as _,
+        },
+        it_interval: Timespec {
+            tv_sec: (period_ns / 1_000_000_000) as _,
+            tv_nsec: (period_ns % 1_000_000_000) as _,
+        },
+    };
+    timerfd_settime(&fd, TimerfdTimerFlags::ABSTIME, &spec)?;
+    // `with_interest` is deprecated because an arbitrary `AsRawFd` may change its fd; an
+    // `OwnedFd` moved into the `AsyncFd` keeps the same one until dropped, which is the
+    // contract the unsafe replacement asks for (and this crate forbids `unsafe`).
+    #[allow(deprecated)]
+    let fd = AsyncFd::with_interest(fd, Interest::READABLE)?;
+
+    let measure_from = start + warmup;
+    let end = measure_from + duration;
+    let mut lag = new_hist();
+    let mut sent: u64 = 0;
+    let mut k: u64 = 0;
+    let conns = senders.len() as u64;
+    'outer: loop {
+        let mut guard = fd.readable().await?;
+        let mut buf = [0u8; 8];
+        let expirations = match rustix::io::read(guard.get_inner(), &mut buf) {
+            Ok(8) => u64::from_ne_bytes(buf),
+            Ok(_) => continue,
+            Err(rustix::io::Errno::AGAIN) => {
+                guard.clear_ready();
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        // Expiration j (1-based) of the timer is request k = j - 1.
+        for _ in 0..expirations {
+            let at = start + Duration::from_nanos(period_ns.saturating_mul(k));
+            if at >= end {
+                break 'outer;
+            }
+            let measured = at >= measure_from;
+            if measured {
+                sent += 1;
+                lag.saturating_record(at.elapsed().as_micros() as u64 + 1);
+            }
+            if senders[(k % conns) as usize].send(Slot { at, measured }).is_err() {
+                break 'outer;
+            }
+            k += 1;
+        }
+    }
+    Ok((sent, lag))
+}
+
 /// Lowers the main thread's timer slack (default 50 µs) so that sleeps end close to their
 /// deadline; threads created afterwards inherit it. Best effort: needs Linux ≥ 4.6 and the
 /// right to write `/proc/self/timerslack_ns` (root, or CAP_SYS_NICE since Linux 4.12).
@@ -225,44 +309,8 @@ fn main() -> anyhow::Result<()> {
             tasks.push(tokio::spawn(run_conn(target.clone(), Some(conn), rx)));
         }
 
-        let rate = args.rate;
-        let warmup = args.warmup;
-        let duration = args.duration;
-        let scheduler = std::thread::Builder::new()
-            .name("weir-load-sched".into())
-            .spawn(move || {
-                let mut lag = new_hist();
-                let interval_ns = 1e9 / rate;
-                let start = Instant::now() + Duration::from_millis(20);
-                let measure_from = start + warmup;
-                let end = measure_from + duration;
-                let mut sent: u64 = 0;
-                let mut i: u64 = 0;
-                loop {
-                    let at = start + Duration::from_nanos((i as f64 * interval_ns) as u64);
-                    if at >= end {
-                        break;
-                    }
-                    let now = Instant::now();
-                    if at > now {
-                        std::thread::sleep(at - now);
-                    }
-                    let measured = at >= measure_from;
-                    if measured {
-                        sent += 1;
-                        lag.saturating_record(at.elapsed().as_micros() as u64 + 1);
-                    }
-                    let c = (i % senders.len() as u64) as usize;
-                    if senders[c].send(Slot { at, measured }).is_err() {
-                        break;
-                    }
-                    i += 1;
-                }
-                (sent, lag)
-            })?;
-        let (sent, lag) = tokio::task::spawn_blocking(move || scheduler.join())
-            .await?
-            .map_err(|_| anyhow::anyhow!("scheduler thread panicked"))?;
+        let (rate, duration) = (args.rate, args.duration);
+        let (sent, lag) = schedule(rate, args.warmup, duration, senders).await?;
 
         // The schedule is over (its senders are dropped): let in-flight requests finish.
         let deadline = tokio::time::Instant::now() + args.drain;
