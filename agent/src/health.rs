@@ -121,7 +121,10 @@ impl EndpointHealth {
         if self.is_healthy(now_ms) {
             return None;
         }
-        self.reason.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.reason
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     fn set_reason(&self, why: String) {
@@ -264,7 +267,10 @@ mod tests {
         let e = endpoint();
         assert_eq!(e.record(Outcome::Failure, &CFG, 1000, || true), None);
         assert_eq!(e.record(Outcome::Failure, &CFG, 1000, || true), None);
-        assert_eq!(e.record(Outcome::Failure, &CFG, 1000, || true), Some(11_000));
+        assert_eq!(
+            e.record(Outcome::Failure, &CFG, 1000, || true),
+            Some(11_000)
+        );
         assert!(!e.is_healthy(5000));
         assert!(e.reason(5000).is_some_and(|r| r.contains("outlier")));
         assert!(e.readmit_if_due(11_000));
@@ -273,7 +279,10 @@ mod tests {
             e.record(Outcome::Failure, &CFG, 20_000, || true);
         }
         // Second ejection lasts twice as long.
-        assert_eq!(e.record(Outcome::Failure, &CFG, 20_000, || true), Some(40_000));
+        assert_eq!(
+            e.record(Outcome::Failure, &CFG, 20_000, || true),
+            Some(40_000)
+        );
     }
 
     #[test]

@@ -77,11 +77,13 @@ impl LocalReply {
     /// The gRPC status a gRPC client gets for this reply.
     pub fn grpc_status(self) -> u32 {
         match self {
-            LocalReply::NoRoute => 12,                  // UNIMPLEMENTED
-            LocalReply::UpstreamTimeout => 4,           // DEADLINE_EXCEEDED
-            LocalReply::BadRequest => 13,               // INTERNAL
-            LocalReply::UpstreamError => 14,            // UNAVAILABLE
-            LocalReply::NoHealthyEndpoint | LocalReply::UpstreamConnect | LocalReply::CircuitOpen => 14,
+            LocalReply::NoRoute => 12,        // UNIMPLEMENTED
+            LocalReply::UpstreamTimeout => 4, // DEADLINE_EXCEEDED
+            LocalReply::BadRequest => 13,     // INTERNAL
+            LocalReply::UpstreamError => 14,  // UNAVAILABLE
+            LocalReply::NoHealthyEndpoint
+            | LocalReply::UpstreamConnect
+            | LocalReply::CircuitOpen => 14,
         }
     }
 
@@ -144,7 +146,10 @@ impl Histogram {
     #[inline]
     pub fn observe(&self, d: Duration) {
         let secs = d.as_secs_f64();
-        let i = BUCKETS.iter().position(|b| secs <= *b).unwrap_or(BUCKETS.len());
+        let i = BUCKETS
+            .iter()
+            .position(|b| secs <= *b)
+            .unwrap_or(BUCKETS.len());
         self.0.buckets[i].fetch_add(1, Ordering::Relaxed);
         self.0
             .sum_nanos
@@ -262,7 +267,11 @@ impl Metrics {
         let endpoint_ejections = Family::<EndpointLabels, Counter>::default();
         let endpoint_healthy = Family::<EndpointLabels, Gauge<i64, AtomicI64>>::default();
         registry.register("retries", "Retried tries, by route", retries.clone());
-        registry.register("in_flight", "Requests in flight, by route", in_flight.clone());
+        registry.register(
+            "in_flight",
+            "Requests in flight, by route",
+            in_flight.clone(),
+        );
         registry.register(
             "request_duration_seconds",
             "Time to the upstream's response head, by route (all tries)",

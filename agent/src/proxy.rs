@@ -92,11 +92,7 @@ impl Worker {
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             .build(connector);
-        Self {
-            shared,
-            http1,
-            h2c,
-        }
+        Self { shared, http1, h2c }
     }
 
     /// Handles one request from `peer` (its IP pre-rendered as a header value).
@@ -165,7 +161,10 @@ impl Worker {
             };
             let method = req.method();
             let (path, headers) = (req.uri().path(), req.headers());
-            let Some(idx) = route.rules.iter().position(|r| r.matches(method, path, headers))
+            let Some(idx) = route
+                .rules
+                .iter()
+                .position(|r| r.matches(method, path, headers))
             else {
                 return Ok(local_reply(
                     grpc,
@@ -176,7 +175,9 @@ impl Worker {
             };
             (route.clone(), idx)
         };
-        Ok(self.forward(req, route, rule_idx, from_uri, peer, grpc).await)
+        Ok(self
+            .forward(req, route, rule_idx, from_uri, peer, grpc)
+            .await)
     }
 
     /// Sends the request to an endpoint of the rule, retrying where that is safe, and maps
@@ -241,13 +242,23 @@ impl Worker {
                 let reply = if rule.targets.is_empty() {
                     (LocalReply::NoHealthyEndpoint, "no healthy endpoint")
                 } else {
-                    (LocalReply::CircuitOpen, "every endpoint is at its limit of requests in flight")
+                    (
+                        LocalReply::CircuitOpen,
+                        "every endpoint is at its limit of requests in flight",
+                    )
                 };
                 return local_reply(grpc, &route.counters, reply.0, reply.1);
             };
             let uri = match upstream_uri(&target.authority, pq.clone()) {
                 Ok(u) => u,
-                Err(_) => return local_reply(grpc, &route.counters, LocalReply::BadRequest, "bad request target"),
+                Err(_) => {
+                    return local_reply(
+                        grpc,
+                        &route.counters,
+                        LocalReply::BadRequest,
+                        "bad request target",
+                    );
+                }
             };
             let body = match first_body.take() {
                 Some(UpBody::Replay(b)) => {
@@ -259,7 +270,12 @@ impl Worker {
                 None => match replay.as_ref().and_then(ReplayBody::replica) {
                     Some(b) => UpBody::Replay(b),
                     None => {
-                        return local_reply(grpc, &route.counters, LocalReply::UpstreamError, "upstream request failed");
+                        return local_reply(
+                            grpc,
+                            &route.counters,
+                            LocalReply::UpstreamError,
+                            "upstream request failed",
+                        );
                     }
                 },
             };
@@ -274,7 +290,8 @@ impl Worker {
             let client = if target.h2c {
                 *up.version_mut() = Version::HTTP_2;
                 if te_trailers || grpc {
-                    up.headers_mut().insert(header::TE, HeaderValue::from_static("trailers"));
+                    up.headers_mut()
+                        .insert(header::TE, HeaderValue::from_static("trailers"));
                 }
                 &self.h2c
             } else {
@@ -284,7 +301,10 @@ impl Worker {
 
             let now = Instant::now();
             let remaining = deadline.saturating_duration_since(now);
-            let per_try = route.retry.per_try_timeout.map_or(remaining, |p| p.min(remaining));
+            let per_try = route
+                .retry
+                .per_try_timeout
+                .map_or(remaining, |p| p.min(remaining));
             let in_flight = InFlight::new(target.health.load.clone());
             target.health.counters.requests.inc();
             let result = tokio::time::timeout(per_try, client.request(up)).await;
@@ -308,7 +328,11 @@ impl Worker {
                 }
                 Ok(Err(e)) if e.is_connect() => {
                     tracing::debug!(route = %route.name, target = %target.addr, error = %e, "upstream connect failed");
-                    (true, route.retry.on_connect_failure, Err(LocalReply::UpstreamConnect))
+                    (
+                        true,
+                        route.retry.on_connect_failure,
+                        Err(LocalReply::UpstreamConnect),
+                    )
                 }
                 Ok(Err(e)) if never_processed(&e) => {
                     // Refused or cut off by a graceful GOAWAY before the endpoint saw it:
@@ -318,19 +342,34 @@ impl Worker {
                 }
                 Ok(Err(e)) => {
                     tracing::debug!(route = %route.name, target = %target.addr, error = %e, "upstream request failed");
-                    (true, route.retry.on_reset && (idempotent || grpc), Err(LocalReply::UpstreamError))
+                    (
+                        true,
+                        route.retry.on_reset && (idempotent || grpc),
+                        Err(LocalReply::UpstreamError),
+                    )
                 }
-                Err(_) => (true, route.retry.on_timeout && idempotent, Err(LocalReply::UpstreamTimeout)),
+                Err(_) => (
+                    true,
+                    route.retry.on_timeout && idempotent,
+                    Err(LocalReply::UpstreamTimeout),
+                ),
             };
-            let outcome_kind = if failure { Outcome::Failure } else { Outcome::Success };
+            let outcome_kind = if failure {
+                Outcome::Failure
+            } else {
+                Outcome::Success
+            };
             if failure {
                 target.health.counters.failures.inc();
             }
             let now_ms = now_ms();
             let max_ejection = route.outlier.max_ejection_percent;
-            if let Some(until) = target.health.record(outcome_kind, &route.outlier, now_ms, || {
-                rule.may_eject(max_ejection, now_ms)
-            }) {
+            if let Some(until) = target
+                .health
+                .record(outcome_kind, &route.outlier, now_ms, || {
+                    rule.may_eject(max_ejection, now_ms)
+                })
+            {
                 tracing::warn!(route = %route.name, endpoint = %target.addr, "endpoint ejected by outlier detection");
                 self.shared.endpoints.notify(Event::EjectedUntil(until));
             }
@@ -401,7 +440,6 @@ fn is_idempotent(m: &Method) -> bool {
     )
 }
 
-
 /// Picks an endpoint below its in-flight limit, preferring one other than `avoid` (the
 /// endpoint a retry is moving away from). A few draws, not a scan: the pickers already favour
 /// lightly loaded endpoints.
@@ -435,7 +473,12 @@ fn pick_target(
 /// An answer from the agent itself. HTTP clients get a short plain-text body with
 /// `x-weir-error` naming the reason; gRPC clients cannot read that, so they get a gRPC
 /// "Trailers-Only" answer: HTTP 200 with `grpc-status` and a `grpc-message` saying why.
-pub fn local_reply(grpc: bool, counters: &RouteCounters, reply: LocalReply, msg: &str) -> Response<Body> {
+pub fn local_reply(
+    grpc: bool,
+    counters: &RouteCounters,
+    reply: LocalReply,
+    msg: &str,
+) -> Response<Body> {
     counters.reply(reply);
     let body = if grpc {
         Bytes::new()
@@ -449,7 +492,10 @@ pub fn local_reply(grpc: bool, counters: &RouteCounters, reply: LocalReply, msg:
     let h = resp.headers_mut();
     h.insert(X_WEIR_ERROR, HeaderValue::from_static(reply.code()));
     if grpc {
-        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
         h.insert(GRPC_STATUS, HeaderValue::from(reply.grpc_status()));
         if let Ok(v) = HeaderValue::from_str(&percent_encode_grpc(&format!("weir: {msg}"))) {
             h.insert(GRPC_MESSAGE, v);

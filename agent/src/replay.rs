@@ -142,9 +142,7 @@ impl Body for ReplayBody {
 
     fn is_end_stream(&self) -> bool {
         let src = self.source.lock().unwrap_or_else(|e| e.into_inner());
-        src.ended
-            && self.pos >= src.chunks.len()
-            && (self.trailers_sent || src.trailers.is_none())
+        src.ended && self.pos >= src.chunks.len() && (self.trailers_sent || src.trailers.is_none())
     }
 
     fn size_hint(&self) -> SizeHint {

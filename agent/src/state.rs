@@ -12,9 +12,9 @@ use crate::table::{BuildCtx, Table};
 use arc_swap::ArcSwap;
 use prost::Message;
 use serde::Serialize;
+use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc;
 use weir_proto::v1::RoutingUpdate;
@@ -90,7 +90,11 @@ impl Shared {
         self.events.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
 
-    fn build(&self, version: u64, source: Arc<BTreeMap<String, weir_proto::v1::Route>>) -> Result<Table, String> {
+    fn build(
+        &self,
+        version: u64,
+        source: Arc<BTreeMap<String, weir_proto::v1::Route>>,
+    ) -> Result<Table, String> {
         let ctx = BuildCtx {
             metrics: &self.metrics,
             endpoints: &self.endpoints,
@@ -111,7 +115,9 @@ impl Shared {
         }
         match self.build(current.version, current.source.clone()) {
             Ok(t) => self.table.store(Arc::new(t)),
-            Err(e) => tracing::error!(error = %e, "health rebuild failed; keeping the table in force"),
+            Err(e) => {
+                tracing::error!(error = %e, "health rebuild failed; keeping the table in force")
+            }
         }
     }
 
@@ -178,8 +184,7 @@ impl Shared {
             .flat_map(|r| r.rules.iter())
             .flat_map(|rule| rule.members.iter().map(|m| m.addr))
             .collect();
-        self.endpoints
-            .retain(|a| used.contains(a), &self.metrics);
+        self.endpoints.retain(|a| used.contains(a), &self.metrics);
     }
 
     fn install(&self, table: Arc<Table>, source: TableSource) {

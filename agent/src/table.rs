@@ -398,7 +398,10 @@ impl RuleRt {
         for b in &mut effective.backends {
             for ep in &mut b.endpoints {
                 let addr: SocketAddr = ep.address.parse().map_err(|e| {
-                    format!("backend {}: bad endpoint address {:?}: {e}", b.service, ep.address)
+                    format!(
+                        "backend {}: bad endpoint address {:?}: {e}",
+                        b.service, ep.address
+                    )
                 })?;
                 let health = ctx.endpoints.get(addr, ctx.metrics);
                 if ep.ready && !health.is_healthy(ctx.now_ms) {
@@ -440,7 +443,11 @@ impl RuleRt {
             let placements: Vec<Placement<'_>> = weights
                 .iter()
                 .zip(&zones)
-                .map(|(&weight, &(zone, group))| Placement { weight, zone, group })
+                .map(|(&weight, &(zone, group))| Placement {
+                    weight,
+                    zone,
+                    group,
+                })
                 .collect();
             weights = zone_aware_weights(&placements, ctx.zone, LOCALITY_MIN_PERCENT);
             // Endpoints locality turned off leave the target list, like any weight-0 one.
@@ -466,7 +473,11 @@ impl RuleRt {
 
     #[inline]
     pub fn matches(&self, method: &Method, path: &str, headers: &http::HeaderMap) -> bool {
-        self.matches.is_empty() || self.matches.iter().any(|m| m.matches(method, path, headers))
+        self.matches.is_empty()
+            || self
+                .matches
+                .iter()
+                .any(|m| m.matches(method, path, headers))
     }
 
     /// The endpoint for the next request, or `None` when no endpoint may receive traffic.
@@ -616,7 +627,12 @@ mod tests {
         let mut r = route(
             "a/b",
             &["shop"],
-            &[("127.0.0.1:80", 1), ("127.0.0.2:80", 1), ("127.0.0.3:80", 1), ("127.0.0.4:80", 1)],
+            &[
+                ("127.0.0.1:80", 1),
+                ("127.0.0.2:80", 1),
+                ("127.0.0.3:80", 1),
+                ("127.0.0.4:80", 1),
+            ],
         );
         for (i, ep) in r.rules[0].backends[0].endpoints.iter_mut().enumerate() {
             ep.zone = if i < 2 { "a".into() } else { "b".into() };
@@ -630,11 +646,17 @@ mod tests {
             zone: "a",
             now_ms: 1,
         };
-        let t = Table::build(1, Arc::new([(r.name.clone(), r)].into_iter().collect()), &ctx)
-            .expect("table");
+        let t = Table::build(
+            1,
+            Arc::new([(r.name.clone(), r)].into_iter().collect()),
+            &ctx,
+        )
+        .expect("table");
         let rule = &t.route("shop").expect("route").rules[0];
-        let picked: std::collections::BTreeSet<String> =
-            (0..20).filter_map(|_| rule.pick(None)).map(|t| t.addr.to_string()).collect();
+        let picked: std::collections::BTreeSet<String> = (0..20)
+            .filter_map(|_| rule.pick(None))
+            .map(|t| t.addr.to_string())
+            .collect();
         assert_eq!(
             picked.into_iter().collect::<Vec<_>>(),
             ["127.0.0.1:80", "127.0.0.2:80"]

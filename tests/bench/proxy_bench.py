@@ -590,17 +590,17 @@ def profile_weir(d, workers, seconds):
         sat = wrk(agent.url(), seconds)
         stat_out = stat.communicate()[0]
         rec.wait()
-        report = subprocess.run(
-            ["perf", "report", "-i", data, "--no-children", "--sort", "dso,symbol", "--stdio", "--percent-limit", "0.7", "-g", "none"],
-            capture_output=True, text=True,
-        ).stdout
-        top = [l for l in report.splitlines() if l.strip() and not l.startswith("#")][:40]
-        children_report = subprocess.run(
-            ["perf", "report", "-i", data, "--children", "--sort", "symbol", "--stdio", "--percent-limit", "3", "-g", "none"],
-            capture_output=True, text=True,
-        ).stdout
-        top_children = [l for l in children_report.splitlines() if l.strip() and not l.startswith("#")][:40]
-        return {"wrk": sat, "perf_stat": stat_out, "top_self": top, "top_children": top_children}
+        def report(*opts, limit=40):
+            out = subprocess.run(
+                ["perf", "report", "-i", data, "--stdio", "-g", "none", *opts], capture_output=True, text=True
+            ).stdout
+            lines = [re.sub(r"(\s+-)+\s*$", "", l).rstrip() for l in out.splitlines()]
+            return [l for l in lines if l.strip() and not l.startswith("#")][:limit]
+
+        by_dso = report("--no-children", "--sort", "dso", limit=10)
+        top = report("--no-children", "--sort", "dso,symbol", "--percent-limit", "0.7")
+        top_children = report("--children", "--sort", "symbol", "--percent-limit", "4")
+        return {"wrk": sat, "perf_stat": stat_out, "by_dso": by_dso, "top_self": top, "top_children": top_children}
     finally:
         agent.stop()
 
@@ -785,7 +785,8 @@ def main():
         p = extra["profile"]
         print("\n<details><summary>perf (weir-agent N=1 under wrk)</summary>\n\n```")
         print(p["perf_stat"].strip())
-        print("\n# self time\n" + "\n".join(p["top_self"]))
+        print("\n# self time by object\n" + "\n".join(p["by_dso"]))
+        print("\n# self time by symbol\n" + "\n".join(p["top_self"]))
         print("\n# with children\n" + "\n".join(p["top_children"]))
         print("```\n</details>")
     log(f"raw results: {args.json}")

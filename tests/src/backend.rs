@@ -76,7 +76,12 @@ impl Backend {
         let addr = listener.local_addr()?;
         let hits = Arc::new(AtomicU64::new(0));
         let mode = Arc::new(AtomicU64::new(0));
-        let task = tokio::spawn(serve(listener, name.to_string(), hits.clone(), mode.clone()));
+        let task = tokio::spawn(serve(
+            listener,
+            name.to_string(),
+            hits.clone(),
+            mode.clone(),
+        ));
         Ok(Self {
             addr,
             name: name.to_string(),
@@ -104,7 +109,12 @@ impl Drop for Backend {
 }
 
 /// Serves on `listener` forever: `200 hello from NAME (ADDR)`, or as `mode` says.
-pub async fn serve(listener: TcpListener, name: String, hits: Arc<AtomicU64>, mode: Arc<AtomicU64>) {
+pub async fn serve(
+    listener: TcpListener,
+    name: String,
+    hits: Arc<AtomicU64>,
+    mode: Arc<AtomicU64>,
+) {
     let local = listener
         .local_addr()
         .map(|a| a.to_string())
@@ -125,8 +135,8 @@ pub async fn serve(listener: TcpListener, name: String, hits: Arc<AtomicU64>, mo
                 let mode = Mode::decode(mode.load(Ordering::Relaxed));
                 let mut resp = Response::new(Full::new(body.clone()));
                 if let Mode::Status(code) = mode {
-                    *resp.status_mut() =
-                        http::StatusCode::from_u16(code).unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
+                    *resp.status_mut() = http::StatusCode::from_u16(code)
+                        .unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
                 }
                 resp.headers_mut().insert("x-backend", name.clone());
                 // Echo what the proxy forwarded, for header tests.
@@ -143,7 +153,9 @@ pub async fn serve(listener: TcpListener, name: String, hits: Arc<AtomicU64>, mo
                 async move {
                     match mode {
                         Mode::Hang => std::future::pending::<()>().await,
-                        Mode::Delay(ms) => tokio::time::sleep(std::time::Duration::from_millis(ms)).await,
+                        Mode::Delay(ms) => {
+                            tokio::time::sleep(std::time::Duration::from_millis(ms)).await
+                        }
                         _ => {}
                     }
                     Ok::<_, Infallible>(resp)

@@ -7,6 +7,7 @@
 //! have integration tests of their own (`CARGO_BIN_EXE_*`).
 
 pub mod backend;
+pub mod grpc;
 pub mod manifests;
 
 use anyhow::{Context, bail};

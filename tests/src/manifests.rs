@@ -47,3 +47,11 @@ pub fn policy(
 pub fn docs(parts: &[String]) -> String {
     parts.join("---\n")
 }
+
+/// A Service whose port speaks HTTP/2 cleartext (`appProtocol: kubernetes.io/h2c`), as a
+/// gRPC Service declares it.
+pub fn service_h2c(name: &str, port: u16) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  ports:\n    - port: {port}\n      appProtocol: kubernetes.io/h2c\n"
+    )
+}

@@ -22,7 +22,11 @@ fn write(dir: &Path, name: &str, text: &str) {
 /// One Service `web` with the given endpoints (all on `port`) and a policy for `host`.
 fn setup(dir: &Path, host: &str, ips: &[String], port: u16, spec: &str) {
     let eps: Vec<(&str, bool)> = ips.iter().map(|i| (i.as_str(), true)).collect();
-    write(dir, "web.yaml", &docs(&[service("web", 80), slice("web", port, &eps)]));
+    write(
+        dir,
+        "web.yaml",
+        &docs(&[service("web", 80), slice("web", port, &eps)]),
+    );
     write(
         dir,
         "policy.yaml",
@@ -108,7 +112,12 @@ async fn killing_one_of_three_backends_fails_no_client_request() {
             while sent.fetch_add(1, Ordering::Relaxed) < total {
                 match get(&client, listen, "web.test", "/").await {
                     Ok(g) if g.status == 200 => {}
-                    Ok(g) => failures.push(format!("{} {:?} {}", g.status, g.headers.get("x-weir-error"), g.body)),
+                    Ok(g) => failures.push(format!(
+                        "{} {:?} {}",
+                        g.status,
+                        g.headers.get("x-weir-error"),
+                        g.body
+                    )),
                     Err(e) => failures.push(e.to_string()),
                 }
             }
@@ -125,13 +134,20 @@ async fn killing_one_of_three_backends_fails_no_client_request() {
     for l in loops {
         failures.extend(l.await.expect("client loop"));
     }
-    assert!(failures.is_empty(), "{} failed requests: {:?}", failures.len(), &failures[..failures.len().min(5)]);
+    assert!(
+        failures.is_empty(),
+        "{} failed requests: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backend_that_never_answers_is_ejected_and_costs_clients_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let group = start_group(&["127.0.11.11", "127.0.11.12"], "web").await.expect("backends");
+    let group = start_group(&["127.0.11.11", "127.0.11.12"], "web")
+        .await
+        .expect("backends");
     group[1].set_mode(Mode::Hang);
     setup(
         dir.path(),
@@ -144,7 +160,9 @@ async fn a_backend_that_never_answers_is_ejected_and_costs_clients_nothing() {
     let client = http_client();
     let hanging = group[1].addr.to_string();
     for _ in 0..40 {
-        let got = get(&client, agent.listen, "web.test", "/").await.expect("request");
+        let got = get(&client, agent.listen, "web.test", "/")
+            .await
+            .expect("request");
         assert_eq!(got.status, 200, "{got:?}");
     }
     let cfg = agent.config().await.expect("config");
@@ -152,13 +170,19 @@ async fn a_backend_that_never_answers_is_ejected_and_costs_clients_nothing() {
     assert_eq!(ep["healthy"], false, "{ep}");
     assert!(ep["why"].as_str().unwrap_or("").contains("outlier"), "{ep}");
     // Once ejected it gets nothing more: at most the two tries that ejected it.
-    assert!(group[1].hits() <= 3, "hanging backend got {} requests", group[1].hits());
+    assert!(
+        group[1].hits() <= 3,
+        "hanging backend got {} requests",
+        group[1].hits()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_backend_is_ejected_and_readmitted_after_it_recovers() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let group = start_group(&["127.0.12.11", "127.0.12.12"], "web").await.expect("backends");
+    let group = start_group(&["127.0.12.11", "127.0.12.12"], "web")
+        .await
+        .expect("backends");
     group[1].set_mode(Mode::Status(503));
     setup(
         dir.path(),
@@ -171,11 +195,16 @@ async fn a_failing_backend_is_ejected_and_readmitted_after_it_recovers() {
     let client = http_client();
     let failing = group[1].addr.to_string();
     for _ in 0..30 {
-        let got = get(&client, agent.listen, "web.test", "/").await.expect("request");
+        let got = get(&client, agent.listen, "web.test", "/")
+            .await
+            .expect("request");
         assert_eq!(got.status, 200, "retries hide the 503s: {got:?}");
     }
     let cfg = agent.config().await.expect("config");
-    assert_eq!(endpoint(&cfg, &failing).expect("endpoint")["healthy"], false);
+    assert_eq!(
+        endpoint(&cfg, &failing).expect("endpoint")["healthy"],
+        false
+    );
 
     group[1].set_mode(Mode::Normal);
     wait_for("readmission", || async {
@@ -185,7 +214,9 @@ async fn a_failing_backend_is_ejected_and_readmitted_after_it_recovers() {
     .await;
     let before = group[1].hits();
     for _ in 0..20 {
-        get(&client, agent.listen, "web.test", "/").await.expect("request");
+        get(&client, agent.listen, "web.test", "/")
+            .await
+            .expect("request");
     }
     assert!(group[1].hits() > before, "readmitted endpoint serves again");
 }
@@ -193,7 +224,9 @@ async fn a_failing_backend_is_ejected_and_readmitted_after_it_recovers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn active_health_checks_take_a_sick_endpoint_out_and_bring_it_back() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let group = start_group(&["127.0.13.11", "127.0.13.12"], "web").await.expect("backends");
+    let group = start_group(&["127.0.13.11", "127.0.13.12"], "web")
+        .await
+        .expect("backends");
     setup(
         dir.path(),
         "web.test",
@@ -207,12 +240,15 @@ async fn active_health_checks_take_a_sick_endpoint_out_and_bring_it_back() {
     wait_for("active check verdict", || async {
         let cfg = agent.config().await.ok()?;
         let ep = endpoint(&cfg, &sick)?;
-        (ep["healthy"] == false && ep["why"].as_str()?.contains("active health check")).then_some(())
+        (ep["healthy"] == false && ep["why"].as_str()?.contains("active health check"))
+            .then_some(())
     })
     .await;
     let client = http_client();
     for _ in 0..20 {
-        let got = get(&client, agent.listen, "web.test", "/").await.expect("request");
+        let got = get(&client, agent.listen, "web.test", "/")
+            .await
+            .expect("request");
         assert_eq!(got.status, 200, "{got:?}");
     }
     group[1].set_mode(Mode::Normal);
@@ -224,7 +260,13 @@ async fn active_health_checks_take_a_sick_endpoint_out_and_bring_it_back() {
 }
 
 /// Counts answers by backend over `n` concurrent-ish requests (`par` loops).
-async fn spread(agent: SocketAddr, host: &str, n: usize, par: usize, header: Option<(&'static str, String)>) -> BTreeMap<String, usize> {
+async fn spread(
+    agent: SocketAddr,
+    host: &str,
+    n: usize,
+    par: usize,
+    header: Option<(&'static str, String)>,
+) -> BTreeMap<String, usize> {
     let sent = Arc::new(AtomicUsize::new(0));
     let mut loops = Vec::new();
     for _ in 0..par {
@@ -239,11 +281,19 @@ async fn spread(agent: SocketAddr, host: &str, n: usize, par: usize, header: Opt
                 if let Some((k, v)) = &header {
                     b = b.header(*k, v.as_str());
                 }
-                let req = b.body(http_body_util::Full::new(bytes::Bytes::new())).expect("request");
+                let req = b
+                    .body(http_body_util::Full::new(bytes::Bytes::new()))
+                    .expect("request");
                 let resp = client.request(req).await.expect("response");
-                let body = http_body_util::BodyExt::collect(resp.into_body()).await.expect("body").to_bytes();
+                let body = http_body_util::BodyExt::collect(resp.into_body())
+                    .await
+                    .expect("body")
+                    .to_bytes();
                 let text = String::from_utf8_lossy(&body).to_string();
-                let addr = text.rsplit_once('(').map(|(_, a)| a.trim_end_matches(")\n").to_string()).unwrap_or(text);
+                let addr = text
+                    .rsplit_once('(')
+                    .map(|(_, a)| a.trim_end_matches(")\n").to_string())
+                    .unwrap_or(text);
                 *counts.entry(addr).or_default() += 1;
             }
             counts
@@ -261,7 +311,9 @@ async fn spread(agent: SocketAddr, host: &str, n: usize, par: usize, header: Opt
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peak_ewma_sends_less_to_a_slow_endpoint() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let group = start_group(&["127.0.14.11", "127.0.14.12"], "web").await.expect("backends");
+    let group = start_group(&["127.0.14.11", "127.0.14.12"], "web")
+        .await
+        .expect("backends");
     group[1].set_mode(Mode::Delay(50));
     setup(
         dir.path(),
@@ -273,13 +325,18 @@ async fn peak_ewma_sends_less_to_a_slow_endpoint() {
     let (_c, agent) = start(dir.path()).await;
     let counts = spread(agent.listen, "web.test", 400, 4, None).await;
     let slow = counts.get(&group[1].addr.to_string()).copied().unwrap_or(0);
-    assert!(slow * 4 < 400, "slow endpoint got {slow} of 400: {counts:?}");
+    assert!(
+        slow * 4 < 400,
+        "slow endpoint got {slow} of 400: {counts:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ring_hash_keeps_a_key_on_one_endpoint() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let group = start_group(&["127.0.15.11", "127.0.15.12", "127.0.15.13"], "web").await.expect("backends");
+    let group = start_group(&["127.0.15.11", "127.0.15.12", "127.0.15.13"], "web")
+        .await
+        .expect("backends");
     setup(
         dir.path(),
         "web.test",
@@ -290,7 +347,14 @@ async fn ring_hash_keeps_a_key_on_one_endpoint() {
     let (_c, agent) = start(dir.path()).await;
     let mut owners = BTreeMap::new();
     for user in 0..30 {
-        let counts = spread(agent.listen, "web.test", 10, 1, Some(("x-user-id", format!("user-{user}")))).await;
+        let counts = spread(
+            agent.listen,
+            "web.test",
+            10,
+            1,
+            Some(("x-user-id", format!("user-{user}"))),
+        )
+        .await;
         assert_eq!(counts.len(), 1, "user-{user} spread over {counts:?}");
         owners.insert(user, counts.into_keys().next().unwrap_or_default());
     }
@@ -301,7 +365,9 @@ async fn ring_hash_keeps_a_key_on_one_endpoint() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_circuit_opens_when_an_endpoint_has_too_many_requests_in_flight() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let group = start_group(&["127.0.16.11"], "web").await.expect("backends");
+    let group = start_group(&["127.0.16.11"], "web")
+        .await
+        .expect("backends");
     group[0].set_mode(Mode::Delay(300));
     setup(
         dir.path(),
@@ -315,8 +381,15 @@ async fn the_circuit_opens_when_an_endpoint_has_too_many_requests_in_flight() {
     for _ in 0..8 {
         let listen = agent.listen;
         tasks.push(tokio::spawn(async move {
-            let got = get(&http_client(), listen, "web.test", "/").await.expect("request");
-            (got.status, got.headers.get("x-weir-error").map(|v| v.to_str().unwrap_or("").to_string()))
+            let got = get(&http_client(), listen, "web.test", "/")
+                .await
+                .expect("request");
+            (
+                got.status,
+                got.headers
+                    .get("x-weir-error")
+                    .map(|v| v.to_str().unwrap_or("").to_string()),
+            )
         }));
     }
     let mut open = 0;
@@ -329,7 +402,11 @@ async fn the_circuit_opens_when_an_endpoint_has_too_many_requests_in_flight() {
         }
     }
     let cfg = agent.config().await.expect("config");
-    assert!(ok >= 2 && open >= 1, "ok {ok}, circuit-open {open}; {}", cfg["routes"][0]);
+    assert!(
+        ok >= 2 && open >= 1,
+        "ok {ok}, circuit-open {open}; {}",
+        cfg["routes"][0]
+    );
 }
 
 /// Writes raw bytes and reads until the peer closes or `WAIT` passes.
@@ -345,12 +422,23 @@ async fn raw_exchange(addr: SocketAddr, req: &[u8]) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_clients_get_clear_answers_and_nothing_is_smuggled() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let group = start_group(&["127.0.17.11"], "web").await.expect("backends");
-    setup(dir.path(), "web.test", &addrs(&group), group[0].addr.port(), "");
+    let group = start_group(&["127.0.17.11"], "web")
+        .await
+        .expect("backends");
+    setup(
+        dir.path(),
+        "web.test",
+        &addrs(&group),
+        group[0].addr.port(),
+        "",
+    );
     let (_c, agent) = start(dir.path()).await;
 
     // Oversized request head: 431, never forwarded.
-    let big = format!("GET / HTTP/1.1\r\nHost: web.test\r\nx-big: {}\r\n\r\n", "a".repeat(100 * 1024));
+    let big = format!(
+        "GET / HTTP/1.1\r\nHost: web.test\r\nx-big: {}\r\n\r\n",
+        "a".repeat(100 * 1024)
+    );
     let got = raw_exchange(agent.listen, big.as_bytes()).await;
     assert!(got.starts_with("HTTP/1.1 431"), "{got}");
 
@@ -359,13 +447,27 @@ async fn hostile_clients_get_clear_answers_and_nothing_is_smuggled() {
     let before = group[0].hits();
     let smuggle = b"POST / HTTP/1.1\r\nHost: web.test\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: web.test\r\n\r\n";
     let got = raw_exchange(agent.listen, smuggle).await;
-    assert_eq!(got.matches("HTTP/1.1 ").count(), 1, "one answer only: {got}");
-    assert_eq!(group[0].hits(), before + 1, "the hidden request never reached the backend");
+    assert_eq!(
+        got.matches("HTTP/1.1 ").count(),
+        1,
+        "one answer only: {got}"
+    );
+    assert_eq!(
+        group[0].hits(),
+        before + 1,
+        "the hidden request never reached the backend"
+    );
 
     // Slowloris: a head that never completes is cut off (the agent runs with
     // --header-read-timeout 1s in tests), leaving the agent free for others.
-    let got = raw_exchange(agent.listen, b"GET / HTTP/1.1\r\nHost: web.test\r\nx-slow: 1").await;
+    let got = raw_exchange(
+        agent.listen,
+        b"GET / HTTP/1.1\r\nHost: web.test\r\nx-slow: 1",
+    )
+    .await;
     assert!(!got.contains("200 OK"), "{got}");
-    let ok = get(&http_client(), agent.listen, "web.test", "/").await.expect("request");
+    let ok = get(&http_client(), agent.listen, "web.test", "/")
+        .await
+        .expect("request");
     assert_eq!(ok.status, 200);
 }

@@ -183,30 +183,25 @@ impl Fill {
             self.complete(Outcome::GoUpstream);
             return FillAction::Forward;
         }
-        let decided = policy::decide_store(
-            &self.req,
-            resp.status,
-            &resp.headers,
-            now,
-            max_object_size,
-        )
-        .and_then(|meta| {
-            policy::pack_head(&self.req.headers, &resp.headers).map(|(p, vary)| (meta, p, vary))
-        });
+        let decided =
+            policy::decide_store(&self.req, resp.status, &resp.headers, now, max_object_size)
+                .and_then(|meta| {
+                    policy::pack_head(&self.req.headers, &resp.headers)
+                        .map(|(p, vary)| (meta, p, vary))
+                });
         match decided {
             Ok((meta, packer, vary_len)) => {
-                let limit = usize::try_from(max_object_size.min(MAX_OBJECT_SIZE_CAP))
-                    .unwrap_or(usize::MAX);
+                let limit =
+                    usize::try_from(max_object_size.min(MAX_OBJECT_SIZE_CAP)).unwrap_or(usize::MAX);
                 let expected = resp
                     .headers
                     .get(http::header::CONTENT_LENGTH)
                     .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
                     .unwrap_or(0)
                     .min(limit);
-                let mut buf = packer.into_vec();
+                let buf = packer.into_buffer(expected);
                 let head_len = buf.len();
-                buf.reserve_exact(expected);
-                FillAction::Store(Collector {
+                FillAction::Store(Collector(Box::new(Collecting {
                     fill: self,
                     head_len,
                     vary_len,
@@ -216,7 +211,7 @@ impl Fill {
                     buf,
                     limit,
                     overflowed: false,
-                })
+                })))
             }
             Err(reason) => {
                 tracing::trace!(key = ?self.key, ?reason, "response not stored");
@@ -345,7 +340,10 @@ fn variant(
 /// Collects a storable response's body while it streams to the client, then stores it.
 /// Fed by [`TeeBody`](super::TeeBody); usable directly for a body already in memory.
 /// The body is appended to the packed head in one buffer, sized from `Content-Length`.
-pub struct Collector {
+/// (Boxed: it carries the fill and the captured request head, and moves through bodies.)
+pub struct Collector(Box<Collecting>);
+
+struct Collecting {
     fill: Fill,
     head_len: usize,
     vary_len: u32,
@@ -361,34 +359,37 @@ impl Collector {
     /// Appends a chunk; `false` once the body exceeds the per-object limit (the collector
     /// should then be dropped: nothing is stored and the waiters go upstream).
     pub fn push(&mut self, chunk: &[u8]) -> bool {
-        if self.overflowed || self.buf.len() - self.head_len + chunk.len() > self.limit {
-            self.overflowed = true;
-            self.buf = Vec::new();
+        let this = &mut *self.0;
+        if this.overflowed || this.buf.len() - this.head_len + chunk.len() > this.limit {
+            this.overflowed = true;
+            this.buf = Vec::new();
             return false;
         }
-        self.buf.extend_from_slice(chunk);
+        this.buf.extend_from_slice(chunk);
         true
     }
 
     /// The body ended cleanly: store the response and hand it to the waiters.
-    pub fn finish(mut self) {
-        if self.overflowed {
+    pub fn finish(self) {
+        let mut this = *self.0;
+        if this.overflowed {
             return;
         }
-        let mut buf = std::mem::take(&mut self.buf);
-        // One allocation of exactly head + body stays; growth slack is given back.
+        let mut buf = std::mem::take(&mut this.buf);
+        // One allocation of exactly head + body stays: growth slack (a body without
+        // Content-Length) is given back; with Content-Length there is none.
         buf.shrink_to_fit();
         let block = Bytes::from(buf);
         let v = variant(
-            block.slice(..self.head_len),
-            self.vary_len,
-            block.slice(self.head_len..),
-            self.meta,
-            self.status,
-            self.stored_at_ms,
+            block.slice(..this.head_len),
+            this.vary_len,
+            block.slice(this.head_len..),
+            this.meta,
+            this.status,
+            this.stored_at_ms,
         );
-        self.fill.inner.store(&self.fill.key.as_key_ref(), &v);
-        self.fill.complete(Outcome::Serve(v, XCache::Hit));
+        this.fill.inner.store(&this.fill.key.as_key_ref(), &v);
+        this.fill.complete(Outcome::Serve(v, XCache::Hit));
     }
 
     /// The body failed or was cut short: store nothing.

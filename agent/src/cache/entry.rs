@@ -205,10 +205,12 @@ impl Packer {
         Bytes::copy_from_slice(&self.buf)
     }
 
-    /// The block as the start of a buffer that the body is then appended to, so head and
-    /// body share one allocation.
-    pub(crate) fn into_vec(self) -> Vec<u8> {
-        self.buf
+    /// The block as the start of a buffer with room for `body` more bytes, which the body
+    /// is then appended to, so that head and body share one allocation of exact size.
+    pub(crate) fn into_buffer(self, body: usize) -> Vec<u8> {
+        let mut buf = Vec::with_capacity(self.buf.len() + body);
+        buf.extend_from_slice(&self.buf);
+        buf
     }
 }
 
@@ -506,10 +508,10 @@ impl Entry {
                 .take(MAX_VARIANTS - 1)
                 .cloned(),
         );
-        if out.len() == 1 {
-            if let Some(v) = out.pop() {
-                return Self::single(v);
-            }
+        if out.len() == 1
+            && let Some(v) = out.pop()
+        {
+            return Self::single(v);
         }
         Self(Variants::Many(out.into_boxed_slice()))
     }

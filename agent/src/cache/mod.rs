@@ -305,9 +305,13 @@ impl Cache {
             ) {
                 inner.stats.stale.fetch_add(1, Relaxed);
                 let refresh = match inner.inflight.join_or_lead(&key) {
-                    coalesce::Joined::Lead(slot) => {
-                        Some(Fill::new(self.inner.clone(), key, slot, req, Some(v.clone())))
-                    }
+                    coalesce::Joined::Lead(slot) => Some(Fill::new(
+                        self.inner.clone(),
+                        key,
+                        slot,
+                        req,
+                        Some(v.clone()),
+                    )),
                     coalesce::Joined::Wait(_) => None,
                 };
                 return Lookup::Stale {

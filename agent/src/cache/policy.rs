@@ -121,7 +121,11 @@ fn parse_delta(s: &str) -> Option<u64> {
     if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    Some(s.parse::<u64>().unwrap_or(u64::MAX).min(u64::from(u32::MAX)))
+    Some(
+        s.parse::<u64>()
+            .unwrap_or(u64::MAX)
+            .min(u64::from(u32::MAX)),
+    )
 }
 
 // ---------------------------------------------------------------------------------------
@@ -170,7 +174,9 @@ pub fn parse_cache_control<'a>(
             if rest.is_empty() {
                 break;
             }
-            let name_end = rest.find(|c: char| !is_tchar(c as u8)).unwrap_or(rest.len());
+            let name_end = rest
+                .find(|c: char| !is_tchar(c as u8))
+                .unwrap_or(rest.len());
             if name_end == 0 {
                 return Err(BAD);
             }
@@ -229,7 +235,7 @@ pub fn parse_cache_control<'a>(
             *name,
             "max-age" | "s-maxage" | "min-fresh" | "stale-while-revalidate" | "stale-if-error"
         );
-        if needs_delta && value.and_then(|v| parse_delta(v)).is_none() {
+        if needs_delta && value.and_then(parse_delta).is_none() {
             return Err(BAD);
         }
     }
@@ -483,7 +489,7 @@ pub fn is_fresh(v: &Variant, now_ms: u64, rd: &RequestDirectives) -> bool {
         return false;
     }
     let left = u64::from(v.lifetime_secs()).saturating_sub(age);
-    !rd.min_fresh.is_some_and(|m| left < m)
+    rd.min_fresh.is_none_or(|m| left >= m)
 }
 
 /// Whether a stale `v` may be served while it is revalidated in the background
@@ -563,7 +569,12 @@ pub fn client_validators_match(req: &HeaderMap, v: &Variant) -> bool {
         let Some(etag) = v.field(&header::ETAG) else {
             return false;
         };
-        let opaque = |t: &[u8]| -> Vec<u8> { t.trim_ascii().strip_prefix(b"W/").unwrap_or(t.trim_ascii()).to_vec() };
+        let opaque = |t: &[u8]| -> Vec<u8> {
+            t.trim_ascii()
+                .strip_prefix(b"W/")
+                .unwrap_or(t.trim_ascii())
+                .to_vec()
+        };
         let stored = opaque(etag);
         return req.get_all(header::IF_NONE_MATCH).iter().any(|h| {
             h.as_bytes()
@@ -582,8 +593,16 @@ pub fn client_validators_match(req: &HeaderMap, v: &Variant) -> bool {
         .is_some_and(|lm| lm <= ims)
 }
 
-/// The stored fields of `old` updated by a 304 (RFC 9111 §4.3.4), or `None` when the 304
-/// does not select `old` (its validators differ), so it must not be used to refresh it.
+/// Fields of a 304 that never update the stored response (RFC 9111 §3.2): the body's
+/// own framing and encoding, which describe the stored body, not the 304.
+fn keeps_stored_value(name: &HeaderName) -> bool {
+    skip_field(name) || *name == header::CONTENT_ENCODING || *name == header::CONTENT_RANGE
+}
+
+/// The stored fields of `old` updated by a 304 (RFC 9111 §4.3.4, §3.2), or `None` when
+/// the 304 does not select `old` (its validators differ), so it must not refresh it. The
+/// crate decides the selection; the update adds and replaces every field of the 304
+/// (the crate only replaces fields already stored).
 pub fn merge_not_modified(
     old: &Variant,
     req: &RequestHead,
@@ -591,12 +610,12 @@ pub fn merge_not_modified(
     now: SystemTime,
 ) -> Option<HeaderMap> {
     let stored_at = SystemTime::UNIX_EPOCH + Duration::from_millis(old.stored_at_ms());
-    let old_headers = old.headers();
+    let mut merged = old.headers();
     let old_policy = CachePolicy::new_options(
         req,
         &ResponseView {
             status: old.status(),
-            headers: &old_headers,
+            headers: &merged,
         },
         stored_at,
         crate_options(),
@@ -605,22 +624,21 @@ pub fn merge_not_modified(
         status: StatusCode::NOT_MODIFIED,
         headers: not_modified,
     };
-    match old_policy.after_response(req, &resp, now) {
-        AfterResponse::NotModified(_, parts) => {
-            let mut h = parts.headers;
-            // The crate stamps its own `Age` and `Date`; keep the origin's Date if the 304
-            // had one and let our own Age accounting start from the 304's.
-            h.remove(header::AGE);
-            if let Some(age) = not_modified.get(header::AGE) {
-                h.insert(header::AGE, age.clone());
-            }
-            if let Some(date) = not_modified.get(header::DATE) {
-                h.insert(header::DATE, date.clone());
-            }
-            Some(h)
-        }
-        AfterResponse::Modified(..) => None,
+    if let AfterResponse::Modified(..) = old_policy.after_response(req, &resp, now) {
+        return None;
     }
+    // The stored Age described the old copy; the 304's (if any) describes the new one.
+    merged.remove(header::AGE);
+    for name in not_modified.keys() {
+        if keeps_stored_value(name) && *name != header::AGE {
+            continue;
+        }
+        merged.remove(name);
+        for v in not_modified.get_all(name) {
+            merged.append(name.clone(), v.clone());
+        }
+    }
+    Some(merged)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -669,6 +687,7 @@ fn resolve_same_host(host: &str, base_pq: &str, reference: &str) -> Option<Strin
         return Some(normalize_path(reference));
     }
     if let Ok(uri) = reference.parse::<Uri>()
+        && uri.scheme().is_some()
         && let Some(auth) = uri.authority()
     {
         let ref_host = auth.host().trim_end_matches('.');
@@ -717,4 +736,113 @@ fn normalize_path(pq: &str) -> String {
         out.push_str(q);
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hv(s: &'static str) -> HeaderValue {
+        HeaderValue::from_static(s)
+    }
+
+    fn cc(s: &'static str) -> Result<Vec<(&'static str, Option<&'static str>)>, NotStored> {
+        let v: &'static HeaderValue = Box::leak(Box::new(hv(s)));
+        parse_cache_control(std::iter::once(v))
+    }
+
+    #[test]
+    fn cache_control_parses_tokens_quoted_values_and_canonical_names() {
+        assert_eq!(
+            cc("Public, MAX-AGE=60 , no-cache=\"set-cookie, x\"").unwrap(),
+            vec![
+                ("public", None),
+                ("max-age", Some("60")),
+                ("no-cache", Some("set-cookie, x")),
+            ]
+        );
+        assert_eq!(cc(" , ,").unwrap(), vec![]);
+        // The same directive twice with one value is tolerated.
+        assert_eq!(cc("max-age=5, max-age=5").unwrap().len(), 1);
+    }
+
+    #[test]
+    fn cache_control_rejects_bad_syntax_conflicts_and_bad_numbers() {
+        for bad in [
+            "max-age=5, max-age=6",
+            "max-age=",
+            "max-age=-1",
+            "max-age=1.5",
+            "s-maxage",
+            "no-cache=\"open",
+            "=5",
+            "max-age=5 junk",
+        ] {
+            assert!(cc(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn huge_delta_seconds_saturate_instead_of_failing() {
+        assert_eq!(
+            parse_delta("99999999999999999999999"),
+            Some(u64::from(u32::MAX))
+        );
+    }
+
+    #[test]
+    fn request_directives_read_cache_control_or_else_pragma() {
+        let mut h = HeaderMap::new();
+        h.insert(header::PRAGMA, hv("no-cache"));
+        assert!(RequestDirectives::parse(&h).no_cache);
+        h.insert(header::CACHE_CONTROL, hv("max-age=3, min-fresh=2"));
+        let d = RequestDirectives::parse(&h);
+        assert_eq!(
+            (d.no_cache, d.max_age, d.min_fresh),
+            (false, Some(3), Some(2))
+        );
+        h.insert(header::CACHE_CONTROL, hv("max-age=x"));
+        assert!(RequestDirectives::parse(&h).no_cache);
+    }
+
+    #[test]
+    fn requests_with_zero_content_length_are_still_cacheable() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONTENT_LENGTH, hv("0"));
+        assert_eq!(classify(&Method::GET, &h), RequestKind::Get);
+        assert_eq!(classify(&Method::DELETE, &h), RequestKind::Unsafe);
+        assert_eq!(classify(&Method::TRACE, &h), RequestKind::Bypass);
+    }
+
+    #[test]
+    fn location_references_resolve_against_the_request_path() {
+        assert_eq!(
+            resolve_same_host("shop", "/a/b?q", "c").as_deref(),
+            Some("/a/c")
+        );
+        assert_eq!(
+            resolve_same_host("shop", "/a/b", "../c?x=1").as_deref(),
+            Some("/c?x=1")
+        );
+        assert_eq!(
+            resolve_same_host("shop", "/a/b", "/x/./y").as_deref(),
+            Some("/x/y")
+        );
+        assert_eq!(
+            resolve_same_host("shop", "/", "http://SHOP:8080/z").as_deref(),
+            Some("/z")
+        );
+        assert_eq!(resolve_same_host("shop", "/", "http://other/z"), None);
+        assert_eq!(resolve_same_host("shop", "/", "//other/z"), None);
+        assert_eq!(resolve_same_host("shop", "/", "mailto:x@y"), None);
+    }
+
+    #[test]
+    fn expires_is_not_checked_when_max_age_overrides_it() {
+        let mut h = HeaderMap::new();
+        h.insert(header::EXPIRES, hv("0"));
+        assert_eq!(check_fields(&h), Err(NotStored::Malformed("Expires")));
+        h.insert(header::CACHE_CONTROL, hv("max-age=10"));
+        assert!(check_fields(&h).is_ok());
+    }
 }

@@ -1133,8 +1133,11 @@ pub trait Storage: Send + Sync {
     fn peek(&self, key: &KeyRef<'_>) -> Option<Entry>;
     /// Replaces the entry for `key` by `make(current)` atomically; `None` from `make`
     /// leaves it as it is.
-    fn update(&self, key: &KeyRef<'_>, make: &mut dyn FnMut(Option<&Entry>) -> Option<Entry>)
-    -> Put;
+    fn update(
+        &self,
+        key: &KeyRef<'_>,
+        make: &mut dyn FnMut(Option<&Entry>) -> Option<Entry>,
+    ) -> Put;
     /// Removes the entry for `key`; whether there was one.
     fn remove(&self, key: &KeyRef<'_>) -> bool;
     /// Removes every entry whose key fails `keep`; returns how many.

@@ -230,7 +230,14 @@ fn heuristic_freshness_applies_only_to_heuristically_cacheable_statuses() {
     let (d, lm) = (date(0), date(-10 * 86400));
     let r = get("/ok");
     assert_eq!(
-        fill(&c, &r, 200, &[("date", &d), ("last-modified", &lm)], "a", t0()),
+        fill(
+            &c,
+            &r,
+            200,
+            &[("date", &d), ("last-modified", &lm)],
+            "a",
+            t0()
+        ),
         "stored"
     );
     hit(&c, &r, at(3600));
@@ -273,7 +280,10 @@ fn malformed_cache_fields_make_a_response_uncacheable() {
         &[("expires", "tomorrow")],
         &[("cache-control", "max-age=60"), ("age", "soon")],
         &[("cache-control", "max-age=60"), ("date", "yesterday")],
-        &[("cache-control", "max-age=60"), ("vary", "accept, bad header")],
+        &[
+            ("cache-control", "max-age=60"),
+            ("vary", "accept, bad header"),
+        ],
     ];
     for (i, h) in cases.iter().enumerate() {
         let r = get(&format!("/m{i}"));
@@ -483,7 +493,10 @@ fn not_modified_for_other_validators_does_not_refresh_the_entry() {
     };
     f.add_validators(&mut HeaderMap::new());
     let mut p = resp(304, &[("etag", "\"v2\"")]);
-    assert!(matches!(f.on_response(&mut p, at(20)), FillAction::Respond(_)));
+    assert!(matches!(
+        f.on_response(&mut p, at(20)),
+        FillAction::Respond(_)
+    ));
     assert_eq!(c.stats().entries, 0);
 }
 
@@ -552,7 +565,10 @@ fn successful_unsafe_request_invalidates_its_uri_location_and_content_location()
     }
     store_fresh(&c, "other", "/b");
     let h: HeaderMap = [
-        (HeaderName::from_static("location"), HeaderValue::from_static("/b")),
+        (
+            HeaderName::from_static("location"),
+            HeaderValue::from_static("/b"),
+        ),
         (
             HeaderName::from_static("content-location"),
             HeaderValue::from_static("http://shop/c"),
@@ -627,11 +643,12 @@ fn purge_removes_all_one_host_or_one_path_prefix() {
 // ---------------------------------------------------------------------------------------
 // Bodies: streaming fill, errors, size limit.
 
+type Frames = std::vec::IntoIter<Result<http_body::Frame<Bytes>, std::io::Error>>;
+
+/// A body that yields the given chunks, `Err(())` standing for a connection reset.
 fn stream_body(
     chunks: Vec<Result<&'static str, ()>>,
-) -> http_body_util::StreamBody<
-    futures::stream::Iter<std::vec::IntoIter<Result<http_body::Frame<Bytes>, std::io::Error>>>,
-> {
+) -> http_body_util::StreamBody<futures::stream::Iter<Frames>> {
     let frames: Vec<_> = chunks
         .into_iter()
         .map(|c| match c {
@@ -705,7 +722,10 @@ async fn oversized_response_streams_through_uncached() {
     let Lookup::Miss(f) = c.lookup(HOST, &get("/big"), t0()) else {
         panic!("expected a miss");
     };
-    let mut p = resp(200, &[("cache-control", "max-age=60"), ("content-length", "5")]);
+    let mut p = resp(
+        200,
+        &[("cache-control", "max-age=60"), ("content-length", "5")],
+    );
     assert!(matches!(f.on_response(&mut p, t0()), FillAction::Forward));
     // Found too large while streaming: the client still gets every byte.
     let col = collector(&c, "/chunked", &[("cache-control", "max-age=60")]);
@@ -750,7 +770,11 @@ async fn concurrent_misses_send_one_request_and_all_waiters_get_its_answer() {
         assert_eq!(header(&resp, "x-cache"), Some("HIT"));
         bodies.push(resp.into_body());
     }
-    assert!(bodies.iter().all(|b| b == "shared" && b.as_ptr() == bodies[0].as_ptr()));
+    assert!(
+        bodies
+            .iter()
+            .all(|b| b == "shared" && b.as_ptr() == bodies[0].as_ptr())
+    );
     let s = c.stats();
     assert_eq!((s.misses, s.coalesced, s.stores), (1, 99, 1));
     assert_eq!(c.inner.inflight.len(), 0);
@@ -856,7 +880,9 @@ async fn stale_if_error_answers_within_its_window_only() {
     let r = get("/a");
     fill(&c, &r, 200, &[("cache-control", "max-age=10")], "old", t0());
     // The proxy's own upstream failure, outside any fill.
-    let s = c.stale_for_error(HOST, &r, at(30)).expect("within the window");
+    let s = c
+        .stale_for_error(HOST, &r, at(30))
+        .expect("within the window");
     assert_eq!(header(&s, "x-cache"), Some("STALE"));
     assert_eq!(s.body(), "old");
     assert!(c.stale_for_error(HOST, &r, at(71)).is_none());
@@ -925,7 +951,10 @@ fn config_comes_from_the_proto_policy() {
         ..p.clone()
     };
     let s = CacheConfig::from_proto(&small).unwrap().unwrap();
-    assert_eq!((s.eviction, s.max_object_size), (EvictionPolicy::Lru, 128 << 10));
+    assert_eq!(
+        (s.eviction, s.max_object_size),
+        (EvictionPolicy::Lru, 128 << 10)
+    );
     let off = CachePolicy {
         enabled: false,
         ..p.clone()
@@ -968,4 +997,16 @@ fn shared_handles_are_one_cache() {
     assert!(a.ptr_eq(&b));
     assert!(!a.ptr_eq(&cache()));
     assert_eq!(a.config(), b.config());
+}
+
+#[test]
+fn handles_cross_threads_as_the_proxy_needs() {
+    fn send_sync<T: Send + Sync>() {}
+    fn send<T: Send>() {}
+    send_sync::<Cache>();
+    send::<Lookup>();
+    send::<Fill>();
+    send::<Collector>();
+    send::<Waiter>();
+    send::<TeeBody<http_body_util::Full<Bytes>>>();
 }

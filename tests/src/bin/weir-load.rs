@@ -248,7 +248,10 @@ async fn schedule(
                 sent += 1;
                 lag.saturating_record(at.elapsed().as_micros() as u64 + 1);
             }
-            if senders[(k % conns) as usize].send(Slot { at, measured }).is_err() {
+            if senders[(k % conns) as usize]
+                .send(Slot { at, measured })
+                .is_err()
+            {
                 break 'outer;
             }
             k += 1;
@@ -257,7 +260,7 @@ async fn schedule(
     Ok((sent, lag))
 }
 
-/// Lowers the main thread's timer slack (default 50 µs) so that sleeps end close to their
+/// Lowers the main thread's timer slack (default 50 µs) so that timers fire close to their
 /// deadline; threads created afterwards inherit it. Best effort: needs Linux ≥ 4.6 and the
 /// right to write `/proc/self/timerslack_ns` (root, or CAP_SYS_NICE since Linux 4.12).
 fn lower_timer_slack() {
@@ -330,7 +333,13 @@ fn main() -> anyhow::Result<()> {
         }
         // Requests that never completed within the drain count as errors.
         errors += sent.saturating_sub(done);
-        let q = |p: f64| if hist.is_empty() { 0 } else { hist.value_at_quantile(p) };
+        let q = |p: f64| {
+            if hist.is_empty() {
+                0
+            } else {
+                hist.value_at_quantile(p)
+            }
+        };
         let out = serde_json::json!({
             "sent": sent,
             "ok": ok,

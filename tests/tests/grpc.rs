@@ -1,0 +1,431 @@
+//! HTTP/2 and gRPC end to end: real tonic servers behind a real agent (h2c upstreams chosen by
+//! the Service port's `appProtocol`), real tonic clients on one HTTP/2 connection each.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use tokio_stream::StreamExt;
+use weir_tests::grpc::{self, FAILURE_DETAILS, Options, pb};
+use weir_tests::manifests::{docs, service_h2c, slice};
+use weir_tests::{Agent, Controller, Proc, profile_dir, wait_for};
+
+fn write(dir: &Path, name: &str, text: &str) {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    std::fs::write(&tmp, text).expect("write manifest");
+    std::fs::rename(&tmp, dir.join(name)).expect("rename manifest");
+}
+
+const HOST: &str = "echo.test";
+
+/// Service `echo` (h2c) over `endpoints` (same port) and a policy with `spec` lines.
+fn setup(dir: &Path, ips: &[String], port: u16, spec: &str) {
+    let eps: Vec<(&str, bool)> = ips.iter().map(|i| (i.as_str(), true)).collect();
+    write(
+        dir,
+        "echo.yaml",
+        &docs(&[service_h2c("echo", 80), slice("echo", port, &eps)]),
+    );
+    write(
+        dir,
+        "policy.yaml",
+        &format!(
+            "apiVersion: weir.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: echo, namespace: default}}\nspec:\n  hosts: [\"{HOST}\"]\n  rules:\n    - backendRefs: [{{name: echo, port: 80}}]\n{spec}"
+        ),
+    );
+}
+
+/// Echo servers on `ips`, all on one port.
+async fn servers(ips: &[&str], opts: Options) -> Vec<grpc::EchoHandle> {
+    'port: for _ in 0..20 {
+        let port = weir_tests::free_port(ips[0]);
+        let mut out = Vec::new();
+        for ip in ips {
+            let addr: SocketAddr = format!("{ip}:{port}").parse().expect("addr");
+            match grpc::start(addr, ip, opts.clone()).await {
+                Ok(s) => out.push(s),
+                Err(_) => continue 'port,
+            }
+        }
+        return out;
+    }
+    panic!("no common free port");
+}
+
+fn ips_of(servers: &[grpc::EchoHandle]) -> Vec<String> {
+    servers.iter().map(|s| s.addr.ip().to_string()).collect()
+}
+
+async fn start(dir: &Path) -> (Controller, Agent) {
+    let controller = Controller::start(dir).await.expect("controller");
+    let agent = Agent::start(&controller.url(), None).await.expect("agent");
+    agent.wait_ready().await;
+    (controller, agent)
+}
+
+fn req(payload: &[u8]) -> pb::EchoRequest {
+    pb::EchoRequest {
+        payload: payload.to_vec(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unary_calls_on_one_connection_spread_over_every_endpoint() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = servers(
+        &["127.0.20.11", "127.0.20.12", "127.0.20.13"],
+        Options::default(),
+    )
+    .await;
+    setup(dir.path(), &ips_of(&s), s[0].addr.port(), "");
+    let (_c, agent) = start(dir.path()).await;
+    let mut client = grpc::client(agent.listen, HOST).await.expect("client");
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    for _ in 0..300 {
+        let reply = client.unary(req(b"hi")).await.expect("call").into_inner();
+        *counts.entry(reply.server).or_default() += 1;
+    }
+    assert_eq!(counts.len(), 3, "{counts:?}");
+    for (server, n) in &counts {
+        assert!(
+            (80..=120).contains(n),
+            "{server} got {n} of 300: {counts:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_messages_streams_ping_pong_details_and_deadlines_pass_through() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = servers(&["127.0.21.11"], Options::default()).await;
+    setup(dir.path(), &ips_of(&s), s[0].addr.port(), "");
+    let (_c, agent) = start(dir.path()).await;
+    let mut client = grpc::client(agent.listen, HOST).await.expect("client");
+
+    // 3 MiB both ways.
+    let big = vec![7u8; 3 * 1024 * 1024];
+    let reply = client
+        .unary(req(&big))
+        .await
+        .expect("big call")
+        .into_inner();
+    assert_eq!(reply.payload.len(), big.len());
+    assert!(reply.payload == big);
+
+    // Server streaming of 2,000 messages, in order.
+    let mut stream = client
+        .server_stream(pb::StreamRequest { count: 2000 })
+        .await
+        .expect("stream")
+        .into_inner();
+    let mut n = 0u32;
+    while let Some(m) = stream.next().await {
+        let m = m.expect("message");
+        assert_eq!(m.payload, n.to_be_bytes().to_vec());
+        n += 1;
+    }
+    assert_eq!(n, 2000);
+
+    // Full duplex: each message is sent only after the echo of the previous one arrived.
+    let (tx, rx) = tokio::sync::mpsc::channel::<pb::EchoRequest>(1);
+    tx.send(req(&0u32.to_be_bytes())).await.expect("first");
+    let mut echoes = client
+        .bidi(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect("bidi")
+        .into_inner();
+    for i in 0..100u32 {
+        let echo = echoes.next().await.expect("echo").expect("ok");
+        assert_eq!(echo.payload, i.to_be_bytes().to_vec());
+        if i < 99 {
+            tx.send(req(&(i + 1).to_be_bytes())).await.expect("next");
+        }
+    }
+    drop(tx);
+    assert!(echoes.next().await.is_none());
+
+    // A status with details reaches the client unchanged (trailers pass through).
+    let err = client
+        .unary(pb::EchoRequest {
+            fail: true,
+            ..Default::default()
+        })
+        .await
+        .expect_err("failure");
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    assert_eq!(err.message(), "asked to fail");
+    assert_eq!(err.details(), FAILURE_DETAILS);
+
+    // A 300 ms deadline on a 2 s call: the agent enforces `grpc-timeout` itself and answers
+    // DEADLINE_EXCEEDED. Sent with a plain HTTP/2 client, because tonic's client would also
+    // start a timer of its own for the header and race the agent.
+    let (status, grpc_status) = raw_call_with_deadline(agent.listen, "300m", 2000).await;
+    assert_eq!(status, 200);
+    assert_eq!(grpc_status.as_deref(), Some("4"), "DEADLINE_EXCEEDED");
+}
+
+/// POSTs one Unary call over h2c with `grpc-timeout`; returns the HTTP status and the
+/// `grpc-status` of the (Trailers-Only) answer.
+async fn raw_call_with_deadline(
+    agent: SocketAddr,
+    timeout: &str,
+    delay_ms: u32,
+) -> (u16, Option<String>) {
+    use prost::Message;
+    let msg = pb::EchoRequest {
+        delay_ms,
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let mut framed = vec![0u8];
+    framed.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+    framed.extend_from_slice(&msg);
+    let tcp = tokio::net::TcpStream::connect(agent)
+        .await
+        .expect("connect");
+    let (h2, conn) = h2::client::handshake(tcp).await.expect("handshake");
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let mut h2 = h2.ready().await.expect("ready");
+    let req = http::Request::post(format!("http://{HOST}/weir.test.v1.Echo/Unary"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("grpc-timeout", timeout)
+        .body(())
+        .expect("request");
+    let (resp, mut send) = h2.send_request(req, false).expect("send");
+    send.send_data(bytes::Bytes::from(framed), true)
+        .expect("data");
+    let resp = resp.await.expect("response");
+    let status = resp.status().as_u16();
+    let head = resp
+        .headers()
+        .get("grpc-status")
+        .map(|v| v.to_str().unwrap_or("").to_string());
+    let mut body = resp.into_body();
+    while let Some(chunk) = body.data().await {
+        let _ = chunk.expect("chunk");
+    }
+    let trailer = body.trailers().await.ok().flatten().and_then(|t| {
+        t.get("grpc-status")
+            .map(|v| v.to_str().unwrap_or("").to_string())
+    });
+    (status, head.or(trailer))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_the_agent_answers_itself_are_grpc_shaped() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = servers(&["127.0.22.11"], Options::default()).await;
+    setup(dir.path(), &ips_of(&s), s[0].addr.port(), "");
+    write(
+        dir.path(),
+        "empty.yaml",
+        &docs(&[
+            service_h2c("empty", 80),
+            slice("empty", 80, &[]),
+            "apiVersion: weir.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: empty, namespace: default}\nspec:\n  hosts: [\"empty.test\"]\n  rules:\n    - backendRefs: [{name: empty, port: 80}]\n".to_string(),
+        ]),
+    );
+    let (_c, agent) = start(dir.path()).await;
+
+    let mut nowhere = grpc::client(agent.listen, "nowhere.test")
+        .await
+        .expect("client");
+    let err = nowhere.unary(req(b"x")).await.expect_err("no route");
+    assert_eq!(err.code(), tonic::Code::Unimplemented, "{err:?}");
+    assert!(err.message().contains("no route"), "{err:?}");
+
+    let mut empty = grpc::client(agent.listen, "empty.test")
+        .await
+        .expect("client");
+    let err = empty.unary(req(b"x")).await.expect_err("no endpoint");
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("no healthy endpoint"), "{err:?}");
+}
+
+/// Starts `weir-echo-grpc` processes on `ips`, all on one port.
+fn echo_processes(ips: &[&str]) -> (Vec<Proc>, u16) {
+    'port: for _ in 0..20 {
+        let port = weir_tests::free_port(ips[0]);
+        let mut procs = Vec::new();
+        for ip in ips {
+            let mut child = Command::new(profile_dir().join("weir-echo-grpc"))
+                .args(["--listen", &format!("{ip}:{port}"), "--name", ip])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start weir-echo-grpc");
+            let mut line = String::new();
+            let _ = BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line);
+            let p = Proc {
+                child,
+                name: ip.to_string(),
+            };
+            if !line.starts_with("listening") {
+                continue 'port;
+            }
+            procs.push(p);
+        }
+        return (procs, port);
+    }
+    panic!("no common free port");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_killed_between_calls_fails_no_call() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ips = ["127.0.23.11", "127.0.23.12", "127.0.23.13"];
+    let (mut procs, port) = echo_processes(&ips);
+    setup(
+        dir.path(),
+        &ips.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+        port,
+        "  retry: {attempts: 2, on: [connect-failure, reset, unavailable]}\n  outlierDetection: {consecutiveErrors: 1, baseEjectionTime: 30s}\n",
+    );
+    let (_c, agent) = start(dir.path()).await;
+    let mut client = grpc::client(agent.listen, HOST).await.expect("client");
+    for i in 0..300 {
+        if i == 100 {
+            procs[1].kill();
+        }
+        client
+            .unary(req(b"x"))
+            .await
+            .unwrap_or_else(|e| panic!("call {i} failed: {e:?}"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_shutting_down_gracefully_fails_no_call() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut s = servers(&["127.0.24.11", "127.0.24.12"], Options::default()).await;
+    setup(
+        dir.path(),
+        &ips_of(&s),
+        s[0].addr.port(),
+        "  retry: {attempts: 2, on: [connect-failure, reset, unavailable]}\n",
+    );
+    let (_c, agent) = start(dir.path()).await;
+    let mut calls = Vec::new();
+    for _ in 0..4 {
+        let listen = agent.listen;
+        calls.push(tokio::spawn(async move {
+            let mut client = grpc::client(listen, HOST).await.expect("client");
+            let mut failures = Vec::new();
+            for i in 0..150 {
+                if let Err(e) = client
+                    .unary(pb::EchoRequest {
+                        delay_ms: if i % 10 == 0 { 20 } else { 0 },
+                        ..Default::default()
+                    })
+                    .await
+                {
+                    failures.push(format!("{e:?}"));
+                }
+            }
+            failures
+        }));
+    }
+    wait_for("calls under way", || async {
+        (s[1].calls() > 50).then_some(())
+    })
+    .await;
+    let mut leaving = s.remove(1);
+    leaving.shutdown();
+    let mut failures = Vec::new();
+    for c in calls {
+        failures.extend(c.await.expect("caller"));
+    }
+    leaving.stopped().await;
+    assert!(
+        failures.is_empty(),
+        "{} failed calls: {:?}",
+        failures.len(),
+        failures.first()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_concurrent_calls_fit_through_an_endpoint_allowing_ten_streams() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = servers(
+        &["127.0.25.11"],
+        Options {
+            max_concurrent_streams: Some(10),
+        },
+    )
+    .await;
+    setup(dir.path(), &ips_of(&s), s[0].addr.port(), "");
+    let (_c, agent) = start(dir.path()).await;
+    let client = grpc::client(agent.listen, HOST).await.expect("client");
+    let mut calls = Vec::new();
+    for _ in 0..100 {
+        let mut client = client.clone();
+        calls.push(tokio::spawn(async move {
+            client
+                .unary(pb::EchoRequest {
+                    delay_ms: 20,
+                    ..Default::default()
+                })
+                .await
+        }));
+    }
+    for c in calls {
+        c.await.expect("task").expect("call");
+    }
+    assert_eq!(s[0].calls(), 100);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rapid_reset_flood_is_cut_off_without_hurting_other_clients() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = servers(&["127.0.26.11"], Options::default()).await;
+    setup(dir.path(), &ips_of(&s), s[0].addr.port(), "");
+    let (_c, agent) = start(dir.path()).await;
+
+    // The attacker: raw HTTP/2, 5,000 streams each opened and reset at once.
+    let flood = tokio::spawn(async move {
+        let tcp = tokio::net::TcpStream::connect(agent.listen)
+            .await
+            .expect("connect");
+        let Ok((mut h2, conn)) = h2::client::handshake(tcp).await else {
+            return 0;
+        };
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let mut opened = 0;
+        for _ in 0..5000 {
+            let req = http::Request::post(format!("http://{HOST}/weir.test.v1.Echo/Unary"))
+                .header("content-type", "application/grpc")
+                .header("te", "trailers")
+                .body(())
+                .expect("request");
+            let Ok(ready) = h2.ready().await else { break };
+            h2 = ready;
+            let Ok((_resp, mut stream)) = h2.send_request(req, false) else {
+                break;
+            };
+            stream.send_reset(h2::Reason::CANCEL);
+            opened += 1;
+        }
+        opened
+    });
+
+    // Meanwhile another client is served as usual.
+    let mut client = grpc::client(agent.listen, HOST).await.expect("client");
+    for _ in 0..50 {
+        client.unary(req(b"x")).await.expect("honest call");
+    }
+    let opened = flood.await.expect("flood");
+    assert!(opened > 0);
+    let reached = s[0].calls() - 50;
+    assert!(
+        reached < 500,
+        "{reached} of {opened} cancelled streams reached the origin"
+    );
+}
