@@ -33,6 +33,8 @@ pub struct CheckSpec {
     pub timeout: Duration,
     pub healthy_threshold: u32,
     pub unhealthy_threshold: u32,
+    /// Probe with `grpc.health.v1.Health/Check` for this service name instead of a GET.
+    pub grpc_service: Option<String>,
 }
 
 /// The desired checks of a table.
@@ -45,7 +47,7 @@ pub fn desired(table: &Table) -> HashMap<CheckSpec, Arc<EndpointHealth>> {
         let Some(hc) = &route.health_check else {
             continue;
         };
-        if hc.grpc_service.is_some() || hc.path.is_empty() {
+        if hc.grpc_service.is_none() && hc.path.is_empty() {
             continue;
         }
         for rule in rt.rules.iter() {
@@ -58,6 +60,7 @@ pub fn desired(table: &Table) -> HashMap<CheckSpec, Arc<EndpointHealth>> {
                     timeout: ms_or(hc.timeout_ms, 1_000),
                     healthy_threshold: hc.healthy_threshold.max(1),
                     unhealthy_threshold: hc.unhealthy_threshold.max(1),
+                    grpc_service: hc.grpc_service.clone(),
                 };
                 out.insert(spec, m.clone());
             }
@@ -113,18 +116,9 @@ async fn probe_loop(spec: CheckSpec, health: Arc<EndpointHealth>, shared: Arc<Sh
     let first = rand::rng().random_range(0.0..1.0) * spec.interval.as_secs_f64();
     tokio::time::sleep(Duration::from_secs_f64(first)).await;
     loop {
-        let req = Request::get(&uri)
-            .header(header::HOST, host.clone())
-            .header(header::USER_AGENT, "weir-health-check")
-            .body(Empty::new());
-        let verdict = match req {
-            Err(e) => Err(format!("bad check request: {e}")),
-            Ok(req) => match tokio::time::timeout(spec.timeout, client.request(req)).await {
-                Err(_) => Err(format!("no answer within {:?}", spec.timeout)),
-                Ok(Err(e)) => Err(format!("request failed: {e}")),
-                Ok(Ok(resp)) if resp.status().is_success() => Ok(()),
-                Ok(Ok(resp)) => Err(format!("HTTP {}", resp.status().as_u16())),
-            },
+        let verdict = match &spec.grpc_service {
+            Some(service) => grpc_probe(&spec, service).await,
+            None => http_probe(&client, &uri, &host, spec.timeout).await,
         };
         match verdict {
             Ok(()) => {
@@ -146,6 +140,54 @@ async fn probe_loop(spec: CheckSpec, health: Arc<EndpointHealth>, shared: Arc<Sh
         }
         let jitter = rand::rng().random_range(0.9..1.1);
         tokio::time::sleep(spec.interval.mul_f64(jitter)).await;
+    }
+}
+
+async fn http_probe(
+    client: &Client<HttpConnector, Empty<Bytes>>,
+    uri: &str,
+    host: &HeaderValue,
+    timeout: Duration,
+) -> Result<(), String> {
+    let req = Request::get(uri)
+        .header(header::HOST, host.clone())
+        .header(header::USER_AGENT, "weir-health-check")
+        .body(Empty::new())
+        .map_err(|e| format!("bad check request: {e}"))?;
+    match tokio::time::timeout(timeout, client.request(req)).await {
+        Err(_) => Err(format!("no answer within {timeout:?}")),
+        Ok(Err(e)) => Err(format!("request failed: {e}")),
+        Ok(Ok(resp)) if resp.status().is_success() => Ok(()),
+        Ok(Ok(resp)) => Err(format!("HTTP {}", resp.status().as_u16())),
+    }
+}
+
+/// The gRPC Health Checking Protocol over h2c: SERVING passes, anything else fails.
+async fn grpc_probe(spec: &CheckSpec, service: &str) -> Result<(), String> {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let probe = async {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", spec.addr))
+            .map_err(|e| e.to_string())?
+            .connect_timeout(spec.timeout)
+            .connect()
+            .await
+            .map_err(|e| format!("connect failed: {e}"))?;
+        let resp = HealthClient::new(channel)
+            .check(HealthCheckRequest {
+                service: service.to_string(),
+            })
+            .await
+            .map_err(|s| format!("grpc.health.v1 {:?}: {}", s.code(), s.message()))?;
+        match ServingStatus::try_from(resp.into_inner().status) {
+            Ok(ServingStatus::Serving) => Ok(()),
+            Ok(other) => Err(format!("grpc.health.v1 status {}", other.as_str_name())),
+            Err(_) => Err("grpc.health.v1 unknown status".to_string()),
+        }
+    };
+    match tokio::time::timeout(spec.timeout, probe).await {
+        Err(_) => Err(format!("no answer within {:?}", spec.timeout)),
+        Ok(r) => r,
     }
 }
 

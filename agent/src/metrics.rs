@@ -33,6 +33,13 @@ pub struct EndpointLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GrpcLabels {
+    pub route: String,
+    pub endpoint: String,
+    pub grpc_status: u32,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReplyLabels {
     pub route: String,
     pub reason: &'static str,
@@ -210,6 +217,8 @@ pub struct Metrics {
     endpoint_requests: Family<EndpointLabels, Counter>,
     endpoint_failures: Family<EndpointLabels, Counter>,
     endpoint_ejections: Family<EndpointLabels, Counter>,
+    /// gRPC calls by final status, route and endpoint.
+    pub grpc_calls: Family<GrpcLabels, Counter>,
     /// 1 healthy, 0 not (EndpointSlice ∧ active ∧ passive); refreshed on every table build.
     pub endpoint_healthy: Family<EndpointLabels, Gauge<i64, AtomicI64>>,
     pub table_version: Gauge<i64, AtomicI64>,
@@ -266,6 +275,12 @@ impl Metrics {
         let endpoint_failures = Family::<EndpointLabels, Counter>::default();
         let endpoint_ejections = Family::<EndpointLabels, Counter>::default();
         let endpoint_healthy = Family::<EndpointLabels, Gauge<i64, AtomicI64>>::default();
+        let grpc_calls = Family::<GrpcLabels, Counter>::default();
+        registry.register(
+            "grpc_calls",
+            "gRPC calls answered by an upstream, by route, endpoint and grpc-status",
+            grpc_calls.clone(),
+        );
         registry.register("retries", "Retried tries, by route", retries.clone());
         registry.register(
             "in_flight",
@@ -316,6 +331,7 @@ impl Metrics {
             endpoint_failures,
             endpoint_ejections,
             endpoint_healthy,
+            grpc_calls,
             table_version,
             controller_connected,
             updates_applied,

@@ -13,7 +13,7 @@
 use crate::health::{Event, Outcome, now_ms, now_nanos};
 use crate::metrics::{LocalReply, RouteCounters};
 use crate::pick::InFlight;
-use crate::replay::{ReplayBody, UpBody};
+use crate::replay::{DownBody, GrpcTally, ReplayBody, UpBody};
 use crate::state::Shared;
 use crate::table::{RouteRt, RuleRt, Target, upstream_uri};
 use bytes::Bytes;
@@ -31,7 +31,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 /// The body of a response: streamed from upstream, or a short local reply.
-pub type Body = Either<Incoming, Full<Bytes>>;
+pub type Body = Either<DownBody, Full<Bytes>>;
 
 /// Route timeout when the policy sets none (Envoy's default).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(15);
@@ -395,7 +395,19 @@ impl Worker {
                     strip_hop_by_hop(&mut rparts.headers);
                     rparts.headers.append(header::VIA, VIA_11);
                     route.counters.response(rparts.status);
-                    Response::from_parts(rparts, Either::Left(rbody))
+                    let tally = grpc.then(|| GrpcTally {
+                        calls: self.shared.metrics.grpc_calls.clone(),
+                        route: route.shared_name.clone(),
+                        endpoint: target.addr,
+                    });
+                    let tally = match (tally, head_grpc_status(&rparts.headers)) {
+                        (Some(t), Some(status)) => {
+                            t.count(status);
+                            None
+                        }
+                        (t, _) => t,
+                    };
+                    Response::from_parts(rparts, Either::Left(DownBody::new(rbody, tally)))
                 }
                 Err(reply) => {
                     let msg = match reply {

@@ -191,3 +191,84 @@ impl Body for UpBody {
         }
     }
 }
+
+/// A response body from upstream; for gRPC calls it watches the trailers for `grpc-status`
+/// and counts the call by status when the body ends (without touching the data).
+#[derive(Debug)]
+pub struct DownBody {
+    inner: Incoming,
+    grpc: Option<GrpcTally>,
+}
+
+/// Where a gRPC call's final status is counted.
+#[derive(Debug)]
+pub struct GrpcTally {
+    pub calls: prometheus_client::metrics::family::Family<
+        crate::metrics::GrpcLabels,
+        prometheus_client::metrics::counter::Counter,
+    >,
+    pub route: Arc<str>,
+    pub endpoint: std::net::SocketAddr,
+}
+
+impl GrpcTally {
+    /// Counts the call as finished with `status`.
+    pub fn count(&self, status: u32) {
+        self.calls
+            .get_or_create(&crate::metrics::GrpcLabels {
+                route: self.route.to_string(),
+                endpoint: self.endpoint.to_string(),
+                grpc_status: status,
+            })
+            .inc();
+    }
+}
+
+impl DownBody {
+    pub fn new(inner: Incoming, grpc: Option<GrpcTally>) -> Self {
+        Self { inner, grpc }
+    }
+}
+
+impl Body for DownBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        if let Some(tally) = &this.grpc {
+            match &polled {
+                Poll::Ready(Some(Ok(frame))) => {
+                    if let Some(t) = frame.trailers_ref() {
+                        let status = t
+                            .get("grpc-status")
+                            .and_then(|v| v.to_str().ok())
+                            .and_then(|v| v.parse().ok())
+                            .unwrap_or(2); // UNKNOWN: trailers without a status
+                        tally.count(status);
+                        this.grpc = None;
+                    }
+                }
+                // The stream broke or ended without trailers: the client sees a failed call.
+                Poll::Ready(Some(Err(_))) | Poll::Ready(None) => {
+                    tally.count(2);
+                    this.grpc = None;
+                }
+                Poll::Pending => {}
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -64,6 +64,8 @@ pub struct Table {
 #[derive(Debug)]
 pub struct RouteRt {
     pub name: Box<str>,
+    /// The name again, shareable with bodies that outlive the request handler.
+    pub shared_name: Arc<str>,
     pub rules: Box<[RuleRt]>,
     pub counters: RouteCounters,
     /// Anything about the route the operator should know (shown in `/config`).
@@ -310,6 +312,7 @@ impl RouteRt {
         };
         Ok(Self {
             name: route.name.as_str().into(),
+            shared_name: route.name.as_str().into(),
             rules: rules.into_boxed_slice(),
             counters: ctx.metrics.route_counters(&route.name),
             note,

@@ -158,6 +158,26 @@ async fn large_messages_streams_ping_pong_details_and_deadlines_pass_through() {
     assert_eq!(err.message(), "asked to fail");
     assert_eq!(err.details(), FAILURE_DETAILS);
 
+    // Calls are counted by their final gRPC status.
+    let metrics = weir_tests::request(
+        &weir_tests::http_client(),
+        "GET",
+        &format!("http://{}/metrics", agent.admin),
+        None,
+    )
+    .await
+    .expect("metrics")
+    .body;
+    for status in ["0", "9"] {
+        assert!(
+            metrics
+                .lines()
+                .any(|l| l.starts_with("weir_agent_grpc_calls_total")
+                    && l.contains(&format!("grpc_status=\"{status}\""))),
+            "no grpc_status {status} in metrics"
+        );
+    }
+
     // A 300 ms deadline on a 2 s call: the agent enforces `grpc-timeout` itself and answers
     // DEADLINE_EXCEEDED. Sent with a plain HTTP/2 client, because tonic's client would also
     // start a timer of its own for the header and race the agent.
@@ -428,4 +448,37 @@ async fn a_rapid_reset_flood_is_cut_off_without_hurting_other_clients() {
         reached < 500,
         "{reached} of {opened} cancelled streams reached the origin"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_health_checks_take_a_not_serving_endpoint_out() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = servers(&["127.0.27.11", "127.0.27.12"], Options::default()).await;
+    setup(
+        dir.path(),
+        &ips_of(&s),
+        s[0].addr.port(),
+        "  healthCheck: {grpc: {service: \"\"}, interval: 100ms, timeout: 1s, healthyThreshold: 1, unhealthyThreshold: 1}\n",
+    );
+    let (_c, agent) = start(dir.path()).await;
+    s[1].health
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
+    let sick = s[1].addr.to_string();
+    wait_for("gRPC health verdict", || async {
+        let cfg = agent.config().await.ok()?;
+        let ep = cfg["routes"][0]["rules"][0]["backends"][0]["endpoints"]
+            .as_array()?
+            .iter()
+            .find(|e| e["address"] == sick.as_str())?
+            .clone();
+        (ep["healthy"] == false && ep["why"].as_str()?.contains("NOT_SERVING")).then_some(())
+    })
+    .await;
+    let mut client = grpc::client(agent.listen, HOST).await.expect("client");
+    let before = s[1].calls();
+    for _ in 0..30 {
+        client.unary(req(b"x")).await.expect("call");
+    }
+    assert_eq!(s[1].calls(), before, "a NOT_SERVING endpoint gets no calls");
 }

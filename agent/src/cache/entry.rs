@@ -373,7 +373,8 @@ impl Variant {
 
     /// The stored response fields as a `HeaderMap` (values share the packed block).
     pub fn headers(&self) -> HeaderMap {
-        let mut map = HeaderMap::with_capacity(self.fields().count() + 2);
+        // Room for the fields added on the way out (Age, Content-Length, x-cache).
+        let mut map = HeaderMap::with_capacity(self.fields().count() + 3);
         for (name, range) in self.fields() {
             let (Ok(name), Some(range)) = (HeaderName::from_bytes(name), range) else {
                 continue;
