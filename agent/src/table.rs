@@ -38,6 +38,10 @@ pub enum TableError {
 
 /// Requests in flight to one endpoint before the circuit opens, when the policy sets none.
 pub const DEFAULT_MAX_PER_ENDPOINT: u32 = 1024;
+/// Retries in flight a route may always have, whatever its budget: enough that one dead
+/// endpoint under a few concurrent callers is retried around, few enough that retries
+/// cannot multiply an outage (Linkerd's budgets also keep a floor of 10 per second).
+pub const MIN_RETRY_CONCURRENCY: u32 = 10;
 /// Share of a zone's even share of the weight that keeps traffic in the zone.
 pub const LOCALITY_MIN_PERCENT: u32 = 70;
 
@@ -346,11 +350,11 @@ impl RouteRt {
     }
 
     /// Whether one more retry fits the budget: retries in flight stay below
-    /// `budgetPercent` of the requests in flight (never fewer than 3, so a quiet route can
+    /// `budgetPercent` of the requests in flight (never fewer than [`MIN_RETRY_CONCURRENCY`], so a quiet route can
     /// still retry), as Envoy's retry budgets do.
     pub fn try_begin_retry(&self) -> bool {
         let active = self.active.load(Ordering::Relaxed);
-        let allowed = (active * self.retry.budget_percent / 100).max(3);
+        let allowed = (active * self.retry.budget_percent / 100).max(MIN_RETRY_CONCURRENCY);
         if self.active_retries.fetch_add(1, Ordering::Relaxed) < allowed {
             true
         } else {
@@ -664,6 +668,23 @@ mod tests {
             picked.into_iter().collect::<Vec<_>>(),
             ["127.0.0.1:80", "127.0.0.2:80"]
         );
+    }
+
+    #[test]
+    fn the_retry_budget_caps_retries_in_flight_at_a_share_of_requests() {
+        let t = build(vec![route("a/b", &["shop"], &[("127.0.0.1:80", 1)])]).expect("table");
+        let r = t.route("shop").expect("route");
+        r.active.store(100, Ordering::Relaxed);
+        // Default budget: 20 % of 100 live requests.
+        let granted = (0..50).filter(|_| r.try_begin_retry()).count();
+        assert_eq!(granted, 20);
+        r.end_retry();
+        assert!(r.try_begin_retry(), "a finished retry frees its slot");
+        // A quiet route still gets the floor.
+        r.active.store(1, Ordering::Relaxed);
+        r.active_retries.store(0, Ordering::Relaxed);
+        let granted = (0..50).filter(|_| r.try_begin_retry()).count();
+        assert_eq!(granted, MIN_RETRY_CONCURRENCY as usize);
     }
 
     #[test]
