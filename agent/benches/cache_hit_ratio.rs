@@ -1,7 +1,7 @@
 //! Cache benchmarks: (1) hit ratio of each eviction policy on Zipf workloads, (2) the
 //! memory the cache spends per entry beyond its body, (3) the cost of a hit.
 //!
-//! Run: `cargo bench -p weir-agent --bench cache_hit_ratio` (about 2 minutes on 2 cores).
+//! Run: `cargo bench -p weir-agent --bench cache_hit_ratio` (about a minute on 2 cores).
 //! `-- --quick` runs 1/10 of the requests. Results and their reading are in
 //! `tests/bench/cache/README.md`.
 //!

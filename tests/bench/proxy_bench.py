@@ -528,11 +528,13 @@ def run_one(proxy, args, origins, rate=None):
             rate = sat["rps"] / 2
         lat = weir_load(proxy.url(), rate, args.lat_duration)
         res["lat"] = lat
+        # Could not keep up with the fixed rate: the percentiles then measure a queue.
+        res["overloaded"] = lat["achieved_rps"] < 0.95 * lat["target_rps"] or lat.get("unfinished", 0) > 0
         res["p50_us"], res["p99_us"] = lat["p50_us"], lat["p99_us"]
         log(
             f"  {proxy.name:7} N={proxy.workers}: {sat['rps']:9.0f} rps  cpu/100k {res['cpu_per_100k']:.2f}s  "
             f"rss {rss / 1024:.1f} MB (foreign cpu {foreign:.1f}s) | @{rate:.0f} rps p50 {lat['p50_us']} us p99 {lat['p99_us']} us "
-            f"(ok {lat['ok']}, err {lat['errors']}, lag p99 {lat['sched_lag_p99_us']} us)"
+            f"(achieved {lat['achieved_rps']:.0f} rps, err {lat['errors']}, lag p99 {lat['sched_lag_p99_us']} us)"
         )
         return res
     finally:
@@ -650,15 +652,17 @@ def table(results, workers_list, names):
                 "p50_x": ratio("p50_us"),
                 "p99": med([r["p99_us"] for r in runs]),
                 "p99_x": ratio("p99_us"),
+                "over": sum(1 for r in runs if r.get("overloaded")),
                 "cpu": med([r["cpu_per_100k"] for r in runs]),
                 "cpu_x": ratio("cpu_per_100k"),
                 "idle": med([r["idle_rss_kb"] for r in runs]) / 1024,
                 "rss": med([r["rss_kb"] for r in runs]) / 1024,
             }
             summary[(name, n)] = row
+            mark = f" †{row['over']}" if row["over"] else ""
             lines.append(
-                f"| {name} | {n} | {fmt(row['rps'])} | {fmt(row['rps_x'], 2)} | {fmt(row['p50'])} | {fmt(row['p50_x'], 2)} "
-                f"| {fmt(row['p99'])} | {fmt(row['p99_x'], 2)} | {fmt(row['cpu'], 2)} | {fmt(row['cpu_x'], 2)} "
+                f"| {name} | {n} | {fmt(row['rps'])} | {fmt(row['rps_x'], 2)} | {fmt(row['p50'])}{mark} | {fmt(row['p50_x'], 2)} "
+                f"| {fmt(row['p99'])}{mark} | {fmt(row['p99_x'], 2)} | {fmt(row['cpu'], 2)} | {fmt(row['cpu_x'], 2)} "
                 f"| {fmt(row['idle'], 1)} | {fmt(row['rss'], 1)} |"
             )
     return "\n".join(lines), summary
@@ -753,6 +757,9 @@ def main():
     print(f"Saturation: `wrk -t1 -c64 -d{args.duration}s` on CPU 0; latency: `weir-load -c 64` open loop at half of nginx's")
     print(f"saturation rps (same round, same N) for {args.lat_duration}s; RSS = sum of VmRSS of the proxy's processes.\n")
     print(tbl)
+    if any(r.get("overloaded") for r in results):
+        print("\n† k: in k rounds the proxy did not keep up with the fixed rate (answers completed in the period "
+              "< 95 % of the rate, or requests still unanswered 5 s after the schedule): those percentiles measure a queue.")
     if extra.get("routes_rss"):
         print("\n| weir-agent idle | N | routes | RSS (MB) | PSS (MB) | applied in (s) |")
         print("|---|---|---:|---:|---:|---:|")

@@ -189,6 +189,62 @@ where
     }
 }
 
+/// Waits until `url` answers 200.
+pub async fn wait_ok(url: &str) {
+    let client = http_client();
+    wait_for(url, || {
+        let client = client.clone();
+        async move {
+            request(&client, "GET", url, None)
+                .await
+                .ok()
+                .filter(|g| g.status == 200)
+        }
+    })
+    .await;
+}
+
+/// Writes a manifest the way editors and `kubectl cp` do: whole, then renamed into place, so
+/// the controller never reads half a file.
+pub fn write_manifest(dir: &Path, name: &str, text: &str) {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    std::fs::write(&tmp, text).expect("write manifest");
+    std::fs::rename(&tmp, dir.join(name)).expect("rename manifest");
+}
+
+/// Starts one `bin` process (`weir-demo-backend`, `weir-echo-grpc`) per address in `ips`, all
+/// on one port, each named after its IP; waits for each to print `listening on …`.
+pub fn listening_processes(bin: &str, ips: &[&str]) -> (Vec<Proc>, u16) {
+    use std::io::{BufRead, BufReader};
+    'port: for _ in 0..20 {
+        let port = free_port(ips[0]);
+        let mut procs = Vec::new();
+        for ip in ips {
+            let mut child = Command::new(profile_dir().join(bin))
+                .args(["--listen", &format!("{ip}:{port}"), "--name", ip])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| panic!("start {bin}: {e}"));
+            // Its first line says it listens (or it exits if the port is taken).
+            let mut line = String::new();
+            if let Some(out) = child.stdout.take() {
+                let _ = BufReader::new(out).read_line(&mut line);
+            }
+            let p = Proc {
+                child,
+                name: ip.to_string(),
+            };
+            if !line.starts_with("listening") {
+                continue 'port;
+            }
+            procs.push(p);
+        }
+        return (procs, port);
+    }
+    panic!("no common free port for {bin} on {ips:?}");
+}
+
 /// A running controller in local mode.
 pub struct Controller {
     pub proc: Proc,
@@ -212,19 +268,7 @@ impl Controller {
             false,
         )?;
         let c = Self { proc, grpc, admin };
-        let client = http_client();
-        let url = format!("http://{admin}/readyz");
-        wait_for("controller /readyz", || {
-            let client = client.clone();
-            let url = url.clone();
-            async move {
-                request(&client, "GET", &url, None)
-                    .await
-                    .ok()
-                    .filter(|g| g.status == 200)
-            }
-        })
-        .await;
+        wait_ok(&format!("http://{admin}/readyz")).await;
         Ok(c)
     }
 
@@ -290,19 +334,7 @@ impl Agent {
             listen,
             admin,
         };
-        let client = http_client();
-        let url = format!("http://{admin}/healthz");
-        wait_for("agent /healthz", || {
-            let client = client.clone();
-            let url = url.clone();
-            async move {
-                request(&client, "GET", &url, None)
-                    .await
-                    .ok()
-                    .filter(|g| g.status == 200)
-            }
-        })
-        .await;
+        wait_ok(&format!("http://{admin}/healthz")).await;
         Ok(a)
     }
 

@@ -3,31 +3,25 @@
 //! hostile clients. Waits are on `/config`, never on sleeps; no timing assertions.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use weir_tests::backend::{Backend, Mode, start_group};
 use weir_tests::manifests::{docs, service, slice};
-use weir_tests::{Agent, Controller, Proc, get, http_client, profile_dir, wait_for};
-
-fn write(dir: &Path, name: &str, text: &str) {
-    let tmp = dir.join(format!(".{name}.tmp"));
-    std::fs::write(&tmp, text).expect("write manifest");
-    std::fs::rename(&tmp, dir.join(name)).expect("rename manifest");
-}
+use weir_tests::{
+    Agent, Controller, get, http_client, listening_processes, wait_for, write_manifest,
+};
 
 /// One Service `web` with the given endpoints (all on `port`) and a policy for `host`.
 fn setup(dir: &Path, host: &str, ips: &[String], port: u16, spec: &str) {
     let eps: Vec<(&str, bool)> = ips.iter().map(|i| (i.as_str(), true)).collect();
-    write(
+    write_manifest(
         dir,
         "web.yaml",
         &docs(&[service("web", 80), slice("web", port, &eps)]),
     );
-    write(
+    write_manifest(
         dir,
         "policy.yaml",
         &format!(
@@ -56,41 +50,11 @@ fn addrs(group: &[Backend]) -> Vec<String> {
     group.iter().map(|b| b.addr.ip().to_string()).collect()
 }
 
-/// Starts `weir-demo-backend` processes on `ips`, all on one port; returns them and the port.
-fn backend_processes(ips: &[&str]) -> (Vec<Proc>, u16) {
-    'port: for _ in 0..20 {
-        let port = weir_tests::free_port(ips[0]);
-        let mut procs = Vec::new();
-        for ip in ips {
-            let mut child = Command::new(profile_dir().join("weir-demo-backend"))
-                .args(["--listen", &format!("{ip}:{port}"), "--name", ip])
-                .stdout(Stdio::piped())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("start weir-demo-backend");
-            // Its first line says it listens (or it exits if the port is taken).
-            let mut line = String::new();
-            let out = child.stdout.take().expect("stdout");
-            let _ = BufReader::new(out).read_line(&mut line);
-            let p = Proc {
-                child,
-                name: ip.to_string(),
-            };
-            if !line.starts_with("listening") {
-                continue 'port;
-            }
-            procs.push(p);
-        }
-        return (procs, port);
-    }
-    panic!("no common free port for the backends");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_one_of_three_backends_fails_no_client_request() {
     let dir = tempfile::tempdir().expect("tempdir");
     let ips = ["127.0.10.11", "127.0.10.12", "127.0.10.13"];
-    let (mut backends, port) = backend_processes(&ips);
+    let (mut backends, port) = listening_processes("weir-demo-backend", &ips);
     setup(
         dir.path(),
         "web.test",

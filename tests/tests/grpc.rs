@@ -2,32 +2,24 @@
 //! the Service port's `appProtocol`), real tonic clients on one HTTP/2 connection each.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use tokio_stream::StreamExt;
 use weir_tests::grpc::{self, FAILURE_DETAILS, Options, pb};
 use weir_tests::manifests::{docs, service_h2c, slice};
-use weir_tests::{Agent, Controller, Proc, profile_dir, wait_for};
-
-fn write(dir: &Path, name: &str, text: &str) {
-    let tmp = dir.join(format!(".{name}.tmp"));
-    std::fs::write(&tmp, text).expect("write manifest");
-    std::fs::rename(&tmp, dir.join(name)).expect("rename manifest");
-}
+use weir_tests::{Agent, Controller, listening_processes, wait_for, write_manifest};
 
 const HOST: &str = "echo.test";
 
 /// Service `echo` (h2c) over `endpoints` (same port) and a policy with `spec` lines.
 fn setup(dir: &Path, ips: &[String], port: u16, spec: &str) {
     let eps: Vec<(&str, bool)> = ips.iter().map(|i| (i.as_str(), true)).collect();
-    write(
+    write_manifest(
         dir,
         "echo.yaml",
         &docs(&[service_h2c("echo", 80), slice("echo", port, &eps)]),
     );
-    write(
+    write_manifest(
         dir,
         "policy.yaml",
         &format!(
@@ -241,7 +233,7 @@ async fn errors_the_agent_answers_itself_are_grpc_shaped() {
     let dir = tempfile::tempdir().expect("tempdir");
     let s = servers(&["127.0.22.11"], Options::default()).await;
     setup(dir.path(), &ips_of(&s), s[0].addr.port(), "");
-    write(
+    write_manifest(
         dir.path(),
         "empty.yaml",
         &docs(&[
@@ -267,39 +259,11 @@ async fn errors_the_agent_answers_itself_are_grpc_shaped() {
     assert!(err.message().contains("no healthy endpoint"), "{err:?}");
 }
 
-/// Starts `weir-echo-grpc` processes on `ips`, all on one port.
-fn echo_processes(ips: &[&str]) -> (Vec<Proc>, u16) {
-    'port: for _ in 0..20 {
-        let port = weir_tests::free_port(ips[0]);
-        let mut procs = Vec::new();
-        for ip in ips {
-            let mut child = Command::new(profile_dir().join("weir-echo-grpc"))
-                .args(["--listen", &format!("{ip}:{port}"), "--name", ip])
-                .stdout(Stdio::piped())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("start weir-echo-grpc");
-            let mut line = String::new();
-            let _ = BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line);
-            let p = Proc {
-                child,
-                name: ip.to_string(),
-            };
-            if !line.starts_with("listening") {
-                continue 'port;
-            }
-            procs.push(p);
-        }
-        return (procs, port);
-    }
-    panic!("no common free port");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_endpoint_killed_between_calls_fails_no_call() {
     let dir = tempfile::tempdir().expect("tempdir");
     let ips = ["127.0.23.11", "127.0.23.12", "127.0.23.13"];
-    let (mut procs, port) = echo_processes(&ips);
+    let (mut procs, port) = listening_processes("weir-echo-grpc", &ips);
     setup(
         dir.path(),
         &ips.iter().map(|s| s.to_string()).collect::<Vec<_>>(),

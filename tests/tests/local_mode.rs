@@ -8,14 +8,9 @@ use std::net::SocketAddr;
 use std::path::Path;
 use weir_tests::backend::{Backend, start_group};
 use weir_tests::manifests::{docs, policy, service, slice};
-use weir_tests::{Agent, Controller, endpoint_weight, get, http_client, request, wait_for};
-
-/// Writes a manifest the way editors and `kubectl cp` do: whole, then renamed into place.
-fn write(dir: &Path, name: &str, text: &str) {
-    let tmp = dir.join(format!(".{name}.tmp"));
-    std::fs::write(&tmp, text).expect("write manifest");
-    std::fs::rename(&tmp, dir.join(name)).expect("rename manifest");
-}
+use weir_tests::{
+    Agent, Controller, endpoint_weight, get, http_client, request, wait_for, write_manifest,
+};
 
 fn ips(group: &[Backend]) -> Vec<String> {
     group.iter().map(|b| b.addr.ip().to_string()).collect()
@@ -28,7 +23,7 @@ fn svc_files(dir: &Path, name: &str, group: &[Backend], ready: &[bool]) {
         .map(|s| s.as_str())
         .zip(ready.iter().copied())
         .collect();
-    write(
+    write_manifest(
         dir,
         &format!("{name}.yaml"),
         &docs(&[service(name, 80), slice(name, group[0].addr.port(), &eps)]),
@@ -72,7 +67,7 @@ async fn weighted_split_is_honoured_between_services_and_even_within_each() {
         .expect("v2");
     svc_files(dir.path(), "shop-v1", &v1, &[true, true]);
     svc_files(dir.path(), "shop-v2", &v2, &[true, true]);
-    write(
+    write_manifest(
         dir.path(),
         "policy.yaml",
         &policy(
@@ -111,7 +106,7 @@ async fn endpoint_marked_not_ready_receives_no_new_requests() {
         .await
         .expect("web");
     svc_files(dir.path(), "web", &web, &[true, true, true]);
-    write(
+    write_manifest(
         dir.path(),
         "policy.yaml",
         &policy("web", &["web.test"], &[("web", 80, 1, 0)], ""),
@@ -150,7 +145,7 @@ async fn traffic_fails_over_to_the_next_tier_and_comes_back() {
         .expect("standby");
     svc_files(dir.path(), "main", &main, &[true, true]);
     svc_files(dir.path(), "standby", &standby, &[true]);
-    write(
+    write_manifest(
         dir.path(),
         "policy.yaml",
         &policy(
@@ -207,22 +202,22 @@ async fn bad_input_is_reported_in_state_and_the_last_good_routing_stays() {
     let dir = tempfile::tempdir().expect("tempdir");
     let web = start_group(&["127.0.4.11"], "web").await.expect("web");
     svc_files(dir.path(), "web", &web, &[true]);
-    write(
+    write_manifest(
         dir.path(),
         "a.yaml",
         &policy("a", &["a.test"], &[("web", 80, 1, 0)], ""),
     );
-    write(
+    write_manifest(
         dir.path(),
         "b.yaml",
         &policy("b", &["b.test"], &[("web", 80, 1, 0)], ""),
     );
-    write(
+    write_manifest(
         dir.path(),
         "c.yaml",
         &policy("c", &["c.test"], &[("web", 80, 1, 0)], ""),
     );
-    write(
+    write_manifest(
         dir.path(),
         "d.yaml",
         &policy("d", &["d.test"], &[("web", 80, 1, 0)], ""),
@@ -232,7 +227,7 @@ async fn bad_input_is_reported_in_state_and_the_last_good_routing_stays() {
     let v0 = agent.wait_ready().await;
 
     // Four kinds of bad policy and one file that is not YAML at all.
-    write(
+    write_manifest(
         dir.path(),
         "a.yaml",
         &policy(
@@ -242,22 +237,22 @@ async fn bad_input_is_reported_in_state_and_the_last_good_routing_stays() {
             "  loadBalancer: {algorithm: Fastest}\n",
         ),
     );
-    write(
+    write_manifest(
         dir.path(),
         "b.yaml",
         &policy("b", &["b.test"], &[("web", 80, -3, 0)], ""),
     );
-    write(
+    write_manifest(
         dir.path(),
         "c.yaml",
         &policy("c", &["c.test"], &[("nowhere", 80, 1, 0)], ""),
     );
-    write(
+    write_manifest(
         dir.path(),
         "d.yaml",
         &policy("d", &["a.test"], &[("web", 80, 1, 0)], ""),
     );
-    write(
+    write_manifest(
         dir.path(),
         "web.yaml",
         "apiVersion: v1\nkind: Service\nmetadata: {name: web\n  oops: [\n",
@@ -316,7 +311,7 @@ async fn agent_keeps_serving_without_controller_and_resyncs_when_it_returns() {
         .await
         .expect("web");
     svc_files(dir.path(), "web", &web, &[true, true]);
-    write(
+    write_manifest(
         dir.path(),
         "policy.yaml",
         &policy("web", &["web.test"], &[("web", 80, 1, 0)], ""),
@@ -365,7 +360,7 @@ async fn restarted_agent_serves_from_its_state_dir_while_the_controller_is_down(
     let state_dir = tempfile::tempdir().expect("state dir");
     let web = start_group(&["127.0.6.11"], "web").await.expect("web");
     svc_files(dir.path(), "web", &web, &[true]);
-    write(
+    write_manifest(
         dir.path(),
         "policy.yaml",
         &policy("web", &["web.test"], &[("web", 80, 1, 0)], ""),
@@ -376,6 +371,12 @@ async fn restarted_agent_serves_from_its_state_dir_while_the_controller_is_down(
         .await
         .expect("agent");
     let v = agent.wait_ready().await;
+    // The agent persists a table before it ACKs it: wait for the ACK, not just the table.
+    wait_for("ACK", || async {
+        let s = controller.state().await.ok()?;
+        (s["agents"][0]["appliedVersion"].as_u64() == Some(v)).then_some(())
+    })
+    .await;
     controller.proc.kill();
     agent.proc.kill();
 
@@ -395,17 +396,17 @@ async fn agent_answers_itself_with_clear_errors_and_is_never_an_open_proxy() {
     let dir = tempfile::tempdir().expect("tempdir");
     let web = start_group(&["127.0.7.11"], "web").await.expect("web");
     svc_files(dir.path(), "web", &web, &[true]);
-    write(
+    write_manifest(
         dir.path(),
         "empty.yaml",
         &docs(&[service("empty", 80), slice("empty", 80, &[])]),
     );
-    write(
+    write_manifest(
         dir.path(),
         "policy.yaml",
         &policy("web", &["web.test"], &[("web", 80, 1, 0)], ""),
     );
-    write(
+    write_manifest(
         dir.path(),
         "empty-policy.yaml",
         &policy("empty", &["empty.test"], &[("empty", 80, 1, 0)], ""),

@@ -16,8 +16,11 @@
 //!   "achieved_rps":..}` plus `max_us`, `mean_us` and the scheduler's own lateness
 //! (`sched_lag_p50_us`, `sched_lag_p99_us`: how late the generator dispatched requests
 //! relative to their schedule; that lateness is included in the latencies, so check that it
-//! is small before trusting a low percentile). Requests during `--warmup` are sent at the
-//! same rate but not recorded. A non-2xx answer or a transport error counts as an error and
+//! is small before trusting a low percentile). `achieved_rps` counts 2xx answers completed
+//! within the measured period: well below `--rate` means the target could not keep up (its
+//! percentiles then mostly measure the queue). Requests still unanswered `--drain` after
+//! the schedule ends are cancelled and counted in `unfinished` and in `errors`. Requests
+//! during `--warmup` are sent at the same rate but not recorded. A non-2xx answer or a transport error counts as an error and
 //! is not recorded in the histogram; a broken connection is re-established.
 
 use anyhow::{Context, bail};
@@ -28,7 +31,7 @@ use http::{Request, Uri, header};
 use http_body_util::{BodyExt, Empty};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -92,12 +95,17 @@ struct Slot {
     measured: bool,
 }
 
-#[derive(Default)]
+/// What one connection has measured so far. Shared with `main` so that what was measured
+/// survives a connection task cancelled at the end of the drain (an overloaded target).
 struct ConnStats {
     ok: u64,
+    /// 2xx answers completed before the end of the measured period.
+    ok_in_window: u64,
     errors: u64,
-    done_measured: u64,
+    hist: Histogram<u64>,
 }
+
+type SharedStats = Arc<Mutex<ConnStats>>;
 
 fn new_hist() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds")
@@ -119,24 +127,26 @@ async fn run_conn(
     target: Arc<Target>,
     mut sender: Option<SendRequest<Empty<Bytes>>>,
     mut rx: mpsc::UnboundedReceiver<Slot>,
-) -> (ConnStats, Histogram<u64>) {
-    let mut stats = ConnStats::default();
-    let mut hist = new_hist();
+    stats: SharedStats,
+    end: Instant,
+) {
     while let Some(slot) = rx.recv().await {
         let ok = one_request(&target, &mut sender).await;
         if !slot.measured {
             continue;
         }
-        stats.done_measured += 1;
+        // Uncontended (one runtime thread): a few nanoseconds.
+        let mut st = stats.lock().expect("stats lock");
         if ok {
-            stats.ok += 1;
-            let us = slot.at.elapsed().as_micros().max(1) as u64;
-            hist.saturating_record(us);
+            let now = Instant::now();
+            st.ok += 1;
+            st.ok_in_window += u64::from(now <= end);
+            let us = now.duration_since(slot.at).as_micros().max(1) as u64;
+            st.hist.saturating_record(us);
         } else {
-            stats.errors += 1;
+            st.errors += 1;
         }
     }
-    (stats, hist)
 }
 
 /// Sends one request on the connection (re-connecting if needed); true for a complete 2xx.
@@ -180,28 +190,51 @@ async fn one_request(target: &Target, sender: &mut Option<SendRequest<Empty<Byte
 /// read returns how many periods have elapsed, so a busy moment is caught up in one batch
 /// with every request keeping its own scheduled time. Returns the measured requests sent
 /// and the histogram of dispatch lateness.
+/// When the schedule starts, in both clocks, and where the measured period lies.
+struct Plan {
+    /// CLOCK_MONOTONIC nanoseconds of the first request (for the timerfd).
+    first_ns: u128,
+    /// The same moment as an `Instant` (also CLOCK_MONOTONIC on Linux).
+    start: Instant,
+    measure_from: Instant,
+    end: Instant,
+    period_ns: u64,
+}
+
+impl Plan {
+    fn new(rate: f64, warmup: Duration, duration: Duration) -> Self {
+        // Both clocks read together; the first request is due 20 ms later.
+        let lead = Duration::from_millis(20);
+        let now_ts = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+        let start = Instant::now() + lead;
+        let first_ns =
+            now_ts.tv_sec as u128 * 1_000_000_000 + now_ts.tv_nsec as u128 + lead.as_nanos();
+        let measure_from = start + warmup;
+        Plan {
+            first_ns,
+            start,
+            measure_from,
+            end: measure_from + duration,
+            period_ns: ((1e9 / rate).round() as u64).max(1),
+        }
+    }
+}
+
 async fn schedule(
-    rate: f64,
-    warmup: Duration,
-    duration: Duration,
+    plan: &Plan,
     senders: Vec<mpsc::UnboundedSender<Slot>>,
 ) -> anyhow::Result<(u64, Histogram<u64>)> {
     use rustix::time::{
-        ClockId, Itimerspec, TimerfdClockId, TimerfdFlags, TimerfdTimerFlags, Timespec,
-        clock_gettime, timerfd_create, timerfd_settime,
+        Itimerspec, TimerfdClockId, TimerfdFlags, TimerfdTimerFlags, Timespec, timerfd_create,
+        timerfd_settime,
     };
     use tokio::io::{Interest, unix::AsyncFd};
 
-    let period_ns = ((1e9 / rate).round() as u64).max(1);
+    let (first_ns, period_ns) = (plan.first_ns, plan.period_ns);
     let fd = timerfd_create(
         TimerfdClockId::Monotonic,
         TimerfdFlags::NONBLOCK | TimerfdFlags::CLOEXEC,
     )?;
-    // Instant is CLOCK_MONOTONIC on Linux: take both readings together, start 20 ms later.
-    let lead = Duration::from_millis(20);
-    let now_ts = clock_gettime(ClockId::Monotonic);
-    let start = Instant::now() + lead;
-    let first_ns = now_ts.tv_sec as u128 * 1_000_000_000 + now_ts.tv_nsec as u128 + lead.as_nanos();
     let spec = Itimerspec {
         it_value: Timespec {
             tv_sec: (first_ns / 1_000_000_000) as _,
@@ -219,8 +252,7 @@ async fn schedule(
     #[allow(deprecated)]
     let fd = AsyncFd::with_interest(fd, Interest::READABLE)?;
 
-    let measure_from = start + warmup;
-    let end = measure_from + duration;
+    let (start, measure_from, end) = (plan.start, plan.measure_from, plan.end);
     let mut lag = new_hist();
     let mut sent: u64 = 0;
     let mut k: u64 = 0;
@@ -303,36 +335,57 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     rt.block_on(async move {
         // All connections are opened before the clock starts.
+        let mut conns = Vec::with_capacity(args.connections);
+        for _ in 0..args.connections {
+            conns.push(connect(&target).await?);
+        }
+        let (rate, duration) = (args.rate, args.duration);
+        let plan = Plan::new(rate, args.warmup, duration);
         let mut senders = Vec::with_capacity(args.connections);
         let mut tasks = Vec::with_capacity(args.connections);
-        for _ in 0..args.connections {
-            let conn = connect(&target).await?;
+        let mut all_stats = Vec::with_capacity(args.connections);
+        for conn in conns {
             let (tx, rx) = mpsc::unbounded_channel();
+            let stats = Arc::new(Mutex::new(ConnStats {
+                ok: 0,
+                ok_in_window: 0,
+                errors: 0,
+                hist: new_hist(),
+            }));
             senders.push(tx);
-            tasks.push(tokio::spawn(run_conn(target.clone(), Some(conn), rx)));
+            all_stats.push(stats.clone());
+            tasks.push(tokio::spawn(run_conn(
+                target.clone(),
+                Some(conn),
+                rx,
+                stats,
+                plan.end,
+            )));
         }
 
-        let (rate, duration) = (args.rate, args.duration);
-        let (sent, lag) = schedule(rate, args.warmup, duration, senders).await?;
+        let (sent, lag) = schedule(&plan, senders).await?;
 
-        // The schedule is over (its senders are dropped): let in-flight requests finish.
+        // The schedule is over (its senders are dropped): let in-flight requests finish,
+        // then cancel what an overloaded target still owes.
         let deadline = tokio::time::Instant::now() + args.drain;
-        let mut hist = new_hist();
-        let (mut ok, mut errors, mut done) = (0u64, 0u64, 0u64);
         for task in tasks {
             let abort = task.abort_handle();
-            match tokio::time::timeout_at(deadline, task).await {
-                Ok(Ok((stats, h))) => {
-                    ok += stats.ok;
-                    errors += stats.errors;
-                    done += stats.done_measured;
-                    hist.add(&h).ok();
-                }
-                _ => abort.abort(),
+            if tokio::time::timeout_at(deadline, task).await.is_err() {
+                abort.abort();
             }
         }
-        // Requests that never completed within the drain count as errors.
-        errors += sent.saturating_sub(done);
+        let mut hist = new_hist();
+        let (mut ok, mut ok_in_window, mut errors) = (0u64, 0u64, 0u64);
+        for st in &all_stats {
+            let st = st.lock().expect("stats lock");
+            ok += st.ok;
+            ok_in_window += st.ok_in_window;
+            errors += st.errors;
+            hist.add(&st.hist).ok();
+        }
+        // Requests still unanswered after the drain count as errors too.
+        let unfinished = sent.saturating_sub(ok + errors);
+        errors += unfinished;
         let q = |p: f64| {
             if hist.is_empty() {
                 0
@@ -350,7 +403,8 @@ fn main() -> anyhow::Result<()> {
             "p999_us": q(0.999),
             "max_us": hist.max(),
             "mean_us": (hist.mean() * 10.0).round() / 10.0,
-            "achieved_rps": (ok as f64 / duration.as_secs_f64()).round(),
+            "unfinished": unfinished,
+            "achieved_rps": (ok_in_window as f64 / duration.as_secs_f64()).round(),
             "target_rps": rate,
             "connections": args.connections,
             "duration_s": duration.as_secs_f64(),
