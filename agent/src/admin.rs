@@ -17,6 +17,20 @@ use tokio::net::TcpListener;
 use weir_proto::v1 as pb;
 
 fn handle(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.uri().path() == "/cache/purge" {
+        if req.method() != Method::POST {
+            return text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "POST /cache/purge[?host=H][&prefix=/P]\n",
+            );
+        }
+        let purged = purge(shared, req.uri().query().unwrap_or(""));
+        return with_type(
+            StatusCode::OK,
+            "application/json",
+            json!({ "purged": purged }).to_string().into_bytes(),
+        );
+    }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
     }
@@ -51,6 +65,31 @@ fn handle(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     }
 }
 
+/// Purges cached responses: all of them, those of `host=`, or those under `prefix=` (of
+/// `host=` when given). Returns how many objects went.
+fn purge(shared: &Shared, query: &str) -> u64 {
+    let mut host = None;
+    let mut prefix = None;
+    for (k, v) in query.split('&').filter_map(|kv| kv.split_once('=')) {
+        match k {
+            "host" => host = Some(v.to_ascii_lowercase()),
+            "prefix" => prefix = Some(v.to_string()),
+            _ => {}
+        }
+    }
+    let table = shared.table.load();
+    table
+        .routes()
+        .iter()
+        .filter_map(|r| r.cache.as_ref())
+        .map(|c| match (&host, &prefix) {
+            (None, None) => c.purge_all(),
+            (Some(h), None) => c.purge_host(h),
+            (h, Some(p)) => c.purge_prefix(h.as_deref(), p),
+        })
+        .sum()
+}
+
 /// The applied table as JSON. Built from the protobuf routes kept in the table, so what is
 /// shown is exactly what was received.
 pub fn config_json(shared: &Shared) -> Value {
@@ -77,6 +116,16 @@ pub fn config_json(shared: &Shared) -> Value {
                     "budgetPercent": rt.retry.budget_percent,
                 },
                 "maxRequestsPerEndpoint": rt.max_per_endpoint,
+                "cache": rt.cache.as_ref().map(|c| {
+                    let st = c.stats();
+                    let lookups = st.hits + st.misses + st.stale;
+                    json!({
+                        "stats": st,
+                        "hitRatio": if lookups == 0 { 0.0 } else { (st.hits + st.stale) as f64 / lookups as f64 },
+                        "maxSize": c.config().max_size,
+                        "eviction": c.config().eviction.name(),
+                    })
+                }),
                 "rules": rt.rules.iter().map(|rule| rule_json(rule, now)).collect::<Vec<_>>(),
             })
         })

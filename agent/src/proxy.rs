@@ -10,6 +10,7 @@
 //! Each request is handled on its own: the table is loaded once per request, so a request
 //! in flight keeps the route it started with while new requests see a new table at once.
 
+use crate::cache::{Cache, Fill, FillAction, Lookup, TeeBody, XCache};
 use crate::health::{Event, Outcome, now_ms, now_nanos};
 use crate::metrics::{LocalReply, RouteCounters};
 use crate::pick::InFlight;
@@ -19,7 +20,7 @@ use crate::table::{RouteRt, RuleRt, Target, upstream_uri};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
-use http_body_util::{Either, Full};
+use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -28,10 +29,10 @@ use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 /// The body of a response: streamed from upstream, or a short local reply.
-pub type Body = Either<DownBody, Full<Bytes>>;
+pub type Body = Either<Either<DownBody, TeeBody<DownBody>>, Full<Bytes>>;
 
 /// Route timeout when the policy sets none (Envoy's default).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(15);
@@ -175,26 +176,133 @@ impl Worker {
             };
             (route.clone(), idx)
         };
+        let (parts, body) = req.into_parts();
+        let Some(cache) = route.cache.clone() else {
+            let body = UpBody::Stream(body);
+            return Ok(self
+                .forward(parts, body, route, rule_idx, from_uri, peer, grpc, None)
+                .await);
+        };
+        let host = host.to_string();
         Ok(self
-            .forward(req, route, rule_idx, from_uri, peer, grpc)
+            .cached(
+                cache, host, parts, body, route, rule_idx, from_uri, peer, grpc,
+            )
             .await)
+    }
+
+    /// A request on a route with a response cache: answered from the cache where RFC 9111
+    /// allows, otherwise forwarded with the cache filled from the answer as it streams to the
+    /// client (concurrent misses for one object wait for the first one's answer).
+    #[allow(clippy::too_many_arguments)]
+    async fn cached(
+        self: &Arc<Self>,
+        cache: Cache,
+        host: String,
+        mut parts: http::request::Parts,
+        body: Incoming,
+        route: Arc<RouteRt>,
+        rule_idx: usize,
+        from_uri: bool,
+        peer: HeaderValue,
+        grpc: bool,
+    ) -> Response<Body> {
+        let now = SystemTime::now();
+        let full = |r: Response<Bytes>| r.map(|b| Either::Right(Full::new(b)));
+        let fill = match cache.lookup(&host, &parts, now) {
+            Lookup::Hit(r) => return full(r),
+            Lookup::Stale { response, refresh } => {
+                if let Some(fill) = refresh {
+                    // Answer stale now, refresh once in the background.
+                    let me = self.clone();
+                    let (route, peer) = (route.clone(), peer.clone());
+                    tokio::spawn(async move {
+                        let mut fill = fill;
+                        let head = fill.refresh_request();
+                        let _ = me
+                            .forward(
+                                head,
+                                UpBody::Empty,
+                                route,
+                                rule_idx,
+                                from_uri,
+                                peer,
+                                false,
+                                Some(fill),
+                            )
+                            .await
+                            .into_body()
+                            .collect()
+                            .await;
+                    });
+                }
+                return full(response);
+            }
+            Lookup::Miss(mut fill) => {
+                fill.add_validators(&mut parts.headers);
+                Some(fill)
+            }
+            Lookup::Wait(waiter) => match waiter.wait(&parts.headers, now).await {
+                Some(r) => return full(r),
+                None => None,
+            },
+            Lookup::Bypass => None,
+        };
+        let bypass = fill.is_none();
+        let method = parts.method.clone();
+        let pq = parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str().to_string())
+            .unwrap_or_else(|| "/".into());
+        // Kept only for what may be answered stale when the upstream fails.
+        let stale_key = (bypass && (method == Method::GET || method == Method::HEAD))
+            .then(|| head_copy(&parts));
+        let mut resp = self
+            .forward(
+                parts,
+                UpBody::Stream(body),
+                route,
+                rule_idx,
+                from_uri,
+                peer,
+                grpc,
+                fill,
+            )
+            .await;
+        if bypass {
+            // A failed upstream may still be covered by a stale copy (staleIfError).
+            if resp.headers().contains_key(X_WEIR_ERROR)
+                && let Some(head) = &stale_key
+                && let Some(r) = cache.stale_for_error(&host, head, SystemTime::now())
+            {
+                return full(r);
+            }
+            if !method.is_safe() {
+                cache.invalidate_after_unsafe(&host, &method, &pq, resp.status(), resp.headers());
+            }
+            XCache::Bypass.mark(resp.headers_mut());
+        }
+        resp
     }
 
     /// Sends the request to an endpoint of the rule, retrying where that is safe, and maps
     /// failures to local replies.
+    #[allow(clippy::too_many_arguments)]
     async fn forward(
         &self,
-        req: Request<Incoming>,
+        mut parts: http::request::Parts,
+        body: UpBody,
         route: Arc<RouteRt>,
         rule_idx: usize,
         host_from_uri: bool,
         peer: HeaderValue,
         grpc: bool,
+        mut fill: Option<Fill>,
     ) -> Response<Body> {
         let started = Instant::now();
         let _active = Active::new(&route);
         let rule = &route.rules[rule_idx];
-        let (mut parts, body) = req.into_parts();
         let hash = route.request_hash(parts.uri.path(), &parts.headers);
         let idempotent = is_idempotent(&parts.method);
         let mut budget = route.timeout.unwrap_or(DEFAULT_TIMEOUT);
@@ -205,10 +313,12 @@ impl Worker {
 
         // A request can be tried again only if its body can be sent again: it streams
         // through at once, and a copy of up to REPLAY_LIMIT bytes is kept for retries.
-        let mut first_body = if route.retry.attempts > 0 {
-            Some(UpBody::Replay(ReplayBody::new(body, REPLAY_LIMIT)))
-        } else {
-            Some(UpBody::Stream(body))
+        let body_empty = matches!(body, UpBody::Empty);
+        let mut first_body = match body {
+            UpBody::Stream(b) if route.retry.attempts > 0 => {
+                Some(UpBody::Replay(ReplayBody::new(b, REPLAY_LIMIT)))
+            }
+            other => Some(other),
         };
         let mut replay: Option<ReplayBody> = None;
 
@@ -247,6 +357,9 @@ impl Worker {
                         "every endpoint is at its limit of requests in flight",
                     )
                 };
+                if let Some(r) = fill.take().and_then(|f| f.fail(SystemTime::now())) {
+                    return r.map(|b| Either::Right(Full::new(b)));
+                }
                 return local_reply(grpc, &route.counters, reply.0, reply.1);
             };
             let uri = match upstream_uri(&target.authority, pq.clone()) {
@@ -267,6 +380,7 @@ impl Worker {
                     UpBody::Replay(b)
                 }
                 Some(other) => other,
+                None if body_empty => UpBody::Empty,
                 None => match replay.as_ref().and_then(ReplayBody::replica) {
                     Some(b) => UpBody::Replay(b),
                     None => {
@@ -407,9 +521,26 @@ impl Worker {
                         }
                         (t, _) => t,
                     };
-                    Response::from_parts(rparts, Either::Left(DownBody::new(rbody, tally)))
+                    let body = DownBody::new(rbody, tally);
+                    match fill
+                        .take()
+                        .map(|f| f.on_response(&mut rparts, SystemTime::now()))
+                    {
+                        Some(FillAction::Respond(r)) => r.map(|b| Either::Right(Full::new(b))),
+                        Some(FillAction::Store(collector)) => Response::from_parts(
+                            rparts,
+                            Either::Left(Either::Right(TeeBody::new(body, collector))),
+                        ),
+                        Some(FillAction::Forward) | None => {
+                            Response::from_parts(rparts, Either::Left(Either::Left(body)))
+                        }
+                    }
                 }
                 Err(reply) => {
+                    // staleIfError: a stale copy beats an error.
+                    if let Some(r) = fill.take().and_then(|f| f.fail(SystemTime::now())) {
+                        return r.map(|b| Either::Right(Full::new(b)));
+                    }
                     let msg = match reply {
                         LocalReply::UpstreamConnect => "upstream connection failed",
                         LocalReply::UpstreamTimeout => "upstream did not answer in time",
@@ -425,6 +556,16 @@ impl Worker {
 /// Largest request body kept in memory so the request can be retried (gRPC's default
 /// message size limit is 4 MiB; most retried requests are far smaller).
 pub const REPLAY_LIMIT: usize = 64 * 1024;
+
+/// A copy of a request head (`request::Parts` is not `Clone`: extensions are left behind).
+fn head_copy(parts: &http::request::Parts) -> http::request::Parts {
+    let mut req = Request::new(());
+    *req.method_mut() = parts.method.clone();
+    *req.uri_mut() = parts.uri.clone();
+    *req.version_mut() = parts.version;
+    *req.headers_mut() = parts.headers.clone();
+    req.into_parts().0
+}
 
 /// Counts a request as live on its route (for the retry budget and the in-flight gauge).
 struct Active<'a>(&'a RouteRt);

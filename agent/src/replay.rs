@@ -161,6 +161,8 @@ pub enum UpBody {
     /// Streamed once: the request will not be retried.
     Stream(Incoming),
     Replay(ReplayBody),
+    /// No body (a request the agent makes itself, such as a cache refresh).
+    Empty,
 }
 
 impl Body for UpBody {
@@ -174,6 +176,7 @@ impl Body for UpBody {
         match self.get_mut() {
             UpBody::Stream(b) => Pin::new(b).poll_frame(cx),
             UpBody::Replay(b) => Pin::new(b).poll_frame(cx),
+            UpBody::Empty => Poll::Ready(None),
         }
     }
 
@@ -181,6 +184,7 @@ impl Body for UpBody {
         match self {
             UpBody::Stream(b) => b.is_end_stream(),
             UpBody::Replay(b) => b.is_end_stream(),
+            UpBody::Empty => true,
         }
     }
 
@@ -188,6 +192,7 @@ impl Body for UpBody {
         match self {
             UpBody::Stream(b) => b.size_hint(),
             UpBody::Replay(b) => b.size_hint(),
+            UpBody::Empty => SizeHint::with_exact(0),
         }
     }
 }

@@ -95,7 +95,9 @@ impl Shared {
         version: u64,
         source: Arc<BTreeMap<String, weir_proto::v1::Route>>,
     ) -> Result<Table, String> {
+        let previous = self.table.load_full();
         let ctx = BuildCtx {
+            previous: Some(&previous),
             metrics: &self.metrics,
             endpoints: &self.endpoints,
             zone: &self.zone,

@@ -47,6 +47,9 @@ pub const LOCALITY_MIN_PERCENT: u32 = 70;
 
 /// What a table is built with besides the routes.
 pub struct BuildCtx<'a> {
+    /// The table in force, whose response caches carry over to routes whose cache settings
+    /// did not change.
+    pub previous: Option<&'a Table>,
     pub metrics: &'a Metrics,
     pub endpoints: &'a Endpoints,
     /// The agent's zone; empty disables locality.
@@ -80,6 +83,8 @@ pub struct RouteRt {
     pub outlier: OutlierConfig,
     pub max_per_endpoint: u32,
     pub hash_on: Option<HashOnRt>,
+    /// The route's response cache, if `spec.cache` enables one.
+    pub cache: Option<crate::cache::Cache>,
     /// Live requests and retries, for the retry budget.
     pub active: AtomicU32,
     pub active_retries: AtomicU32,
@@ -314,9 +319,32 @@ impl RouteRt {
                 }
             }
         };
+        let cache = match route
+            .cache
+            .as_ref()
+            .map(crate::cache::CacheConfig::from_proto)
+        {
+            None | Some(Ok(None)) => None,
+            Some(Err(e)) => return Err(err(format!("cache: {e}"))),
+            Some(Ok(Some(cfg))) => {
+                // Keep the cached objects across updates that leave the settings alone.
+                let old = ctx
+                    .previous
+                    .and_then(|t| {
+                        t.by_host
+                            .get(route.hosts.first()?.to_ascii_lowercase().as_str())
+                            .map(|&i| &t.routes[i])
+                    })
+                    .filter(|r| *r.name == *route.name)
+                    .and_then(|r| r.cache.clone())
+                    .filter(|c| c.config() == &cfg);
+                Some(old.unwrap_or_else(|| crate::cache::Cache::new(cfg)))
+            }
+        };
         Ok(Self {
             name: route.name.as_str().into(),
             shared_name: route.name.as_str().into(),
+            cache,
             rules: rules.into_boxed_slice(),
             counters: ctx.metrics.route_counters(&route.name),
             note,
@@ -617,6 +645,7 @@ mod tests {
         let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
         let endpoints = Endpoints::new(tx);
         let ctx = BuildCtx {
+            previous: None,
             metrics: &metrics,
             endpoints: &endpoints,
             zone: "",
@@ -648,6 +677,7 @@ mod tests {
         let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
         let endpoints = Endpoints::new(tx);
         let ctx = BuildCtx {
+            previous: None,
             metrics: &metrics,
             endpoints: &endpoints,
             zone: "a",

@@ -627,3 +627,45 @@ def test_notes_tell_the_user_what_to_run_next():
     assert "WARNING" not in notes
     assert "WARNING: tls.mode=plaintext" in rendered("plaintext").notes
     assert "http://edge-agent.weir-system:8080/" in rendered("custom").notes
+
+
+# --- deploy/: images and the kind smoke test ---------------------------------------------
+
+
+def test_deploy_manifests_validate_against_the_kubernetes_schemas():
+    from chartlib import REPO, load_yaml_docs
+
+    docs = [(p, d) for p in sorted(REPO.glob("deploy/**/*.yaml")) for d in load_yaml_docs(p)]
+    assert docs
+    for path, doc in docs:
+        if doc["apiVersion"].startswith("weir.dev/"):
+            continue  # checked against the CRD by test_crds.py
+        for version in KUBE_VERSIONS:
+            assert kube_validate(doc, version) is None, path
+
+
+@pytest.mark.parametrize("component", ["controller", "agent"])
+def test_dockerfiles_build_the_binary_the_chart_runs(component):
+    from chartlib import REPO
+
+    dockerfile = (REPO / "deploy" / f"Dockerfile.{component}").read_text()
+    r = rendered("default")
+    pod = workload(r, component)["spec"]["template"]["spec"]
+    assert f"cargo build --release --locked -p weir-{component} --bin weir-{component}" in dockerfile
+    assert (REPO / component / "Cargo.toml").read_text().count(f'name = "weir-{component}"') == 1
+    user = re.search(r"^USER (\d+):(\d+)$", dockerfile, re.M)
+    assert user and int(user.group(1)) == pod["securityContext"]["runAsUser"]
+    assert re.search(r"^FROM gcr\.io/distroless/\S+:nonroot$", dockerfile, re.M)
+    exposed = {int(p) for p in re.search(r"^EXPOSE (.+)$", dockerfile, re.M).group(1).split()}
+    assert exposed == {p["containerPort"] for p in pod["containers"][0]["ports"]}
+    ignored = (REPO / "deploy" / f"Dockerfile.{component}.dockerignore").read_text().splitlines()
+    assert "target/" in ignored and ".git/" in ignored
+
+
+@pytest.mark.parametrize("script", ["deploy/e2e-kind.sh", "tests/chart/run.sh"])
+def test_scripts_are_valid_bash(script):
+    import subprocess
+
+    from chartlib import REPO
+
+    subprocess.run(["bash", "-n", str(REPO / script)], check=True)

@@ -1,0 +1,323 @@
+//! The agent's response cache end to end: a real origin that counts its requests behind a
+//! real agent, each RFC 9111 behaviour checked by what the origin saw and what the client got.
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use weir_tests::manifests::{docs, service, slice};
+use weir_tests::{Agent, Controller, Got, http_client, request, write_manifest};
+
+/// Requests the origin saw, by "METHOD path", and the last If-None-Match it got.
+#[derive(Default)]
+struct Seen {
+    counts: HashMap<String, usize>,
+    if_none_match: Option<String>,
+}
+
+struct Origin {
+    addr: SocketAddr,
+    seen: Arc<Mutex<Seen>>,
+    task: tokio::task::JoinHandle<()>,
+    /// Connection tasks, aborted with the origin so that it is down for real.
+    conns: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+impl Origin {
+    fn count(&self, key: &str) -> usize {
+        self.seen
+            .lock()
+            .expect("lock")
+            .counts
+            .get(key)
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Origin {
+    fn drop(&mut self) {
+        self.task.abort();
+        for c in self.conns.lock().expect("lock").drain(..) {
+            c.abort();
+        }
+    }
+}
+
+/// What the origin answers for each path.
+fn answer(path: &str, n: usize, inm: Option<&str>) -> Response<Full<Bytes>> {
+    let mut b = Response::builder();
+    let body = format!("{path} #{n}");
+    b = match path {
+        "/fresh" | "/coalesce" | "/head" | "/purge" => b.header("cache-control", "max-age=60"),
+        "/private" => b.header("cache-control", "private, max-age=60"),
+        "/nostore" => b.header("cache-control", "no-store"),
+        "/vary" => b
+            .header("cache-control", "max-age=60")
+            .header("vary", "x-lang"),
+        // Stale at once, with a validator: revalidated on every use.
+        "/etag" => {
+            if inm == Some("\"v1\"") {
+                return Response::builder()
+                    .status(StatusCode::NOT_MODIFIED)
+                    .header("etag", "\"v1\"")
+                    .header("cache-control", "max-age=0")
+                    .body(Full::new(Bytes::new()))
+                    .expect("304");
+            }
+            b.header("cache-control", "max-age=0")
+                .header("etag", "\"v1\"")
+        }
+        "/stale" => b
+            .header("cache-control", "max-age=0")
+            .header("etag", "\"s1\""),
+        _ => b,
+    };
+    b.body(Full::new(Bytes::from(body))).expect("response")
+}
+
+async fn origin(ip: &str) -> Origin {
+    let listener = tokio::net::TcpListener::bind((ip, 0))
+        .await
+        .expect("bind origin");
+    let addr = listener.local_addr().expect("addr");
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let s = seen.clone();
+    let conns = Arc::new(Mutex::new(Vec::new()));
+    let c = conns.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let s = s.clone();
+            let conn = tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let path = req.uri().path().to_string();
+                    let inm = req
+                        .headers()
+                        .get("if-none-match")
+                        .and_then(|v| v.to_str().ok())
+                        .map(String::from);
+                    let n = {
+                        let mut seen = s.lock().expect("lock");
+                        if inm.is_some() {
+                            seen.if_none_match = inm.clone();
+                        }
+                        let c = seen
+                            .counts
+                            .entry(format!("{} {path}", req.method()))
+                            .or_default();
+                        *c += 1;
+                        *c
+                    };
+                    async move {
+                        if path == "/coalesce" {
+                            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+                        }
+                        Ok::<_, Infallible>(answer(&path, n, inm.as_deref()))
+                    }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+            c.lock().expect("lock").push(conn);
+        }
+    });
+    Origin {
+        addr,
+        seen,
+        task,
+        conns,
+    }
+}
+
+async fn setup(ip: &str) -> (tempfile::TempDir, Origin, Controller, Agent) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let o = origin(ip).await;
+    write_manifest(
+        dir.path(),
+        "origin.yaml",
+        &docs(&[
+            service("origin", 80),
+            slice("origin", o.addr.port(), &[(ip, true)]),
+        ]),
+    );
+    write_manifest(
+        dir.path(),
+        "policy.yaml",
+        "apiVersion: weir.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: site, namespace: default}\nspec:\n  hosts: [\"site.test\"]\n  rules:\n    - backendRefs: [{name: origin, port: 80}]\n  cache: {enabled: true, maxSize: 4Mi, staleIfError: 5m}\n",
+    );
+    let controller = Controller::start(dir.path()).await.expect("controller");
+    let agent = Agent::start(&controller.url(), None).await.expect("agent");
+    agent.wait_ready().await;
+    (dir, o, controller, agent)
+}
+
+async fn fetch(agent: &Agent, method: &str, path: &str, headers: &[(&str, &str)]) -> Got {
+    let client = http_client();
+    let mut b = Request::builder()
+        .method(method)
+        .uri(format!("http://{}{path}", agent.listen))
+        .header("host", "site.test");
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    let resp = client
+        .request(b.body(Full::new(Bytes::new())).expect("request"))
+        .await
+        .expect("response");
+    let (parts, body) = resp.into_parts();
+    let body = http_body_util::BodyExt::collect(body)
+        .await
+        .expect("body")
+        .to_bytes();
+    Got {
+        status: parts.status.as_u16(),
+        headers: parts.headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    }
+}
+
+fn x_cache(g: &Got) -> &str {
+    g.headers
+        .get("x-cache")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fresh_responses_are_served_from_the_cache_and_private_ones_are_not() {
+    let (_d, origin, _c, agent) = setup("127.0.30.11").await;
+    let first = fetch(&agent, "GET", "/fresh", &[]).await;
+    assert_eq!(x_cache(&first), "MISS");
+    let second = fetch(&agent, "GET", "/fresh", &[]).await;
+    assert_eq!(x_cache(&second), "HIT");
+    assert_eq!(second.body, first.body);
+    assert!(second.headers.contains_key("age"));
+    assert_eq!(origin.count("GET /fresh"), 1);
+
+    // HEAD is answered from the GET entry.
+    let head = fetch(&agent, "HEAD", "/fresh", &[]).await;
+    assert_eq!(head.status, 200);
+    assert_eq!(x_cache(&head), "HIT");
+    assert_eq!(origin.count("HEAD /fresh"), 0);
+
+    for path in ["/private", "/nostore"] {
+        fetch(&agent, "GET", path, &[]).await;
+        fetch(&agent, "GET", path, &[]).await;
+        assert_eq!(
+            origin.count(&format!("GET {path}")),
+            2,
+            "{path} must not be stored"
+        );
+    }
+    // A request with credentials is not answered from (or stored in) a shared cache.
+    fetch(&agent, "GET", "/head", &[("authorization", "Bearer x")]).await;
+    fetch(&agent, "GET", "/head", &[("authorization", "Bearer x")]).await;
+    assert_eq!(origin.count("GET /head"), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_concurrent_cold_requests_reach_the_origin_once() {
+    let (_d, origin, _c, agent) = setup("127.0.30.12").await;
+    let agent = Arc::new(agent);
+    let mut tasks = Vec::new();
+    for _ in 0..100 {
+        let agent = agent.clone();
+        tasks.push(tokio::spawn(async move {
+            fetch(&agent, "GET", "/coalesce", &[]).await
+        }));
+    }
+    let mut bodies = std::collections::BTreeSet::new();
+    for t in tasks {
+        let g = t.await.expect("task");
+        assert_eq!(g.status, 200);
+        bodies.insert(g.body);
+    }
+    assert_eq!(origin.count("GET /coalesce"), 1);
+    assert_eq!(bodies.len(), 1, "every waiter got the leader's response");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_entries_are_revalidated_and_a_304_is_merged() {
+    let (_d, origin, _c, agent) = setup("127.0.30.13").await;
+    let first = fetch(&agent, "GET", "/etag", &[]).await;
+    let second = fetch(&agent, "GET", "/etag", &[]).await;
+    assert_eq!(second.status, 200);
+    assert_eq!(
+        second.body, first.body,
+        "the stored body, refreshed by the 304"
+    );
+    assert_eq!(origin.count("GET /etag"), 2);
+    assert_eq!(
+        origin.seen.lock().expect("lock").if_none_match.as_deref(),
+        Some("\"v1\"")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unsafe_request_invalidates_the_uri_and_vary_is_honoured() {
+    let (_d, origin, _c, agent) = setup("127.0.30.14").await;
+    fetch(&agent, "GET", "/fresh", &[]).await;
+    fetch(&agent, "GET", "/fresh", &[]).await;
+    assert_eq!(origin.count("GET /fresh"), 1);
+    let post = fetch(&agent, "POST", "/fresh", &[]).await;
+    assert_eq!(post.status, 200);
+    fetch(&agent, "GET", "/fresh", &[]).await;
+    assert_eq!(origin.count("GET /fresh"), 2, "POST invalidated the entry");
+
+    fetch(&agent, "GET", "/vary", &[("x-lang", "en")]).await;
+    let en = fetch(&agent, "GET", "/vary", &[("x-lang", "en")]).await;
+    assert_eq!(x_cache(&en), "HIT");
+    let fr = fetch(&agent, "GET", "/vary", &[("x-lang", "fr")]).await;
+    assert_ne!(x_cache(&fr), "HIT", "another x-lang is another variant");
+    assert_eq!(origin.count("GET /vary"), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_if_error_answers_while_the_origin_is_down() {
+    let (_d, origin, _c, agent) = setup("127.0.30.15").await;
+    let first = fetch(&agent, "GET", "/stale", &[]).await;
+    assert_eq!(first.status, 200);
+    drop(origin); // the only backend is gone: connections are refused
+    let got = fetch(&agent, "GET", "/stale", &[]).await;
+    assert_eq!(got.status, 200, "{got:?}");
+    assert_eq!(got.body, first.body);
+    assert_eq!(x_cache(&got), "STALE");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purge_empties_the_cache() {
+    let (_d, origin, _c, agent) = setup("127.0.30.16").await;
+    fetch(&agent, "GET", "/purge", &[]).await;
+    fetch(&agent, "GET", "/purge", &[]).await;
+    assert_eq!(origin.count("GET /purge"), 1);
+    let purged = request(
+        &http_client(),
+        "POST",
+        &format!(
+            "http://{}/cache/purge?host=site.test&prefix=/pur",
+            agent.admin
+        ),
+        None,
+    )
+    .await
+    .expect("purge");
+    assert_eq!(purged.status, 200);
+    assert!(purged.body.contains("\"purged\":1"), "{}", purged.body);
+    fetch(&agent, "GET", "/purge", &[]).await;
+    assert_eq!(origin.count("GET /purge"), 2);
+    let cfg = agent.config().await.expect("config");
+    assert!(
+        cfg["routes"][0]["cache"]["hitRatio"]
+            .as_f64()
+            .is_some_and(|r| r > 0.0)
+    );
+}
