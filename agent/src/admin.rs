@@ -53,7 +53,7 @@ fn handle(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                 Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, &format!("{e}\n")),
             }
         }
-        "/metrics" => match shared.metrics.encode() {
+        "/metrics" => match refresh_cache_metrics(shared).and_then(|()| shared.metrics.encode()) {
             Ok(s) => with_type(
                 StatusCode::OK,
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
@@ -63,6 +63,38 @@ fn handle(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         },
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
+}
+
+/// Copies every route cache's statistics into the metrics families before a scrape.
+fn refresh_cache_metrics(shared: &Shared) -> Result<(), std::fmt::Error> {
+    use crate::metrics::CacheLabels;
+    let table = shared.table.load();
+    for rt in table.routes() {
+        let Some(cache) = &rt.cache else { continue };
+        let st = cache.stats();
+        let values = [
+            ("hits", st.hits),
+            ("misses", st.misses),
+            ("stale", st.stale),
+            ("coalesced", st.coalesced),
+            ("bypass", st.bypass),
+            ("stores", st.stores),
+            ("evictions", st.evictions),
+            ("bytes", st.bytes),
+            ("entries", st.entries),
+        ];
+        for (stat, v) in values {
+            shared
+                .metrics
+                .cache
+                .get_or_create(&CacheLabels {
+                    route: rt.name.to_string(),
+                    stat,
+                })
+                .set(v as i64);
+        }
+    }
+    Ok(())
 }
 
 /// Purges cached responses: all of them, those of `host=`, or those under `prefix=` (of

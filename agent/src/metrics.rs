@@ -33,6 +33,13 @@ pub struct EndpointLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CacheLabels {
+    pub route: String,
+    /// hits, misses, stale, coalesced, bypass, stores, evictions, bytes, entries.
+    pub stat: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct GrpcLabels {
     pub route: String,
     pub endpoint: String,
@@ -217,6 +224,8 @@ pub struct Metrics {
     endpoint_requests: Family<EndpointLabels, Counter>,
     endpoint_failures: Family<EndpointLabels, Counter>,
     endpoint_ejections: Family<EndpointLabels, Counter>,
+    /// Response cache counters and sizes, by route; refreshed when scraped.
+    pub cache: Family<CacheLabels, Gauge<i64, AtomicI64>>,
     /// gRPC calls by final status, route and endpoint.
     pub grpc_calls: Family<GrpcLabels, Counter>,
     /// 1 healthy, 0 not (EndpointSlice ∧ active ∧ passive); refreshed on every table build.
@@ -276,6 +285,12 @@ impl Metrics {
         let endpoint_ejections = Family::<EndpointLabels, Counter>::default();
         let endpoint_healthy = Family::<EndpointLabels, Gauge<i64, AtomicI64>>::default();
         let grpc_calls = Family::<GrpcLabels, Counter>::default();
+        let cache = Family::<CacheLabels, Gauge<i64, AtomicI64>>::default();
+        registry.register(
+            "cache",
+            "Response cache by route: hits, misses, stale answers, coalesced waits, bypasses, stores, evictions (since start), bytes and entries (now)",
+            cache.clone(),
+        );
         registry.register(
             "grpc_calls",
             "gRPC calls answered by an upstream, by route, endpoint and grpc-status",
@@ -332,6 +347,7 @@ impl Metrics {
             endpoint_ejections,
             endpoint_healthy,
             grpc_calls,
+            cache,
             table_version,
             controller_connected,
             updates_applied,
