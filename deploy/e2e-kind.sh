@@ -4,7 +4,8 @@
 #   1. builds both images from deploy/Dockerfile.*,
 #   2. creates a kind cluster (a control plane and two workers in zones zone-a / zone-b)
 #      and loads the images into it,
-#   3. installs charts/weir (mTLS with chart-generated certificates) and waits for it,
+#   3. installs charts/weir (mTLS with chart-generated certificates) into a namespace that
+#      enforces the restricted Pod Security Standard, and waits for it,
 #   4. checks one connected NodeAgent per worker,
 #   5. deploys deploy/e2e/demo.yaml (shop-v1 x2, shop-v2 x1, a 90/10 TrafficPolicy), waits
 #      for the policy to be Accepted, and sends 200 requests through the node-local agent
@@ -86,8 +87,10 @@ kubectl label node "${workers[0]}" topology.kubernetes.io/zone=zone-a --overwrit
 kubectl label node "${workers[1]}" topology.kubernetes.io/zone=zone-b --overwrite
 kind load docker-image --name "$CLUSTER" "weir-controller:$TAG" "weir-agent:$TAG"
 
-log "3. helm install weir"
-helm upgrade --install weir charts/weir --namespace "$NAMESPACE" --create-namespace \
+log "3. helm install weir (into a namespace that enforces the restricted Pod Security Standard)"
+kubectl create namespace "$NAMESPACE" --dry-run=client -o yaml | kubectl apply -f -
+kubectl label namespace "$NAMESPACE" pod-security.kubernetes.io/enforce=restricted --overwrite
+helm upgrade --install weir charts/weir --namespace "$NAMESPACE" \
     --set controller.image.repository=weir-controller --set-string controller.image.tag="$TAG" \
     --set agent.image.repository=weir-agent --set-string agent.image.tag="$TAG" \
     --wait --timeout 5m

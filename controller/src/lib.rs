@@ -9,6 +9,7 @@ pub mod admin;
 pub mod hub;
 pub mod local;
 pub mod model;
+pub mod nodeagent;
 pub mod routing;
 pub mod server;
 pub mod source;

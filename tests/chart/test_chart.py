@@ -317,6 +317,9 @@ def test_every_container_is_non_root_read_only_and_without_capabilities(scenario
             assert not sc.get("capabilities", {}).get("add"), where
             seccomp = sc.get("seccompProfile") or pod_sc.get("seccompProfile")
             assert seccomp == {"type": "RuntimeDefault"}, where
+        # The volume types the "restricted" Pod Security Standard allows that weir uses.
+        for v in spec.get("volumes", []):
+            assert set(v) - {"name"} <= {"secret", "emptyDir"}, v
 
 
 @pytest.mark.parametrize("scenario", scenario_names)

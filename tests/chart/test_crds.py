@@ -33,21 +33,6 @@ NA = CRDS["NodeAgent"]
 TP_SCHEMA = crd_version_schema(TP)
 
 
-def _schema_constraints_in_model() -> bool:
-    weight = schema_at(TP_SCHEMA, ".spec.rules[].backendRefs[].weight")
-    return weight is not None and "minimum" in weight
-
-
-# The validation attributes proposed for controller/src/model.rs (schemars ranges, patterns,
-# enums, CEL rules, printer columns). Until they are applied and the CRDs regenerated, the
-# tests below must fail and are expected to; delete this marker once they pass.
-PENDING_MODEL_ATTRS = pytest.mark.xfail(
-    condition=not _schema_constraints_in_model(),
-    reason="model.rs schema attributes not applied yet",
-    strict=True,
-)
-
-
 def example_documents() -> list[tuple[str, dict]]:
     """Every TrafficPolicy the project shows users: examples/, deploy/ and NOTES.txt."""
     found = []
@@ -226,7 +211,6 @@ def test_kubectl_get_nodeagents_shows_connection_version_acks_and_cache():
     assert _columns(NA) == ["Connected", "Zone", "Applied", "Last ACK", "Last NACK", "Cache Hit", "Age"]
 
 
-@PENDING_MODEL_ATTRS
 def test_kubectl_get_tp_shows_hosts_algorithm_tier_health_and_sync():
     assert _columns(TP) == ["Hosts", "Algorithm", "Accepted", "Tier", "Healthy", "Synced", "Age"]
     assert "weir" in TP["spec"]["names"].get("categories", [])
@@ -314,7 +298,6 @@ def test_valid_variants_are_accepted(case):
     assert crd_errors(TP, VALID_VARIANTS[case]) == []
 
 
-@PENDING_MODEL_ATTRS
 @pytest.mark.parametrize("case", sorted(BROKEN))
 def test_broken_policies_are_refused_at_apply_time(case):
     assert crd_errors(TP, BROKEN[case]), f"the CRD accepts a policy with {case}"
@@ -324,7 +307,6 @@ def _validate_rs() -> str:
     return (REPO / "controller/src/validate.rs").read_text()
 
 
-@PENDING_MODEL_ATTRS
 def test_schema_enums_and_bounds_match_the_controller_validation():
     """The CRD only repeats what controller/src/validate.rs decides; they must agree."""
     src = _validate_rs()

@@ -7,13 +7,10 @@
 //!
 //! `tests/chart/run.sh` regenerates it and fails when the chart's copy differs.
 
-// Until `nodeagent` is a module of the library, the binary compiles the file itself.
-#[path = "../nodeagent.rs"]
-mod nodeagent;
-
 use anyhow::{Context, ensure};
 use kube::CustomResourceExt;
 use weir_controller::model::TrafficPolicy;
+use weir_controller::nodeagent;
 
 const HEADER: &str = "\
 # weir's CustomResourceDefinitions, generated from the Rust types. Do not edit: run
