@@ -21,6 +21,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Either, Full};
+use hyper::body::Body as _;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -178,7 +179,7 @@ impl Worker {
         };
         let (parts, body) = req.into_parts();
         let Some(cache) = route.cache.clone() else {
-            let body = UpBody::Stream(body);
+            let body = up_body(body);
             return Ok(self
                 .forward(parts, body, route, rule_idx, from_uri, peer, grpc, None)
                 .await);
@@ -261,7 +262,7 @@ impl Worker {
         let mut resp = self
             .forward(
                 parts,
-                UpBody::Stream(body),
+                up_body(body),
                 route,
                 rule_idx,
                 from_uri,
@@ -492,7 +493,7 @@ impl Worker {
             }
 
             let can_retry = retryable
-                && replay.as_ref().is_some_and(ReplayBody::replayable)
+                && (body_empty || replay.as_ref().is_some_and(ReplayBody::replayable))
                 && tries < route.retry.attempts
                 && Instant::now() < deadline
                 && route.try_begin_retry();
@@ -556,6 +557,16 @@ impl Worker {
 /// Largest request body kept in memory so the request can be retried (gRPC's default
 /// message size limit is 4 MiB; most retried requests are far smaller).
 pub const REPLAY_LIMIT: usize = 64 * 1024;
+
+/// The upstream body for a client's request body. Most requests have none: nothing to
+/// stream, nothing to keep for a retry.
+fn up_body(body: Incoming) -> UpBody {
+    if body.is_end_stream() {
+        UpBody::Empty
+    } else {
+        UpBody::Stream(body)
+    }
+}
 
 /// A copy of a request head (`request::Parts` is not `Clone`: extensions are left behind).
 fn head_copy(parts: &http::request::Parts) -> http::request::Parts {
