@@ -7,10 +7,13 @@
 
 pub mod admin;
 pub mod hub;
+pub mod kube;
+pub mod leader;
 pub mod local;
 pub mod model;
 pub mod nodeagent;
 pub mod routing;
 pub mod server;
 pub mod source;
+pub mod status;
 pub mod validate;

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use weir_controller::{admin, hub::Hub, local, server};
+use weir_controller::{admin, hub::Hub, leader, local, server, status};
 use weir_proto::v1::routing_discovery_server::RoutingDiscoveryServer;
 
 #[derive(Parser, Debug)]
@@ -38,6 +38,13 @@ struct Args {
     /// Namespace of the leader-election Lease (Kubernetes mode).
     #[arg(long, env = "POD_NAMESPACE", default_value = "weir-system")]
     namespace: String,
+    /// How long the leader-election Lease stays valid without renewal (Kubernetes mode);
+    /// the leader renews it every third of this.
+    #[arg(long, env = "WEIR_LEASE_DURATION", default_value = "15s", value_parser = humantime::parse_duration)]
+    lease_duration: Duration,
+    /// This replica's identity in the Lease (default: `POD_NAME`, else host name and pid).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
     /// Log filter, in `tracing_subscriber::EnvFilter` syntax.
     #[arg(long, env = "WEIR_LOG", default_value = "info")]
     log: String,
@@ -56,17 +63,39 @@ fn main() -> anyhow::Result<()> {
     rt.block_on(run(args))
 }
 
+/// Where the controller's objects come from.
+enum Mode {
+    Local(PathBuf),
+    Kubernetes(kube::Client),
+}
+
 async fn run(args: Args) -> anyhow::Result<()> {
-    let Some(dir) = args.config_dir.clone() else {
-        anyhow::bail!(
-            "Kubernetes mode is not available in this build yet; run in local mode with --config-dir DIR"
-        );
+    let tls = tls_config(&args)?;
+    let mode = match args.config_dir.clone() {
+        // Local mode defaults to plain text; TLS flags, when given, are honoured.
+        Some(dir) => Mode::Local(dir),
+        None => {
+            // In a cluster the agent stream carries routing for every node: refuse to serve
+            // it unauthenticated unless the operator said so explicitly.
+            if tls.is_none() && !args.plaintext {
+                anyhow::bail!(
+                    "Kubernetes mode needs --tls-cert, --tls-key and --tls-ca for the agent stream, \
+                     or --plaintext to serve it unencrypted (only on a trusted network); \
+                     for local mode pass --config-dir DIR"
+                );
+            }
+            if tls.is_some() && args.plaintext {
+                anyhow::bail!(
+                    "--plaintext contradicts --tls-cert/--tls-key/--tls-ca; pass one or the other"
+                );
+            }
+            let client = kube::Client::try_default().await.context(
+                "cannot configure the Kubernetes client (no in-cluster config and no usable KUBECONFIG); \
+                 for local mode pass --config-dir DIR",
+            )?;
+            Mode::Kubernetes(client)
+        }
     };
-    if args.tls_cert.is_some() || args.tls_key.is_some() || args.tls_ca.is_some() {
-        anyhow::bail!(
-            "TLS for the agent stream is not available in this build yet; local mode uses plain text"
-        );
-    }
     // Seeding versions from the clock keeps them increasing across controller restarts.
     let first_version = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -81,16 +110,52 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let grpc_listener = tokio::net::TcpListener::bind(args.grpc_addr)
         .await
         .with_context(|| format!("cannot listen on --grpc-addr {}", args.grpc_addr))?;
-    tracing::info!(grpc = %args.grpc_addr, admin = %args.admin_addr, dir = %dir.display(), "weir-controller starting in local mode");
-
-    let mut source = tokio::spawn(local::run(dir, hub.clone()));
+    let mut source = match mode {
+        Mode::Local(dir) => {
+            tracing::info!(grpc = %args.grpc_addr, admin = %args.admin_addr, dir = %dir.display(), "weir-controller starting in local mode");
+            tokio::spawn(local::run(dir, hub.clone()))
+        }
+        Mode::Kubernetes(client) => {
+            tracing::info!(grpc = %args.grpc_addr, admin = %args.admin_addr, namespace = %args.namespace, "weir-controller starting in Kubernetes mode");
+            // Every replica serves agents; only the leader writes status.
+            let (leader_tx, leader_rx) = tokio::sync::watch::channel(false);
+            let identity = args.identity.clone().unwrap_or_else(default_identity);
+            let election = leader::Config {
+                lease_duration: args.lease_duration,
+                renew_every: args.lease_duration / 3,
+            };
+            tokio::spawn(leader::run(
+                client.clone(),
+                args.namespace.clone(),
+                identity,
+                election,
+                leader_tx,
+            ));
+            let source = weir_controller::kube::Source::start(&client);
+            tokio::spawn(status::run(
+                client,
+                hub.clone(),
+                agents.clone(),
+                source.stores.policies.clone(),
+                leader_rx,
+            ));
+            let hub = hub.clone();
+            tokio::spawn(async move { source.run(hub).await.map_err(anyhow::Error::from) })
+        }
+    };
     let admin = Arc::new(admin::Admin {
         hub: hub.clone(),
         agents: agents.clone(),
     });
     tokio::spawn(admin::serve(admin_listener, admin));
 
-    let grpc = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder
+            .tls_config(tls)
+            .context("invalid TLS configuration for the agent stream")?;
+    }
+    let grpc = builder
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .add_service(RoutingDiscoveryServer::new(server::DiscoveryService::new(
@@ -112,6 +177,36 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     tracing::info!("weir-controller stopped");
     Ok(())
+}
+
+/// The mTLS configuration of the agent stream: the server presents `--tls-cert`/`--tls-key`
+/// and accepts only clients whose certificate chains to `--tls-ca`. `None` without flags.
+fn tls_config(args: &Args) -> anyhow::Result<Option<tonic::transport::ServerTlsConfig>> {
+    use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+    let (cert, key, ca) = match (&args.tls_cert, &args.tls_key, &args.tls_ca) {
+        (None, None, None) => return Ok(None),
+        (Some(c), Some(k), Some(ca)) => (c, k, ca),
+        _ => anyhow::bail!("--tls-cert, --tls-key and --tls-ca must be given together"),
+    };
+    let read = |flag: &str, path: &PathBuf| {
+        std::fs::read(path).with_context(|| format!("cannot read {flag} {}", path.display()))
+    };
+    let identity = Identity::from_pem(read("--tls-cert", cert)?, read("--tls-key", key)?);
+    let ca = Certificate::from_pem(read("--tls-ca", ca)?);
+    Ok(Some(
+        ServerTlsConfig::new().identity(identity).client_ca_root(ca),
+    ))
+}
+
+/// A Lease holder name unique per process: the host name (the pod name in a cluster) and pid.
+fn default_identity() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "weir-controller".to_string());
+    format!("{host}-{}", std::process::id())
 }
 
 async fn shutdown_signal() {

@@ -7,8 +7,10 @@
 //! have integration tests of their own (`CARGO_BIN_EXE_*`).
 
 pub mod backend;
+pub mod fake_apiserver;
 pub mod grpc;
 pub mod manifests;
+pub mod pki;
 
 use anyhow::{Context, bail};
 use bytes::Bytes;
@@ -92,9 +94,24 @@ impl Drop for Proc {
 }
 
 fn spawn(bin: &str, args: &[String], quiet: bool) -> anyhow::Result<Proc> {
+    spawn_with(bin, args, quiet, &[])
+}
+
+/// Like [`spawn`], with extra environment variables (logs shown).
+fn spawn_env(bin: &str, args: &[String], env: &[(&str, String)]) -> anyhow::Result<Proc> {
+    spawn_with(bin, args, false, env)
+}
+
+fn spawn_with(
+    bin: &str,
+    args: &[String],
+    quiet: bool,
+    env: &[(&str, String)],
+) -> anyhow::Result<Proc> {
     let path = bin_dir().join(bin);
     let mut cmd = Command::new(&path);
     cmd.args(args)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .env(
             "WEIR_LOG",
             std::env::var("WEIR_LOG").unwrap_or_else(|_| "info".into()),
@@ -266,6 +283,33 @@ impl Controller {
                 admin.to_string(),
             ],
             false,
+        )?;
+        let c = Self { proc, grpc, admin };
+        wait_ok(&format!("http://{admin}/readyz")).await;
+        Ok(c)
+    }
+
+    /// Starts a controller in Kubernetes mode (no `--config-dir`) against the API server
+    /// named in `kubeconfig` with the flags `extra`, and waits until `/readyz`, which means
+    /// every reflector has listed once. The agent stream is plain text unless `extra` has
+    /// `--tls-cert`.
+    pub async fn start_kube(kubeconfig: &Path, extra: &[&str]) -> anyhow::Result<Self> {
+        let grpc = SocketAddr::from(([127, 0, 0, 1], free_port("127.0.0.1")));
+        let admin = SocketAddr::from(([127, 0, 0, 1], free_port("127.0.0.1")));
+        let mut args: Vec<String> = vec![
+            "--grpc-addr".into(),
+            grpc.to_string(),
+            "--admin-addr".into(),
+            admin.to_string(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        if !extra.contains(&"--tls-cert") {
+            args.push("--plaintext".into());
+        }
+        let proc = spawn_env(
+            "weir-controller",
+            &args,
+            &[("KUBECONFIG", kubeconfig.display().to_string())],
         )?;
         let c = Self { proc, grpc, admin };
         wait_ok(&format!("http://{admin}/readyz")).await;

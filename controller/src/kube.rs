@@ -1,0 +1,260 @@
+//! Kubernetes mode's driver: follows TrafficPolicies, Services and EndpointSlices in all
+//! namespaces with kube-rs reflectors and feeds the hub, exactly as [`crate::local`] does
+//! for a folder. The hub and the routing computation do not know which source fed them.
+//!
+//! Every watch event only wakes the loop; the snapshot is rebuilt from the reflector stores
+//! after a short quiet time, so a burst (a rollout touching dozens of slices, a relist after
+//! a `410 Gone`) becomes one computation. The first snapshot is built only after every
+//! reflector has listed once: publishing a table from a half-listed cluster would tell agents
+//! that Services not listed yet have no endpoints.
+//!
+//! Nodes are not watched: the routing computation reads an endpoint's zone from its
+//! EndpointSlice (`endpoints[].zone`), and the snapshot has no field a Node would fill.
+
+use crate::hub::Hub;
+use crate::model::{EndpointSlice, ObjectKey, Service, TrafficPolicy};
+use crate::routing::{PolicyInput, Snapshot};
+use futures::StreamExt;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, Resource};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// Quiet time after the last watch event before the snapshot is rebuilt.
+pub const DEBOUNCE: Duration = Duration::from_millis(75);
+/// Longest a continuous stream of events may postpone a rebuild, so routing still follows a
+/// cluster that never goes quiet.
+pub const MAX_DELAY: Duration = Duration::from_secs(1);
+
+/// Why Kubernetes mode stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A watch stream ended, which only happens when its task is gone.
+    #[error("the {0} watch stopped")]
+    WatchStopped(&'static str),
+    /// A watch task panicked (a bug; the controller exits so that it is restarted).
+    #[error("a watch task failed: {0}")]
+    WatchPanicked(String),
+    /// A reflector's store was dropped before its first list completed.
+    #[error("the {0} reflector stopped before its first list")]
+    NeverSynced(&'static str),
+}
+
+/// The reflector stores the snapshot is built from.
+#[derive(Clone)]
+pub struct Stores {
+    /// TrafficPolicies of all namespaces.
+    pub policies: Store<TrafficPolicy>,
+    /// Services of all namespaces.
+    pub services: Store<Service>,
+    /// EndpointSlices of all namespaces.
+    pub slices: Store<EndpointSlice>,
+}
+
+impl Stores {
+    /// The routing input as the stores hold it now.
+    pub fn snapshot(&self) -> Snapshot {
+        snapshot_of(
+            &self.policies.state(),
+            &self.services.state(),
+            &self.slices.state(),
+        )
+    }
+}
+
+/// Builds a snapshot from listed objects. Policies are ordered by (creationTimestamp,
+/// namespace/name): the older policy wins a host conflict, as Gateway API does for routes.
+pub fn snapshot_of(
+    policies: &[Arc<TrafficPolicy>],
+    services: &[Arc<Service>],
+    slices: &[Arc<EndpointSlice>],
+) -> Snapshot {
+    let mut ordered: Vec<_> = policies
+        .iter()
+        .map(|p| {
+            let created = p.meta().creation_timestamp.as_ref().map(|t| t.0);
+            (created, ObjectKey::of(p.meta()), p)
+        })
+        .collect();
+    // `None` (never set by a real API server) sorts first, deterministically.
+    ordered.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+    Snapshot {
+        policies: ordered
+            .into_iter()
+            .map(|(_, key, p)| PolicyInput {
+                key,
+                source: "kubernetes".to_string(),
+                generation: p.meta().generation,
+                spec: Ok(p.spec.clone()),
+            })
+            .collect(),
+        services: services
+            .iter()
+            .map(|s| (ObjectKey::of(s.meta()), (**s).clone()))
+            .collect(),
+        slices: slices
+            .iter()
+            .map(|s| (ObjectKey::of(s.meta()), (**s).clone()))
+            .collect(),
+    }
+}
+
+/// Starts one reflector for `K` in all namespaces; every event sends a wake-up on `wake`.
+fn reflect<K>(
+    client: &Client,
+    kind: &'static str,
+    wake: mpsc::Sender<()>,
+) -> (Store<K>, tokio::task::JoinHandle<Error>)
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
+    let api: Api<K> = Api::all(client.clone());
+    let (reader, writer) = reflector::store();
+    let stream = reflector::reflector(writer, watcher(api, watcher::Config::default()))
+        // Backoff on errors (API server down, 410 handled inside the watcher by relisting).
+        .default_backoff();
+    let task = tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        while let Some(ev) = stream.next().await {
+            match ev {
+                Ok(_) => {
+                    // A full channel already holds a wake-up: nothing is lost by dropping it.
+                    let _ = wake.try_send(());
+                }
+                Err(e) => {
+                    tracing::warn!(kind, error = %e, "watch failed; retrying with backoff");
+                }
+            }
+        }
+        Error::WatchStopped(kind)
+    });
+    (reader, task)
+}
+
+/// The reflectors of Kubernetes mode, started and listing.
+pub struct Source {
+    /// What the reflectors hold; shared with the status writer.
+    pub stores: Stores,
+    tasks: Vec<tokio::task::JoinHandle<Error>>,
+    wake: mpsc::Receiver<()>,
+}
+
+impl Source {
+    /// Starts the reflectors (TrafficPolicies, Services and EndpointSlices, all namespaces).
+    pub fn start(client: &Client) -> Self {
+        let (wake_tx, wake) = mpsc::channel(1);
+        let (policies, p_task) = reflect::<TrafficPolicy>(client, "TrafficPolicy", wake_tx.clone());
+        let (services, s_task) = reflect::<Service>(client, "Service", wake_tx.clone());
+        let (slices, e_task) = reflect::<EndpointSlice>(client, "EndpointSlice", wake_tx);
+        Self {
+            stores: Stores {
+                policies,
+                services,
+                slices,
+            },
+            tasks: vec![p_task, s_task, e_task],
+            wake,
+        }
+    }
+
+    /// Feeds `hub` until a watch stops. The hub's `loaded` flag (and so `/readyz`) turns
+    /// true with the first snapshot, which waits for every reflector's first list.
+    pub async fn run(self, hub: Arc<Hub>) -> Result<(), Error> {
+        let Self {
+            stores,
+            tasks,
+            mut wake,
+        } = self;
+        let mut tasks = futures::future::select_all(tasks);
+        let synced = async {
+            stores
+                .policies
+                .wait_until_ready()
+                .await
+                .map_err(|_| Error::NeverSynced("TrafficPolicy"))?;
+            stores
+                .services
+                .wait_until_ready()
+                .await
+                .map_err(|_| Error::NeverSynced("Service"))?;
+            stores
+                .slices
+                .wait_until_ready()
+                .await
+                .map_err(|_| Error::NeverSynced("EndpointSlice"))
+        };
+        tokio::select! {
+            r = synced => r?,
+            (r, _, _) = &mut tasks => return Err(stopped(r)),
+        }
+        tracing::info!("all reflectors synced");
+        hub.update(&stores.snapshot(), Vec::new());
+
+        loop {
+            tokio::select! {
+                w = wake.recv() => {
+                    if w.is_none() {
+                        return Err(Error::WatchStopped("every"));
+                    }
+                    // Debounce: wait for a quiet moment, but not longer than MAX_DELAY.
+                    let deadline = Instant::now() + MAX_DELAY;
+                    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+                        match tokio::time::timeout(DEBOUNCE.min(left), wake.recv()).await {
+                            Ok(Some(())) => continue,
+                            Ok(None) | Err(_) => break,
+                        }
+                    }
+                    hub.update(&stores.snapshot(), Vec::new());
+                }
+                (r, _, _) = &mut tasks => return Err(stopped(r)),
+            }
+        }
+    }
+}
+
+fn stopped(r: Result<Error, tokio::task::JoinError>) -> Error {
+    match r {
+        Ok(e) => e,
+        Err(e) => Error::WatchPanicked(e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use k8s_openapi::jiff::Timestamp;
+
+    fn tp(ns: &str, name: &str, created_s: i64, generation: i64) -> Arc<TrafficPolicy> {
+        let mut p = TrafficPolicy::new(name, Default::default());
+        p.metadata.namespace = Some(ns.into());
+        p.metadata.generation = Some(generation);
+        p.metadata.creation_timestamp = Timestamp::from_second(created_s).ok().map(Time);
+        Arc::new(p)
+    }
+
+    #[test]
+    fn snapshot_orders_policies_by_creation_then_key() {
+        let snap = snapshot_of(
+            &[
+                tp("b", "x", 20, 1),
+                tp("a", "y", 20, 2),
+                tp("z", "old", 10, 3),
+            ],
+            &[],
+            &[],
+        );
+        let keys: Vec<String> = snap.policies.iter().map(|p| p.key.to_string()).collect();
+        assert_eq!(keys, ["z/old", "a/y", "b/x"]);
+        assert_eq!(snap.policies[0].generation, Some(3));
+        assert_eq!(snap.policies[0].source, "kubernetes");
+    }
+}
