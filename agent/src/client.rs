@@ -20,14 +20,47 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// The controller pings every 15 s.
 const SILENCE_LIMIT: Duration = Duration::from_secs(45);
 
+/// TLS material for `https://` controller addresses: the CA the controller's certificate must
+/// chain to, and this agent's client certificate (mTLS).
+#[derive(Clone)]
+pub struct Tls {
+    pub ca_pem: Vec<u8>,
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+}
+
+impl Tls {
+    /// Reads the PEM files named by `--tls-ca`, `--tls-cert` and `--tls-key`.
+    pub fn load(
+        ca: &std::path::Path,
+        cert: &std::path::Path,
+        key: &std::path::Path,
+    ) -> std::io::Result<Self> {
+        Ok(Self {
+            ca_pem: std::fs::read(ca)?,
+            cert_pem: std::fs::read(cert)?,
+            key_pem: std::fs::read(key)?,
+        })
+    }
+
+    fn config(&self) -> tonic::transport::ClientTlsConfig {
+        tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(&self.ca_pem))
+            .identity(tonic::transport::Identity::from_pem(
+                &self.cert_pem,
+                &self.key_pem,
+            ))
+    }
+}
+
 /// Follows the controllers forever.
-pub async fn run(controllers: Vec<String>, shared: Arc<Shared>) {
+pub async fn run(controllers: Vec<String>, shared: Arc<Shared>, tls: Option<Tls>) {
     let mut failures: u32 = 0;
     let mut next = 0usize;
     loop {
         let url = &controllers[next % controllers.len()];
         next += 1;
-        let got_update = match session(url, &shared).await {
+        let got_update = match session(url, &shared, tls.as_ref()).await {
             Ok(got) => got,
             Err((got, e)) => {
                 tracing::warn!(controller = %url, error = %e, "controller stream ended");
@@ -51,13 +84,24 @@ pub async fn run(controllers: Vec<String>, shared: Arc<Shared>) {
 }
 
 /// One stream's life. Returns whether any update arrived (which resets the backoff).
-async fn session(url: &str, shared: &Shared) -> Result<bool, (bool, String)> {
-    let endpoint = Endpoint::from_shared(url.to_string())
+async fn session(url: &str, shared: &Shared, tls: Option<&Tls>) -> Result<bool, (bool, String)> {
+    let mut endpoint = Endpoint::from_shared(url.to_string())
         .map_err(|e| (false, format!("bad controller address: {e}")))?
         .connect_timeout(Duration::from_secs(1))
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(5))
         .keep_alive_while_idle(true);
+    if url.starts_with("https://") {
+        let Some(tls) = tls else {
+            return Err((
+                false,
+                "https:// controller but no --tls-ca/--tls-cert/--tls-key".into(),
+            ));
+        };
+        endpoint = endpoint
+            .tls_config(tls.config())
+            .map_err(|e| (false, format!("TLS settings: {e}")))?;
+    }
     let channel = endpoint
         .connect()
         .await

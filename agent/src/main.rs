@@ -62,9 +62,14 @@ fn main() -> anyhow::Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(&args.log)?)
         .with_writer(std::io::stderr)
         .init();
-    if args.tls_cert.is_some() || args.tls_key.is_some() || args.tls_ca.is_some() {
-        anyhow::bail!("TLS for the controller stream is not available in this build yet");
-    }
+    let tls = match (&args.tls_ca, &args.tls_cert, &args.tls_key) {
+        (None, None, None) => None,
+        (Some(ca), Some(cert), Some(key)) => Some(
+            client::Tls::load(ca, cert, key)
+                .context("cannot read --tls-ca/--tls-cert/--tls-key")?,
+        ),
+        _ => anyhow::bail!("--tls-ca, --tls-cert and --tls-key go together"),
+    };
     if args.controllers.is_empty() {
         anyhow::bail!("at least one --controller is needed");
     }
@@ -120,7 +125,7 @@ fn main() -> anyhow::Result<()> {
         tracing::info!(listen = %args.listen, admin = %args.admin_addr, workers, node = %args.node_name, "weir-agent started");
         tokio::spawn(admin::serve(admin_listener, shared.clone()));
         tokio::spawn(checks::run(shared.clone()));
-        tokio::spawn(client::run(args.controllers, shared));
+        tokio::spawn(client::run(args.controllers, shared, tls));
         shutdown_signal().await;
         tracing::info!("weir-agent stopping");
         anyhow::Ok(())

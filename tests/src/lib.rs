@@ -272,18 +272,26 @@ pub struct Controller {
 impl Controller {
     /// Starts a controller on `dir` at the given addresses and waits until `/readyz`.
     pub async fn start_at(dir: &Path, grpc: SocketAddr, admin: SocketAddr) -> anyhow::Result<Self> {
-        let proc = spawn(
-            "weir-controller",
-            &[
-                "--config-dir".into(),
-                dir.display().to_string(),
-                "--grpc-addr".into(),
-                grpc.to_string(),
-                "--admin-addr".into(),
-                admin.to_string(),
-            ],
-            false,
-        )?;
+        Self::start_with(dir, grpc, admin, &[]).await
+    }
+
+    /// [`Controller::start_at`] with more flags (e.g. `--tls-cert …`).
+    pub async fn start_with(
+        dir: &Path,
+        grpc: SocketAddr,
+        admin: SocketAddr,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
+        let mut args: Vec<String> = vec![
+            "--config-dir".into(),
+            dir.display().to_string(),
+            "--grpc-addr".into(),
+            grpc.to_string(),
+            "--admin-addr".into(),
+            admin.to_string(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let proc = spawn("weir-controller", &args, false)?;
         let c = Self { proc, grpc, admin };
         wait_ok(&format!("http://{admin}/readyz")).await;
         Ok(c)
@@ -354,7 +362,18 @@ impl Agent {
         admin: SocketAddr,
         state_dir: Option<&Path>,
     ) -> anyhow::Result<Self> {
-        let mut args = vec![
+        Self::start_with(controller_url, listen, admin, state_dir, &[]).await
+    }
+
+    /// [`Agent::start_at`] with more flags (e.g. `--tls-ca …`).
+    pub async fn start_with(
+        controller_url: &str,
+        listen: SocketAddr,
+        admin: SocketAddr,
+        state_dir: Option<&Path>,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
+        let mut args: Vec<String> = vec![
             "--controller".into(),
             controller_url.to_string(),
             "--listen".into(),
@@ -372,6 +391,7 @@ impl Agent {
             args.push("--state-dir".into());
             args.push(d.display().to_string());
         }
+        args.extend(extra.iter().map(|s| s.to_string()));
         let proc = spawn("weir-agent", &args, false)?;
         let a = Self {
             proc,

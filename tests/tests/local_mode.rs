@@ -488,3 +488,54 @@ async fn raw(addr: SocketAddr, req: &str) -> (tokio::net::TcpStream, String) {
     }
     (s, String::from_utf8_lossy(&got).into_owned())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_stream_can_run_over_mutual_tls() {
+    use weir_tests::pki::TestCa;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let certs = tempfile::tempdir().expect("certs");
+    let web = start_group(&["127.0.8.11"], "web").await.expect("web");
+    svc_files(dir.path(), "web", &web, &[true]);
+    write_manifest(
+        dir.path(),
+        "policy.yaml",
+        &policy("web", &["web.test"], &[("web", 80, 1, 0)], ""),
+    );
+    let ca = TestCa::new(certs.path(), "weir").expect("CA");
+    let server = ca.issue("controller", &["localhost"]).expect("server cert");
+    let client = ca.issue("agent", &["test-node"]).expect("client cert");
+    let p = |p: &Path| p.display().to_string();
+    let (cert, key, ca_file) = (p(&server.cert), p(&server.key), p(&ca.ca));
+    let grpc = SocketAddr::from(([127, 0, 0, 1], weir_tests::free_port("127.0.0.1")));
+    let admin = SocketAddr::from(([127, 0, 0, 1], weir_tests::free_port("127.0.0.1")));
+    let controller = Controller::start_with(
+        dir.path(),
+        grpc,
+        admin,
+        &["--tls-cert", &cert, "--tls-key", &key, "--tls-ca", &ca_file],
+    )
+    .await
+    .expect("controller");
+    let (ccert, ckey) = (p(&client.cert), p(&client.key));
+    let listen = SocketAddr::from(([127, 0, 0, 1], weir_tests::free_port("127.0.0.1")));
+    let agent_admin = SocketAddr::from(([127, 0, 0, 1], weir_tests::free_port("127.0.0.1")));
+    let agent = Agent::start_with(
+        &format!("https://localhost:{}", controller.grpc.port()),
+        listen,
+        agent_admin,
+        None,
+        &[
+            "--tls-ca",
+            &ca_file,
+            "--tls-cert",
+            &ccert,
+            "--tls-key",
+            &ckey,
+        ],
+    )
+    .await
+    .expect("agent");
+    agent.wait_ready().await;
+    let counts = spread(agent.listen, "web.test", 5).await;
+    assert_eq!(counts.values().sum::<usize>(), 5);
+}
