@@ -29,6 +29,20 @@ struct Origin {
 }
 
 impl Origin {
+    /// Takes the origin down for real: the listener is closed and every connection task has
+    /// ended (aborting alone only asks; awaiting makes sure), so nothing can answer any more.
+    async fn stop(mut self) {
+        self.task.abort();
+        let _ = (&mut self.task).await;
+        let conns: Vec<_> = std::mem::take(&mut *self.conns.lock().expect("lock"));
+        for c in &conns {
+            c.abort();
+        }
+        for c in conns {
+            let _ = c.await;
+        }
+    }
+
     fn count(&self, key: &str) -> usize {
         self.seen
             .lock()
@@ -185,6 +199,16 @@ async fn fetch(agent: &Agent, method: &str, path: &str, headers: &[(&str, &str)]
     }
 }
 
+/// Waits until the agent has stored `n` objects: the first answer reaches the client while
+/// its copy is still being stored, and until then a second request would wait for it.
+async fn stored(agent: &Agent, n: u64) {
+    weir_tests::wait_for("object stored", || async {
+        let cfg = agent.config().await.ok()?;
+        (cfg["routes"][0]["cache"]["stats"]["stores"].as_u64()? >= n).then_some(())
+    })
+    .await;
+}
+
 fn x_cache(g: &Got) -> &str {
     g.headers
         .get("x-cache")
@@ -249,6 +273,7 @@ async fn a_hundred_concurrent_cold_requests_reach_the_origin_once() {
 async fn stale_entries_are_revalidated_and_a_304_is_merged() {
     let (_d, origin, _c, agent) = setup("127.0.30.13").await;
     let first = fetch(&agent, "GET", "/etag", &[]).await;
+    stored(&agent, 1).await;
     let second = fetch(&agent, "GET", "/etag", &[]).await;
     assert_eq!(second.status, 200);
     assert_eq!(
@@ -286,7 +311,8 @@ async fn stale_if_error_answers_while_the_origin_is_down() {
     let (_d, origin, _c, agent) = setup("127.0.30.15").await;
     let first = fetch(&agent, "GET", "/stale", &[]).await;
     assert_eq!(first.status, 200);
-    drop(origin); // the only backend is gone: connections are refused
+    stored(&agent, 1).await;
+    origin.stop().await; // the only backend is gone: connections are refused
     let got = fetch(&agent, "GET", "/stale", &[]).await;
     assert_eq!(got.status, 200, "{got:?}");
     assert_eq!(got.body, first.body);

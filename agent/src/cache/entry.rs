@@ -348,6 +348,13 @@ impl Variant {
         u64::from(self.age_secs) + now_ms.saturating_sub(self.stored_at_ms) / 1000
     }
 
+    /// Whether the freshness lifetime has run out at `now_ms`: RFC 9111 §4.2 calls a response
+    /// fresh only while its lifetime is *greater* than its age, so `max-age=0` is stale at once.
+    pub fn is_expired(&self, now_ms: u64) -> bool {
+        let age_ms = u64::from(self.age_secs) * 1000 + now_ms.saturating_sub(self.stored_at_ms);
+        age_ms >= u64::from(self.lifetime_secs) * 1000
+    }
+
     /// Milliseconds the variant has been stale at `now_ms` (0 while fresh).
     pub fn staleness_ms(&self, now_ms: u64) -> u64 {
         let age_ms = u64::from(self.age_secs) * 1000 + now_ms.saturating_sub(self.stored_at_ms);

@@ -481,7 +481,7 @@ pub(crate) fn pack_head(req: &HeaderMap, resp: &HeaderMap) -> Result<(Packer, u3
 /// Whether `v` may answer a request with directives `rd` without contacting the origin
 /// (RFC 9111 §4.2, §5.2.1).
 pub fn is_fresh(v: &Variant, now_ms: u64, rd: &RequestDirectives) -> bool {
-    if v.flags() & flags::NO_CACHE != 0 || rd.no_cache || v.staleness_ms(now_ms) > 0 {
+    if v.flags() & flags::NO_CACHE != 0 || rd.no_cache || v.is_expired(now_ms) {
         return false;
     }
     let age = v.age_secs(now_ms);
