@@ -60,36 +60,15 @@ struct Args {
     /// Request payload size in bytes.
     #[arg(long, default_value_t = 64)]
     payload: usize,
-    /// Measured duration: 10s, 500ms, 2m or plain seconds.
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    /// Measured duration: e.g. 10s, 500ms, 2m.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     duration: Duration,
     /// Unrecorded lead-in (same load).
-    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     warmup: Duration,
     /// Open loop: how long to wait for calls still in flight after the schedule ends.
-    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     drain: Duration,
-}
-
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (num, scale) = if let Some(n) = s.strip_suffix("ms") {
-        (n, 1e-3)
-    } else if let Some(n) = s.strip_suffix('s') {
-        (n, 1.0)
-    } else if let Some(n) = s.strip_suffix('m') {
-        (n, 60.0)
-    } else {
-        (s, 1.0)
-    };
-    let v: f64 = num
-        .trim()
-        .parse()
-        .map_err(|_| format!("invalid duration {s:?}"))?;
-    if !(v.is_finite() && v >= 0.0) {
-        return Err(format!("invalid duration {s:?}"));
-    }
-    Ok(Duration::from_secs_f64(v * scale))
 }
 
 fn new_hist() -> Histogram<u64> {
