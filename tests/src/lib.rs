@@ -9,6 +9,7 @@
 pub mod backend;
 pub mod fake_apiserver;
 pub mod grpc;
+pub mod load;
 pub mod manifests;
 pub mod pki;
 

@@ -201,11 +201,6 @@ async fn run(args: Args, host: String) -> anyhow::Result<()> {
             sent = st.ok + st.errors;
         }
         Some(rate) => {
-            use rustix::time::{
-                Itimerspec, TimerfdClockId, TimerfdFlags, TimerfdTimerFlags, Timespec,
-                timerfd_create, timerfd_settime,
-            };
-            use tokio::io::{Interest, unix::AsyncFd};
             let period_ns = ((1e9 / rate).round() as u64).max(1);
             let now_ts = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
             let start = Instant::now() + lead;
@@ -213,24 +208,7 @@ async fn run(args: Args, host: String) -> anyhow::Result<()> {
             let end = measure_from + args.duration;
             let first_ns =
                 now_ts.tv_sec as u128 * 1_000_000_000 + now_ts.tv_nsec as u128 + lead.as_nanos();
-            let fd = timerfd_create(
-                TimerfdClockId::Monotonic,
-                TimerfdFlags::NONBLOCK | TimerfdFlags::CLOEXEC,
-            )?;
-            let spec = Itimerspec {
-                it_value: Timespec {
-                    tv_sec: (first_ns / 1_000_000_000) as _,
-                    tv_nsec: (first_ns % 1_000_000_000) as _,
-                },
-                it_interval: Timespec {
-                    tv_sec: (period_ns / 1_000_000_000) as _,
-                    tv_nsec: (period_ns % 1_000_000_000) as _,
-                },
-            };
-            timerfd_settime(&fd, TimerfdTimerFlags::ABSTIME, &spec)?;
-            // Same reasoning as weir-load: an OwnedFd moved into the AsyncFd keeps its fd.
-            #[allow(deprecated)]
-            let fd = AsyncFd::with_interest(fd, Interest::READABLE)?;
+            let fd = weir_tests::load::periodic_timer(first_ns, period_ns)?;
             let mut k: u64 = 0;
             let mut total = 0u64;
             'outer: loop {

@@ -203,33 +203,8 @@ async fn schedule(
     plan: &Plan,
     senders: Vec<mpsc::UnboundedSender<Slot>>,
 ) -> anyhow::Result<(u64, Histogram<u64>)> {
-    use rustix::time::{
-        Itimerspec, TimerfdClockId, TimerfdFlags, TimerfdTimerFlags, Timespec, timerfd_create,
-        timerfd_settime,
-    };
-    use tokio::io::{Interest, unix::AsyncFd};
-
     let (first_ns, period_ns) = (plan.first_ns, plan.period_ns);
-    let fd = timerfd_create(
-        TimerfdClockId::Monotonic,
-        TimerfdFlags::NONBLOCK | TimerfdFlags::CLOEXEC,
-    )?;
-    let spec = Itimerspec {
-        it_value: Timespec {
-            tv_sec: (first_ns / 1_000_000_000) as _,
-            tv_nsec: (first_ns % 1_000_000_000) as _,
-        },
-        it_interval: Timespec {
-            tv_sec: (period_ns / 1_000_000_000) as _,
-            tv_nsec: (period_ns % 1_000_000_000) as _,
-        },
-    };
-    timerfd_settime(&fd, TimerfdTimerFlags::ABSTIME, &spec)?;
-    // `with_interest` is deprecated because an arbitrary `AsRawFd` may change its fd; an
-    // `OwnedFd` moved into the `AsyncFd` keeps the same one until dropped, which is the
-    // contract the unsafe replacement asks for (and this crate forbids `unsafe`).
-    #[allow(deprecated)]
-    let fd = AsyncFd::with_interest(fd, Interest::READABLE)?;
+    let fd = weir_tests::load::periodic_timer(first_ns, period_ns)?;
 
     let (start, measure_from, end) = (plan.start, plan.measure_from, plan.end);
     let mut lag = new_hist();
