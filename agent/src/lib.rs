@@ -3,7 +3,7 @@
 //! [`client`] follows the controllers and hands each update to [`state::Shared::apply`], the
 //! single mutator, which builds a [`table::Table`] and swaps it in atomically; [`proxy`]
 //! workers read the table lock-free and forward each request to an endpoint chosen by
-//! [`balance`]; [`admin`] and [`metrics`] show what the agent is doing.
+//! [`balance`] over [`upstream`] connection pools; [`admin`] and [`metrics`] show what the agent is doing.
 
 pub mod admin;
 pub mod balance;
@@ -17,3 +17,4 @@ pub mod proxy;
 pub mod replay;
 pub mod state;
 pub mod table;
+pub mod upstream;

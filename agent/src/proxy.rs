@@ -17,14 +17,13 @@ use crate::pick::InFlight;
 use crate::replay::{DownBody, GrpcTally, ReplayBody, UpBody};
 use crate::state::Shared;
 use crate::table::{RouteRt, RuleRt, Target, upstream_uri};
+use crate::upstream::{self, Pool};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Body as _;
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
@@ -65,36 +64,18 @@ const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 const GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
 const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
 
-/// One worker's request handler: the shared table plus this worker's upstream pools.
+/// One worker's request handler: the shared table plus this worker's upstream pool.
 pub struct Worker {
     shared: Arc<Shared>,
-    /// HTTP/1.1 upstreams: a pool of keep-alive connections per endpoint.
-    http1: Client<HttpConnector, UpBody>,
-    /// h2c upstreams: one multiplexed HTTP/2 connection per endpoint, kept alive with PINGs.
-    /// Streams beyond the endpoint's `MAX_CONCURRENT_STREAMS` wait on it for a free slot.
-    h2c: Client<HttpConnector, UpBody>,
+    pool: Arc<Pool>,
 }
 
 impl Worker {
     pub fn new(shared: Arc<Shared>) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
-        let http1 = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .build(connector.clone());
-        let h2c = Client::builder(TokioExecutor::new())
-            .http2_only(true)
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .http2_keep_alive_timeout(Duration::from_secs(10))
-            .http2_keep_alive_while_idle(true)
-            .pool_idle_timeout(Duration::from_secs(300))
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .build(connector);
-        Self { shared, http1, h2c }
+        Self {
+            shared,
+            pool: Pool::new(CONNECT_TIMEOUT),
+        }
     }
 
     /// Handles one request from `peer` (its IP pre-rendered as a header value).
@@ -348,6 +329,11 @@ impl Worker {
 
         let mut tries = 0u32;
         let mut previous: Option<SocketAddr> = None;
+        // A request the pool gave back unsent (connect failure): the next try reuses it.
+        let mut unsent: Option<Request<UpBody>> = None;
+        // Whether `parts.headers` still holds the head, for a try after one that was sent.
+        let mut have_head = true;
+        let resends = route.retry.resends_after_send(idempotent, grpc);
         loop {
             let Some(target) = pick_target(rule, hash, previous, route.max_per_endpoint) else {
                 let reply = if rule.targets.is_empty() {
@@ -363,56 +349,72 @@ impl Worker {
                 }
                 return local_reply(grpc, &route.counters, reply.0, reply.1);
             };
-            let uri = match upstream_uri(&target.authority, pq.clone()) {
-                Ok(u) => u,
-                Err(_) => {
-                    return local_reply(
-                        grpc,
-                        &route.counters,
-                        LocalReply::BadRequest,
-                        "bad request target",
-                    );
-                }
-            };
-            let body = match first_body.take() {
-                Some(UpBody::Replay(b)) => {
-                    let replica = b.replica();
-                    replay = replica;
-                    UpBody::Replay(b)
-                }
-                Some(other) => other,
-                None if body_empty => UpBody::Empty,
-                None => match replay.as_ref().and_then(ReplayBody::replica) {
-                    Some(b) => UpBody::Replay(b),
-                    None => {
-                        return local_reply(
-                            grpc,
-                            &route.counters,
-                            LocalReply::UpstreamError,
-                            "upstream request failed",
-                        );
-                    }
-                },
-            };
-            let mut up = Request::new(body);
-            *up.method_mut() = parts.method.clone();
-            *up.uri_mut() = uri;
-            *up.headers_mut() = if route.retry.attempts > tries {
-                parts.headers.clone()
+            // HTTP/1.1 upstreams get the origin form; HTTP/2 needs scheme and authority.
+            let uri = if target.h2c {
+                upstream_uri(&target.authority, pq.clone())
             } else {
-                std::mem::take(&mut parts.headers)
+                let mut p = http::uri::Parts::default();
+                p.path_and_query = Some(
+                    pq.clone()
+                        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+                );
+                http::Uri::from_parts(p).map_err(http::Error::from)
             };
-            let client = if target.h2c {
+            let Ok(uri) = uri else {
+                return local_reply(
+                    grpc,
+                    &route.counters,
+                    LocalReply::BadRequest,
+                    "bad request target",
+                );
+            };
+            let mut up = match unsent.take() {
+                Some(up) => up,
+                None => {
+                    let body = match first_body.take() {
+                        Some(UpBody::Replay(b)) => {
+                            let replica = b.replica();
+                            replay = replica;
+                            UpBody::Replay(b)
+                        }
+                        Some(other) => other,
+                        None if body_empty => UpBody::Empty,
+                        None => match replay.as_ref().and_then(ReplayBody::replica) {
+                            Some(b) => UpBody::Replay(b),
+                            None => {
+                                return local_reply(
+                                    grpc,
+                                    &route.counters,
+                                    LocalReply::UpstreamError,
+                                    "upstream request failed",
+                                );
+                            }
+                        },
+                    };
+                    let mut up = Request::new(body);
+                    *up.method_mut() = parts.method.clone();
+                    // The head is copied only when a retry may follow a try that was sent.
+                    *up.headers_mut() = if route.retry.attempts > tries && (resends || target.h2c)
+                    {
+                        parts.headers.clone()
+                    } else {
+                        have_head = false;
+                        std::mem::take(&mut parts.headers)
+                    };
+                    up
+                }
+            };
+            *up.uri_mut() = uri;
+            if target.h2c {
                 *up.version_mut() = Version::HTTP_2;
                 if te_trailers || grpc {
                     up.headers_mut()
                         .insert(header::TE, HeaderValue::from_static("trailers"));
                 }
-                &self.h2c
             } else {
                 *up.version_mut() = Version::HTTP_11;
-                &self.http1
-            };
+                up.headers_mut().remove(header::TE);
+            }
 
             let now = Instant::now();
             let remaining = deadline.saturating_duration_since(now);
@@ -422,40 +424,45 @@ impl Worker {
                 .map_or(remaining, |p| p.min(remaining));
             let in_flight = InFlight::new(target.health.load.clone());
             target.health.counters.requests.inc();
-            let result = tokio::time::timeout(per_try, client.request(up)).await;
+            let result = tokio::time::timeout(
+                per_try,
+                self.pool.send(target.addr, target.h2c, up, now),
+            )
+            .await;
             let latency = now.elapsed();
             in_flight.finish(latency, now_nanos());
 
             let (failure, retryable, outcome) = match result {
-                Ok(Ok(resp)) => {
+                Ok(Ok((resp, lease))) => {
                     let status = resp.status().as_u16();
                     if grpc {
                         // A failed call before any message: a Trailers-Only answer.
                         let code = head_grpc_status(resp.headers());
                         let failed = status >= 500 || matches!(code, Some(4 | 8 | 13 | 14 | 15));
                         let retry = code.is_some_and(|c| route.retry.on_grpc.contains(&c));
-                        (failed, retry, Ok(resp))
+                        (failed, retry, Ok((resp, lease)))
                     } else {
                         let failed = status >= 500;
                         let retry = route.retry.retry_status(status) && idempotent;
-                        (failed, retry, Ok(resp))
+                        (failed, retry, Ok((resp, lease)))
                     }
                 }
-                Ok(Err(e)) if e.is_connect() => {
+                Ok(Err(upstream::Error::Connect(e, req))) => {
                     tracing::debug!(route = %route.name, target = %target.addr, error = %e, "upstream connect failed");
+                    unsent = Some(*req);
                     (
                         true,
                         route.retry.on_connect_failure,
                         Err(LocalReply::UpstreamConnect),
                     )
                 }
-                Ok(Err(e)) if never_processed(&e) => {
+                Ok(Err(upstream::Error::Http(e))) if never_processed(&e) => {
                     // Refused or cut off by a graceful GOAWAY before the endpoint saw it:
                     // as safe to send again as a connect failure.
                     tracing::debug!(route = %route.name, target = %target.addr, error = %e, "upstream did not process the request");
                     (false, true, Err(LocalReply::UpstreamError))
                 }
-                Ok(Err(e)) => {
+                Ok(Err(upstream::Error::Http(e))) => {
                     tracing::debug!(route = %route.name, target = %target.addr, error = %e, "upstream request failed");
                     (
                         true,
@@ -493,11 +500,18 @@ impl Worker {
             }
 
             let can_retry = retryable
-                && (body_empty || replay.as_ref().is_some_and(ReplayBody::replayable))
+                && (unsent.is_some()
+                    || (have_head
+                        && (body_empty || replay.as_ref().is_some_and(ReplayBody::replayable))))
                 && tries < route.retry.attempts
                 && Instant::now() < deadline
                 && route.try_begin_retry();
             if can_retry {
+                if let Ok((resp, lease)) = outcome
+                    && resp.body().is_end_stream()
+                {
+                    lease.release();
+                }
                 tries += 1;
                 route.counters.retries.inc();
                 previous = Some(target.addr);
@@ -505,7 +519,7 @@ impl Worker {
             }
             route.counters.latency.observe(started.elapsed());
             return match outcome {
-                Ok(resp) => {
+                Ok((resp, lease)) => {
                     let (mut rparts, rbody) = resp.into_parts();
                     strip_hop_by_hop(&mut rparts.headers);
                     rparts.headers.append(header::VIA, VIA_11);
@@ -522,7 +536,7 @@ impl Worker {
                         }
                         (t, _) => t,
                     };
-                    let body = DownBody::new(rbody, tally);
+                    let body = DownBody::new(rbody, tally, lease);
                     match fill
                         .take()
                         .map(|f| f.on_response(&mut rparts, SystemTime::now()))
@@ -725,7 +739,7 @@ fn head_grpc_status(headers: &HeaderMap) -> Option<u32> {
 /// Whether an upstream error says the request was never processed: a stream refused
 /// (`REFUSED_STREAM`) or above the last stream id of a graceful `GOAWAY`. Such a request may
 /// be sent again whatever its method.
-fn never_processed(e: &hyper_util::client::legacy::Error) -> bool {
+fn never_processed(e: &hyper::Error) -> bool {
     let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
     while let Some(err) = source {
         if let Some(h2) = err.downcast_ref::<h2::Error>() {
@@ -863,6 +877,16 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::from_std(listener)?;
     let worker = Arc::new(Worker::new(shared));
+    let pool = Arc::downgrade(&worker.pool);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(pool) = pool.upgrade() else { return };
+            pool.sweep(Instant::now());
+        }
+    });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
         .http1()

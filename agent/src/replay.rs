@@ -12,6 +12,7 @@
 use bytes::Bytes;
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
+use crate::upstream::Lease;
 use hyper::body::Incoming;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -203,6 +204,9 @@ impl Body for UpBody {
 pub struct DownBody {
     inner: Incoming,
     grpc: Option<GrpcTally>,
+    /// The upstream connection, handed back when the body has been read to the end.
+    lease: Lease,
+    ended: bool,
 }
 
 /// Where a gRPC call's final status is counted.
@@ -230,8 +234,24 @@ impl GrpcTally {
 }
 
 impl DownBody {
-    pub fn new(inner: Incoming, grpc: Option<GrpcTally>) -> Self {
-        Self { inner, grpc }
+    pub fn new(inner: Incoming, grpc: Option<GrpcTally>, lease: Lease) -> Self {
+        Self {
+            inner,
+            grpc,
+            lease,
+            ended: false,
+        }
+    }
+}
+
+impl Drop for DownBody {
+    fn drop(&mut self) {
+        // hyper stops polling a body whose length says it is complete, so "ended" is also
+        // judged by the body's own bookkeeping. A body dropped half-read leaves its
+        // connection mid-response: the lease is dropped and the connection closed.
+        if self.ended || self.inner.is_end_stream() {
+            std::mem::take(&mut self.lease).release();
+        }
     }
 }
 
@@ -245,6 +265,9 @@ impl Body for DownBody {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        if let Poll::Ready(None) = polled {
+            this.ended = true;
+        }
         if let Some(tally) = &this.grpc {
             match &polled {
                 Poll::Ready(Some(Ok(frame))) => {

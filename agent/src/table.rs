@@ -172,6 +172,19 @@ impl RetryRt {
             || (self.on_gateway_error && matches!(status, 502..=504))
             || self.on_status.contains(&status)
     }
+
+    /// Whether a retry may be wanted after the request was handed to a connection (so its
+    /// head must be kept). Connect failures are not among these: the pool gives such a
+    /// request back untouched.
+    pub fn resends_after_send(&self, idempotent: bool, grpc: bool) -> bool {
+        (self.on_reset && (idempotent || grpc))
+            || (idempotent
+                && (self.on_timeout
+                    || self.on_5xx
+                    || self.on_gateway_error
+                    || !self.on_status.is_empty()))
+            || (grpc && !self.on_grpc.is_empty())
+    }
 }
 
 #[derive(Debug)]
