@@ -9,10 +9,10 @@
 //! the request simply is not retried (the idea of linkerd2-proxy's `ReplayBody`, written here
 //! because it has to fit hyper 1's `Body` and our retry loop).
 
+use crate::upstream::Lease;
 use bytes::Bytes;
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
-use crate::upstream::Lease;
 use hyper::body::Incoming;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};

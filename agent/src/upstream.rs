@@ -140,29 +140,34 @@ impl Pool {
 
     /// Sends `req` (origin-form URI and a Host header for HTTP/1.1; absolute URI for
     /// HTTP/2) to `addr`.
-    pub async fn send(
+    pub fn send(
         self: &Arc<Self>,
         addr: SocketAddr,
         h2c: bool,
         req: Request<UpBody>,
         now: Instant,
-    ) -> Result<(Response<Incoming>, Lease), Error> {
+    ) -> impl Future<Output = Result<(Response<Incoming>, Lease), Error>> + Send + use<> {
+        // Not an `async fn` over the two: that would add a layer that copies the inner
+        // future into its own state on every request.
+        let me = self.clone();
         if h2c {
-            self.send_h2(addr, req, now).await
+            futures::future::Either::Left(me.send_h2(addr, req, now))
         } else {
-            self.send_h1(addr, req).await
+            futures::future::Either::Right(me.send_h1(addr, req))
         }
     }
 
     async fn send_h1(
-        self: &Arc<Self>,
+        self: Arc<Self>,
         addr: SocketAddr,
         mut req: Request<UpBody>,
     ) -> Result<(Response<Incoming>, Lease), Error> {
         loop {
             let (mut send, pooled) = match self.take_idle(addr) {
                 Some(s) => (s, true),
-                None => match self.connect_h1(addr).await {
+                // Boxed: rare, and its future is large (TCP connect + handshake); inline it
+                // would be copied with every request's future.
+                None => match Box::pin(self.connect_h1(addr)).await {
                     Ok(s) => (s, false),
                     Err(e) => return Err(Error::Connect(e, Box::new(req))),
                 },
@@ -177,7 +182,7 @@ impl Pool {
             match send.try_send_request(req).await {
                 Ok(resp) => {
                     let lease = Lease::Http1 {
-                        pool: self.clone(),
+                        pool: self,
                         addr,
                         send,
                     };
@@ -217,9 +222,12 @@ impl Pool {
     }
 
     async fn tcp(&self, addr: SocketAddr) -> std::io::Result<TokioIo<tokio::net::TcpStream>> {
-        let stream = tokio::time::timeout(self.connect_timeout, tokio::net::TcpStream::connect(addr))
-            .await
-            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
+        let stream =
+            tokio::time::timeout(self.connect_timeout, tokio::net::TcpStream::connect(addr))
+                .await
+                .map_err(|_| {
+                    std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")
+                })??;
         stream.set_nodelay(true)?;
         Ok(TokioIo::new(stream))
     }
@@ -239,7 +247,7 @@ impl Pool {
     }
 
     async fn send_h2(
-        self: &Arc<Self>,
+        self: Arc<Self>,
         addr: SocketAddr,
         req: Request<UpBody>,
         now: Instant,
@@ -259,7 +267,7 @@ impl Pool {
                         );
                         return Err(Error::Connect(e, Box::new(req)));
                     }
-                    Err(_) => match self.connect_h2(addr).await {
+                    Err(_) => match Box::pin(self.connect_h2(addr)).await {
                         Ok(picked) => picked,
                         Err(e) => {
                             if let Some(ep) = self.endpoints.lock().get_mut(&addr) {

@@ -82,7 +82,7 @@ def main():
                     rec = None
                     if n == args.profile and rnd == args.rounds - 1:
                         rec = subprocess.Popen(
-                            ["perf", "record", "-F", "1999", "-g", "-p", ",".join(map(str, pids)),
+                            ["perf", "record", "-F", "499", "--call-graph", "dwarf,32768", "-p", ",".join(map(str, pids)),
                              "-o", f"{d}/perf-{n}.data", "--", "sleep", str(args.duration)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                         )
