@@ -222,7 +222,11 @@ mod tests {
         policies.insert("ns/a".to_string(), policy(1, true));
         policies.insert("ns/off".to_string(), policy(1, false));
         let first = carried_since(&BTreeMap::new(), &policies, 10);
-        assert_eq!(first.len(), 1, "unprogrammed policies are carried by no version");
+        assert_eq!(
+            first.len(),
+            1,
+            "unprogrammed policies are carried by no version"
+        );
         assert_eq!(first["ns/a"].since_version, 10);
 
         // An endpoint change publishes version 11; the spec did not change.

@@ -18,9 +18,9 @@
 use crate::hub::Hub;
 use crate::model::{EndpointSlice, ObjectKey, Service, TrafficPolicy};
 use crate::nodeagent::NodeAgent;
-use k8s_openapi::api::core::v1::Node;
 use crate::routing::{PolicyInput, Snapshot};
 use futures::StreamExt;
+use k8s_openapi::api::core::v1::Node;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource};
@@ -61,6 +61,28 @@ pub struct Stores {
     pub nodeagents: Store<NodeAgent>,
     /// Nodes.
     pub nodes: Store<Node>,
+    /// Turns true once the NodeAgent and Node stores have listed. Waiters share this
+    /// instead of calling `Store::wait_until_ready` themselves: kube-runtime 4's readiness
+    /// is a oneshot that wakes only the last task that polled it, so a second waiter on the
+    /// same store would hang forever.
+    pub agents_synced: tokio::sync::watch::Receiver<bool>,
+}
+
+/// Waits (as the one waiter) until both stores have listed, then publishes `true`.
+fn signal_synced(
+    nodeagents: Store<NodeAgent>,
+    nodes: Store<Node>,
+) -> tokio::sync::watch::Receiver<bool> {
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        if nodeagents.wait_until_ready().await.is_ok() && nodes.wait_until_ready().await.is_ok() {
+            tx.send_replace(true);
+        }
+        // Otherwise a reflector is gone; the source reports that and the process exits.
+        // Keep the sender alive so that waiters wait rather than error out meanwhile.
+        std::future::pending::<()>().await;
+    });
+    rx
 }
 
 impl Stores {
@@ -171,6 +193,7 @@ impl Source {
         let (slices, e_task) = reflect::<EndpointSlice>(client, "EndpointSlice", Some(wake_tx));
         let (nodeagents, a_task) = reflect::<NodeAgent>(client, "NodeAgent", None);
         let (nodes, n_task) = reflect::<Node>(client, "Node", None);
+        let agents_synced = signal_synced(nodeagents.clone(), nodes.clone());
         Self {
             stores: Stores {
                 policies,
@@ -178,6 +201,7 @@ impl Source {
                 slices,
                 nodeagents,
                 nodes,
+                agents_synced,
             },
             tasks: vec![p_task, s_task, e_task, a_task, n_task],
             wake,

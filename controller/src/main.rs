@@ -147,12 +147,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 hub.clone(),
                 agents.clone(),
                 source.stores.nodeagents.clone(),
+                source.stores.agents_synced.clone(),
                 identity.clone(),
             ));
             tokio::spawn(nodeagent::run_cleanup(
                 client.clone(),
                 source.stores.nodeagents.clone(),
                 source.stores.nodes.clone(),
+                source.stores.agents_synced.clone(),
                 nodeagent::Cleanup {
                     grace: args.node_gone_grace,
                 },
@@ -169,6 +171,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 client,
                 hub.clone(),
                 source.stores.nodeagents.clone(),
+                source.stores.agents_synced.clone(),
                 source.stores.policies.clone(),
                 recorder,
                 leader_rx,

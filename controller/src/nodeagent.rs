@@ -213,8 +213,7 @@ pub fn merge_patch_between(old: &Value, new: &Value) -> Option<Value> {
 /// Whether this replica (`me`) should mark a NodeAgent disconnected: it says it is
 /// connected to `me`, and its agent is not connected here any more.
 pub fn should_disconnect(status: Option<&NodeAgentStatus>, me: &str, connected_here: bool) -> bool {
-    !connected_here
-        && status.is_some_and(|s| s.connected && s.controller.as_deref() == Some(me))
+    !connected_here && status.is_some_and(|s| s.connected && s.controller.as_deref() == Some(me))
 }
 
 /// The agents connected here, one per node: when an agent reconnects, its old stream may
@@ -246,10 +245,11 @@ pub async fn run_writer(
     hub: Arc<Hub>,
     agents: Arc<Agents>,
     store: Store<NodeAgent>,
+    mut synced: watch::Receiver<bool>,
     identity: String,
 ) {
-    if store.wait_until_ready().await.is_err() {
-        tracing::error!("the NodeAgent reflector stopped before its first list; NodeAgents are not written");
+    // Without the list, every NodeAgent would look missing and be created again.
+    if synced.wait_for(|s| *s).await.is_err() {
         return;
     }
     let api: Api<NodeAgent> = Api::all(client);
@@ -263,7 +263,9 @@ pub async fn run_writer(
         let mut keep = BTreeMap::new();
         for (node, agent) in &connected {
             let object = store.get(&ObjectRef::new(node));
-            let version = object.as_ref().and_then(|o| o.metadata.resource_version.clone());
+            let version = object
+                .as_ref()
+                .and_then(|o| o.metadata.resource_version.clone());
             let mine = written
                 .remove(node)
                 .filter(|w| object.is_some() && w.seen_version == version);
@@ -272,8 +274,8 @@ pub async fn run_writer(
                 None => object.as_ref().and_then(|o| o.status.as_ref()),
             };
             let desired = desired_status(agent, &identity, &config.carried, current);
-            let old = serde_json::to_value(current.cloned().unwrap_or_default())
-                .unwrap_or_default();
+            let old =
+                serde_json::to_value(current.cloned().unwrap_or_default()).unwrap_or_default();
             let new = serde_json::to_value(&desired).unwrap_or_default();
             let Some(patch) = merge_patch_between(&old, &new).filter(|_| current != Some(&desired))
             else {
@@ -300,7 +302,11 @@ pub async fn run_writer(
             // Without a stored object the whole status is sent (`old` was empty).
             let body = serde_json::json!({ "status": patch });
             match api
-                .patch_status(node, &PatchParams::apply(FIELD_MANAGER), &Patch::Merge(&body))
+                .patch_status(
+                    node,
+                    &PatchParams::apply(FIELD_MANAGER),
+                    &Patch::Merge(&body),
+                )
                 .await
             {
                 Ok(_) => {
@@ -322,7 +328,11 @@ pub async fn run_writer(
         // `connected` by this replica's previous life (same pod name) is fixed too.
         for object in store.state() {
             let node = object.name_any();
-            if !should_disconnect(object.status.as_ref(), &identity, connected.contains_key(&node)) {
+            if !should_disconnect(
+                object.status.as_ref(),
+                &identity,
+                connected.contains_key(&node),
+            ) {
                 continue;
             }
             let body = serde_json::json!({
@@ -330,7 +340,11 @@ pub async fn run_writer(
                 "status": { "connected": false },
             });
             match api
-                .patch_status(&node, &PatchParams::apply(FIELD_MANAGER), &Patch::Merge(&body))
+                .patch_status(
+                    &node,
+                    &PatchParams::apply(FIELD_MANAGER),
+                    &Patch::Merge(&body),
+                )
                 .await
             {
                 Ok(_) => tracing::info!(%node, "NodeAgent marked disconnected"),
@@ -379,11 +393,12 @@ pub async fn run_cleanup(
     client: Client,
     nodeagents: Store<NodeAgent>,
     nodes: Store<Node>,
+    mut synced: watch::Receiver<bool>,
     config: Cleanup,
     mut leader: watch::Receiver<bool>,
 ) {
-    if nodeagents.wait_until_ready().await.is_err() || nodes.wait_until_ready().await.is_err() {
-        tracing::error!("the Node or NodeAgent reflector stopped before its first list; NodeAgents are not cleaned up");
+    // Before the Node list, every NodeAgent would look orphaned.
+    if synced.wait_for(|s| *s).await.is_err() {
         return;
     }
     let api: Api<NodeAgent> = Api::all(client);
@@ -414,7 +429,9 @@ pub async fn run_cleanup(
                 Err(kube::Error::Api(s)) if s.code == 404 => {
                     missing.remove(&name);
                 }
-                Err(e) => tracing::warn!(node = %name, error = %e, "cannot delete NodeAgent; retrying"),
+                Err(e) => {
+                    tracing::warn!(node = %name, error = %e, "cannot delete NodeAgent; retrying")
+                }
             }
         }
     }
@@ -507,7 +524,8 @@ mod tests {
 
     #[test]
     fn merge_patch_has_changed_fields_and_nulls_for_removed_ones() {
-        let old = json!({"connected": true, "zone": "z1", "appliedGenerations": {"a/x": 1, "a/y": 2}});
+        let old =
+            json!({"connected": true, "zone": "z1", "appliedGenerations": {"a/x": 1, "a/y": 2}});
         let new = json!({"connected": true, "appliedGenerations": {"a/x": 2}});
         assert_eq!(
             merge_patch_between(&old, &new),
@@ -524,9 +542,18 @@ mod tests {
             ..NodeAgentStatus::default()
         };
         assert!(should_disconnect(Some(&status("a", true)), "a", false));
-        assert!(!should_disconnect(Some(&status("b", true)), "a", false), "taken over by b");
-        assert!(!should_disconnect(Some(&status("a", true)), "a", true), "still here");
-        assert!(!should_disconnect(Some(&status("a", false)), "a", false), "already marked");
+        assert!(
+            !should_disconnect(Some(&status("b", true)), "a", false),
+            "taken over by b"
+        );
+        assert!(
+            !should_disconnect(Some(&status("a", true)), "a", true),
+            "still here"
+        );
+        assert!(
+            !should_disconnect(Some(&status("a", false)), "a", false),
+            "already marked"
+        );
         assert!(!should_disconnect(None, "a", false));
     }
 
@@ -548,7 +575,10 @@ mod tests {
         let names = vec!["kept".to_string(), "gone".to_string()];
         let nodes = BTreeSet::from(["kept".to_string()]);
         let (missing, delete) = gone_nodes(&names, &nodes, &BTreeMap::new(), t0, grace);
-        assert!(delete.is_empty(), "the grace starts when the Node is first seen missing");
+        assert!(
+            delete.is_empty(),
+            "the grace starts when the Node is first seen missing"
+        );
         assert_eq!(missing.keys().collect::<Vec<_>>(), ["gone"]);
         let (missing, delete) = gone_nodes(&names, &nodes, &missing, t0 + grace, grace);
         assert_eq!(delete, ["gone"]);

@@ -44,7 +44,11 @@ pub const FIELD_MANAGER: &str = "weir-controller";
 /// `synced`/`total` of the agents of all replicas for the policy `key` at `generation`:
 /// `total` counts connected NodeAgents, `synced` those among them that run the policy at
 /// `generation` or later.
-pub fn agents_for_policy(nodeagents: &[Arc<NodeAgent>], key: &str, generation: i64) -> AgentsStatus {
+pub fn agents_for_policy(
+    nodeagents: &[Arc<NodeAgent>],
+    key: &str,
+    generation: i64,
+) -> AgentsStatus {
     let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
     let connected: Vec<_> = nodeagents
         .iter()
@@ -55,7 +59,11 @@ pub fn agents_for_policy(nodeagents: &[Arc<NodeAgent>], key: &str, generation: i
         synced: count(
             connected
                 .iter()
-                .filter(|s| s.applied_generations.get(key).is_some_and(|g| *g >= generation))
+                .filter(|s| {
+                    s.applied_generations
+                        .get(key)
+                        .is_some_and(|g| *g >= generation)
+                })
                 .count(),
         ),
         total: count(connected.len()),
@@ -77,7 +85,10 @@ fn accepted_of(s: &TrafficPolicyStatus) -> Option<&Condition> {
 
 /// The Events that the change from `previous` (the status the object carried; `None` for
 /// a policy never written) to `next` deserves. Only transitions produce events.
-pub fn events_for(previous: Option<&TrafficPolicyStatus>, next: &TrafficPolicyStatus) -> Vec<PolicyEvent> {
+pub fn events_for(
+    previous: Option<&TrafficPolicyStatus>,
+    next: &TrafficPolicyStatus,
+) -> Vec<PolicyEvent> {
     let mut out = Vec::new();
     let was_accepted = previous.and_then(accepted_of).map(|c| c.status == "True");
     if let Some(now) = accepted_of(next) {
@@ -104,7 +115,9 @@ pub fn events_for(previous: Option<&TrafficPolicyStatus>, next: &TrafficPolicySt
             next.backends
                 .iter()
                 .filter(|b| pred(b.tier))
-                .fold((0u64, 0u64), |(h, r), b| (h + u64::from(b.healthy), r + u64::from(b.ready)))
+                .fold((0u64, 0u64), |(h, r), b| {
+                    (h + u64::from(b.healthy), r + u64::from(b.ready))
+                })
         };
         if to > from {
             let (healthy, ready) = sum(&|t| t < to);
@@ -314,10 +327,15 @@ pub async fn run(
     client: Client,
     hub: Arc<Hub>,
     nodeagents: Store<NodeAgent>,
+    mut nodeagents_synced: watch::Receiver<bool>,
     policies: Store<TrafficPolicy>,
     recorder: Recorder,
     mut leader: watch::Receiver<bool>,
 ) {
+    // Counting agents from an unlisted store would report 0/0 for a moment.
+    if nodeagents_synced.wait_for(|s| *s).await.is_err() {
+        return;
+    }
     let mut written: BTreeMap<ObjectKey, Written> = BTreeMap::new();
     let mut tick = tokio::time::interval(WRITE_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -580,8 +598,16 @@ mod tests {
         let state = PolicyState {
             active_tier: Some(tier),
             accepted,
-            reason: if accepted { Reason::Accepted } else { Reason::Invalid },
-            errors: if accepted { vec![] } else { vec!["spec.x: bad".into()] },
+            reason: if accepted {
+                Reason::Accepted
+            } else {
+                Reason::Invalid
+            },
+            errors: if accepted {
+                vec![]
+            } else {
+                vec!["spec.x: bad".into()]
+            },
             ..accepted_state()
         };
         policy_status(&key, &state, &AgentsStatus::default(), &now(1), None)

@@ -104,10 +104,14 @@ fn build(files: &Files, c: &Contents) -> Result<rustls::ServerConfig, Error> {
         .collect::<Result<_, _>>()
         .map_err(|e| pem_error("--tls-cert", &files.cert, e))?;
     if chain.is_empty() {
-        return Err(pem_error("--tls-cert", &files.cert, "no CERTIFICATE in the file"));
+        return Err(pem_error(
+            "--tls-cert",
+            &files.cert,
+            "no CERTIFICATE in the file",
+        ));
     }
-    let key = PrivateKeyDer::from_pem_slice(&c.key)
-        .map_err(|e| pem_error("--tls-key", &files.key, e))?;
+    let key =
+        PrivateKeyDer::from_pem_slice(&c.key).map_err(|e| pem_error("--tls-key", &files.key, e))?;
     let mut roots = rustls::RootCertStore::empty();
     let mut any = false;
     for ca in CertificateDer::pem_slice_iter(&c.ca) {
@@ -118,7 +122,11 @@ fn build(files: &Files, c: &Contents) -> Result<rustls::ServerConfig, Error> {
         any = true;
     }
     if !any {
-        return Err(pem_error("--tls-ca", &files.ca, "no CERTIFICATE in the file"));
+        return Err(pem_error(
+            "--tls-ca",
+            &files.ca,
+            "no CERTIFICATE in the file",
+        ));
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
@@ -182,9 +190,13 @@ impl Reloader {
         loop {
             tick.tick().await;
             match self.reload() {
-                Ok(true) => tracing::info!(cert = %self.files.cert.display(), "TLS certificate files changed; new connections use them"),
+                Ok(true) => {
+                    tracing::info!(cert = %self.files.cert.display(), "TLS certificate files changed; new connections use them")
+                }
                 Ok(false) => {}
-                Err(e) => tracing::error!(error = %e, "cannot load the changed TLS files; the previous certificate stays in force"),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot load the changed TLS files; the previous certificate stays in force")
+                }
             }
         }
     }
@@ -254,7 +266,8 @@ mod tests {
         use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
         let mut ca = CertificateParams::new(Vec::<String>::new()).expect("params");
         ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let issuer = CertifiedIssuer::self_signed(ca, KeyPair::generate().expect("key")).expect("ca");
+        let issuer =
+            CertifiedIssuer::self_signed(ca, KeyPair::generate().expect("key")).expect("ca");
         let key = KeyPair::generate().expect("key");
         let cert = CertificateParams::new(vec![name.to_string()])
             .expect("params")
