@@ -4,8 +4,12 @@
 //! the HTTP API (list/watch with resourceVersions, bookmarks, `410 Gone`, status patches), not
 //! Kubernetes semantics: these tests show that weir drives the API correctly, not that a real
 //! cluster behaves like the fake. Every wait polls the agent's `/config` or the fake's
-//! recorded state; nothing sleeps. The last tests cover the mTLS agent stream that
-//! Kubernetes mode requires (with a tonic client standing in for the agent).
+//! recorded state; nothing sleeps. Later tests cover the mTLS agent stream that
+//! Kubernetes mode requires (with a tonic client standing in for the agent), NodeAgents
+//! written by two replicas and cleaned up when their Node goes, NACKs in NodeAgent status,
+//! Events on failover and rejection, and certificate rotation without restart. The fake
+//! stores Nodes, NodeAgents and Events like any object; it does not run Kubernetes'
+//! controllers (nothing else deletes or garbage-collects them).
 
 use weir_proto::v1::routing_discovery_client::RoutingDiscoveryClient;
 use weir_proto::v1::{AgentMessage, Hello, RoutingUpdate, agent_message, controller_message};
