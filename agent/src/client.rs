@@ -4,6 +4,13 @@
 //! Reconnects rotate through the controllers with capped exponential backoff and full
 //! jitter, so a controller restart does not bring every agent back in the same millisecond.
 //! A stream that stays silent for longer than three controller pings is treated as dead.
+//!
+//! Every [`LOAD_REPORT_EVERY`] the agent sends a LoadReport with its cache totals (summed
+//! over the routes' caches: a handful of relaxed atomic loads, nothing on the request path);
+//! the controller turns them into `NodeAgent.status.cacheHitRatio`.
+//!
+//! The `--tls-*` files are read again at every (re)connect, so a client certificate that
+//! cert-manager rotated in place is used from the next connection on, without a restart.
 
 use crate::state::{NackStatus, Shared};
 use rand::Rng;
@@ -13,12 +20,49 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Endpoint;
 use weir_proto::v1::routing_discovery_client::RoutingDiscoveryClient;
-use weir_proto::v1::{Ack, AgentMessage, Hello, Nack, agent_message, controller_message};
+use weir_proto::v1::{
+    Ack, AgentMessage, Hello, LoadReport, Nack, agent_message, controller_message,
+};
 
 const BACKOFF_BASE: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// The controller pings every 15 s.
 const SILENCE_LIMIT: Duration = Duration::from_secs(45);
+/// How often the agent reports its load (cache counters) to the controller.
+pub const LOAD_REPORT_EVERY: Duration = Duration::from_secs(10);
+
+/// The `--tls-*` files, read at every connect.
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    pub ca: std::path::PathBuf,
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+}
+
+impl TlsFiles {
+    /// Reads the files now, with an error naming the flag and file that failed.
+    pub fn load(&self) -> Result<Tls, String> {
+        let read = |flag: &str, path: &std::path::Path| {
+            std::fs::read(path).map_err(|e| format!("cannot read {flag} {}: {e}", path.display()))
+        };
+        Ok(Tls {
+            ca_pem: read("--tls-ca", &self.ca)?,
+            cert_pem: read("--tls-cert", &self.cert)?,
+            key_pem: read("--tls-key", &self.key)?,
+        })
+    }
+}
+
+/// The cache totals of every route's cache: hits (fresh and stale answers) and misses.
+pub fn cache_totals(shared: &Shared) -> (u64, u64) {
+    let table = shared.table.load();
+    table
+        .routes()
+        .iter()
+        .filter_map(|rt| rt.cache.as_ref())
+        .map(|c| c.stats())
+        .fold((0, 0), |(h, m), st| (h + st.hits + st.stale, m + st.misses))
+}
 
 /// TLS material for `https://` controller addresses: the CA the controller's certificate must
 /// chain to, and this agent's client certificate (mTLS).
@@ -30,19 +74,6 @@ pub struct Tls {
 }
 
 impl Tls {
-    /// Reads the PEM files named by `--tls-ca`, `--tls-cert` and `--tls-key`.
-    pub fn load(
-        ca: &std::path::Path,
-        cert: &std::path::Path,
-        key: &std::path::Path,
-    ) -> std::io::Result<Self> {
-        Ok(Self {
-            ca_pem: std::fs::read(ca)?,
-            cert_pem: std::fs::read(cert)?,
-            key_pem: std::fs::read(key)?,
-        })
-    }
-
     fn config(&self) -> tonic::transport::ClientTlsConfig {
         tonic::transport::ClientTlsConfig::new()
             .ca_certificate(tonic::transport::Certificate::from_pem(&self.ca_pem))
@@ -54,7 +85,7 @@ impl Tls {
 }
 
 /// Follows the controllers forever.
-pub async fn run(controllers: Vec<String>, shared: Arc<Shared>, tls: Option<Tls>) {
+pub async fn run(controllers: Vec<String>, shared: Arc<Shared>, tls: Option<TlsFiles>) {
     let mut failures: u32 = 0;
     let mut next = 0usize;
     loop {
@@ -84,7 +115,11 @@ pub async fn run(controllers: Vec<String>, shared: Arc<Shared>, tls: Option<Tls>
 }
 
 /// One stream's life. Returns whether any update arrived (which resets the backoff).
-async fn session(url: &str, shared: &Shared, tls: Option<&Tls>) -> Result<bool, (bool, String)> {
+async fn session(
+    url: &str,
+    shared: &Shared,
+    tls: Option<&TlsFiles>,
+) -> Result<bool, (bool, String)> {
     let mut endpoint = Endpoint::from_shared(url.to_string())
         .map_err(|e| (false, format!("bad controller address: {e}")))?
         .connect_timeout(Duration::from_secs(1))
@@ -98,6 +133,8 @@ async fn session(url: &str, shared: &Shared, tls: Option<&Tls>) -> Result<bool, 
                 "https:// controller but no --tls-ca/--tls-cert/--tls-key".into(),
             ));
         };
+        // Read now, not at start: the files may have been rotated since.
+        let tls = tls.load().map_err(|e| (false, e))?;
         endpoint = endpoint
             .tls_config(tls.config())
             .map_err(|e| (false, format!("TLS settings: {e}")))?;
@@ -133,12 +170,38 @@ async fn session(url: &str, shared: &Shared, tls: Option<&Tls>) -> Result<bool, 
     });
 
     let mut got_update = false;
+    let mut report = tokio::time::interval(LOAD_REPORT_EVERY);
+    report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    report.tick().await;
+    let mut silence = std::pin::pin!(tokio::time::sleep(SILENCE_LIMIT));
     loop {
-        let msg = match tokio::time::timeout(SILENCE_LIMIT, inbound.message()).await {
-            Err(_) => return Err((got_update, "no message from the controller for 45s".into())),
-            Ok(Err(status)) => return Err((got_update, status.to_string())),
-            Ok(Ok(None)) => return Err((got_update, "stream closed by the controller".into())),
-            Ok(Ok(Some(m))) => m,
+        let next = tokio::select! {
+            m = inbound.message() => m,
+            _ = &mut silence => {
+                return Err((got_update, "no message from the controller for 45s".into()));
+            }
+            _ = report.tick() => {
+                let (cache_hits, cache_misses) = cache_totals(shared);
+                let load = AgentMessage {
+                    kind: Some(agent_message::Kind::Load(LoadReport {
+                        endpoints: Vec::new(),
+                        cache_hits,
+                        cache_misses,
+                    })),
+                };
+                if tx.send(load).await.is_err() {
+                    return Err((got_update, "stream closed".into()));
+                }
+                continue;
+            }
+        };
+        silence
+            .as_mut()
+            .reset(tokio::time::Instant::now() + SILENCE_LIMIT);
+        let msg = match next {
+            Err(status) => return Err((got_update, status.to_string())),
+            Ok(None) => return Err((got_update, "stream closed by the controller".into())),
+            Ok(Some(m)) => m,
         };
         let Some(controller_message::Kind::Update(update)) = msg.kind else {
             continue; // pings only prove liveness

@@ -71,10 +71,16 @@ fn main() -> anyhow::Result<()> {
         .init();
     let tls = match (&args.tls_ca, &args.tls_cert, &args.tls_key) {
         (None, None, None) => None,
-        (Some(ca), Some(cert), Some(key)) => Some(
-            client::Tls::load(ca, cert, key)
-                .context("cannot read --tls-ca/--tls-cert/--tls-key")?,
-        ),
+        (Some(ca), Some(cert), Some(key)) => {
+            let files = client::TlsFiles {
+                ca: ca.clone(),
+                cert: cert.clone(),
+                key: key.clone(),
+            };
+            // Read once now so that a wrong path fails at start; each connect reads again.
+            files.load().map_err(anyhow::Error::msg)?;
+            Some(files)
+        }
         _ => anyhow::bail!("--tls-ca, --tls-cert and --tls-key go together"),
     };
     if args.controllers.is_empty() {

@@ -30,6 +30,48 @@ pub struct ConfigState {
     pub loaded: bool,
     pub files: Vec<FileReport>,
     pub policies: BTreeMap<String, PolicyState>,
+    /// For each programmed policy (`namespace/name`): its generation and the first table
+    /// version that carries that generation. An agent that applied this version or a later
+    /// one of this controller runs the policy's current spec. Versions are per controller
+    /// process, so this never leaves the replica (NodeAgent objects carry generations).
+    #[serde(skip)]
+    pub carried: BTreeMap<String, Carried>,
+}
+
+/// A policy generation and the first table version carrying it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Carried {
+    pub generation: i64,
+    pub since_version: u64,
+}
+
+/// Which version first carries each programmed policy's generation, given what was known
+/// before (`previous`) and the table `version` in force after an update. A generation seen
+/// before keeps its version; a new one (or a policy newly programmed) gets `version`.
+/// Policies without a generation (local mode) count as generation 0.
+pub fn carried_since(
+    previous: &BTreeMap<String, Carried>,
+    policies: &BTreeMap<String, PolicyState>,
+    version: u64,
+) -> BTreeMap<String, Carried> {
+    policies
+        .iter()
+        .filter(|(_, p)| p.programmed)
+        .map(|(key, p)| {
+            let generation = p.generation.unwrap_or(0);
+            let since_version = previous
+                .get(key)
+                .filter(|c| c.generation == generation)
+                .map_or(version, |c| c.since_version);
+            (
+                key.clone(),
+                Carried {
+                    generation,
+                    since_version,
+                },
+            )
+        })
+        .collect()
 }
 
 pub struct Hub {
@@ -146,15 +188,60 @@ impl Hub {
         } else {
             current.version
         };
+        let policies: BTreeMap<String, PolicyState> = policies
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
+        let carried = carried_since(&inner.state.carried, &policies, version);
         inner.state = ConfigState {
             version,
             loaded: true,
             files,
-            policies: policies
-                .into_iter()
-                .map(|(k, v)| (k.to_string(), v))
-                .collect(),
+            policies,
+            carried,
         };
         version
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(generation: i64, programmed: bool) -> PolicyState {
+        PolicyState {
+            generation: Some(generation),
+            programmed,
+            ..PolicyState::default()
+        }
+    }
+
+    #[test]
+    fn a_generation_keeps_the_version_that_first_carried_it() {
+        let mut policies = BTreeMap::new();
+        policies.insert("ns/a".to_string(), policy(1, true));
+        policies.insert("ns/off".to_string(), policy(1, false));
+        let first = carried_since(&BTreeMap::new(), &policies, 10);
+        assert_eq!(
+            first.len(),
+            1,
+            "unprogrammed policies are carried by no version"
+        );
+        assert_eq!(first["ns/a"].since_version, 10);
+
+        // An endpoint change publishes version 11; the spec did not change.
+        let same = carried_since(&first, &policies, 11);
+        assert_eq!(same["ns/a"].since_version, 10);
+
+        // A new generation is carried from the version in force after the update.
+        policies.insert("ns/a".to_string(), policy(2, true));
+        let next = carried_since(&same, &policies, 12);
+        assert_eq!(
+            next["ns/a"],
+            Carried {
+                generation: 2,
+                since_version: 12
+            }
+        );
     }
 }

@@ -8,13 +8,19 @@
 //! reflector has listed once: publishing a table from a half-listed cluster would tell agents
 //! that Services not listed yet have no endpoints.
 //!
-//! Nodes are not watched: the routing computation reads an endpoint's zone from its
-//! EndpointSlice (`endpoints[].zone`), and the snapshot has no field a Node would fill.
+//! Nodes and NodeAgents are reflected too, but they do not feed routing (the routing
+//! computation reads an endpoint's zone from its EndpointSlice) and their events do not
+//! wake the loop: NodeAgents change with every agent ACK, and recomputing routing for that
+//! would be waste. The NodeAgent store serves the NodeAgent writer and the status writer
+//! (agent counts); the Node store serves the leader's NodeAgent cleanup. `/readyz` does not
+//! wait for them.
 
 use crate::hub::Hub;
 use crate::model::{EndpointSlice, ObjectKey, Service, TrafficPolicy};
+use crate::nodeagent::NodeAgent;
 use crate::routing::{PolicyInput, Snapshot};
 use futures::StreamExt;
+use k8s_openapi::api::core::v1::Node;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource};
@@ -51,6 +57,32 @@ pub struct Stores {
     pub services: Store<Service>,
     /// EndpointSlices of all namespaces.
     pub slices: Store<EndpointSlice>,
+    /// NodeAgents (cluster-scoped).
+    pub nodeagents: Store<NodeAgent>,
+    /// Nodes.
+    pub nodes: Store<Node>,
+    /// Turns true once the NodeAgent and Node stores have listed. Waiters share this
+    /// instead of calling `Store::wait_until_ready` themselves: kube-runtime 4's readiness
+    /// is a oneshot that wakes only the last task that polled it, so a second waiter on the
+    /// same store would hang forever.
+    pub agents_synced: tokio::sync::watch::Receiver<bool>,
+}
+
+/// Waits (as the one waiter) until both stores have listed, then publishes `true`.
+fn signal_synced(
+    nodeagents: Store<NodeAgent>,
+    nodes: Store<Node>,
+) -> tokio::sync::watch::Receiver<bool> {
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        if nodeagents.wait_until_ready().await.is_ok() && nodes.wait_until_ready().await.is_ok() {
+            tx.send_replace(true);
+        }
+        // Otherwise a reflector is gone; the source reports that and the process exits.
+        // Keep the sender alive so that waiters wait rather than error out meanwhile.
+        std::future::pending::<()>().await;
+    });
+    rx
 }
 
 impl Stores {
@@ -101,11 +133,12 @@ pub fn snapshot_of(
     }
 }
 
-/// Starts one reflector for `K` in all namespaces; every event sends a wake-up on `wake`.
+/// Starts one reflector for `K` in all namespaces; every event sends a wake-up on `wake`,
+/// if given.
 fn reflect<K>(
     client: &Client,
     kind: &'static str,
-    wake: mpsc::Sender<()>,
+    wake: Option<mpsc::Sender<()>>,
 ) -> (Store<K>, tokio::task::JoinHandle<Error>)
 where
     K: Resource<DynamicType = ()>
@@ -127,7 +160,9 @@ where
             match ev {
                 Ok(_) => {
                     // A full channel already holds a wake-up: nothing is lost by dropping it.
-                    let _ = wake.try_send(());
+                    if let Some(wake) = &wake {
+                        let _ = wake.try_send(());
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(kind, error = %e, "watch failed; retrying with backoff");
@@ -148,19 +183,27 @@ pub struct Source {
 }
 
 impl Source {
-    /// Starts the reflectors (TrafficPolicies, Services and EndpointSlices, all namespaces).
+    /// Starts the reflectors (TrafficPolicies, Services and EndpointSlices in all
+    /// namespaces; NodeAgents and Nodes).
     pub fn start(client: &Client) -> Self {
         let (wake_tx, wake) = mpsc::channel(1);
-        let (policies, p_task) = reflect::<TrafficPolicy>(client, "TrafficPolicy", wake_tx.clone());
-        let (services, s_task) = reflect::<Service>(client, "Service", wake_tx.clone());
-        let (slices, e_task) = reflect::<EndpointSlice>(client, "EndpointSlice", wake_tx);
+        let (policies, p_task) =
+            reflect::<TrafficPolicy>(client, "TrafficPolicy", Some(wake_tx.clone()));
+        let (services, s_task) = reflect::<Service>(client, "Service", Some(wake_tx.clone()));
+        let (slices, e_task) = reflect::<EndpointSlice>(client, "EndpointSlice", Some(wake_tx));
+        let (nodeagents, a_task) = reflect::<NodeAgent>(client, "NodeAgent", None);
+        let (nodes, n_task) = reflect::<Node>(client, "Node", None);
+        let agents_synced = signal_synced(nodeagents.clone(), nodes.clone());
         Self {
             stores: Stores {
                 policies,
                 services,
                 slices,
+                nodeagents,
+                nodes,
+                agents_synced,
             },
-            tasks: vec![p_task, s_task, e_task],
+            tasks: vec![p_task, s_task, e_task, a_task, n_task],
             wake,
         }
     }

@@ -16,4 +16,5 @@ pub mod routing;
 pub mod server;
 pub mod source;
 pub mod status;
+pub mod tls;
 pub mod validate;

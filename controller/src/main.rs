@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use weir_controller::{admin, hub::Hub, leader, local, server, status};
+use weir_controller::{admin, hub::Hub, leader, local, nodeagent, server, status, tls};
 use weir_proto::v1::routing_discovery_server::RoutingDiscoveryServer;
 
 #[derive(Parser, Debug)]
@@ -42,9 +42,18 @@ struct Args {
     /// the leader renews it every third of this.
     #[arg(long, env = "WEIR_LEASE_DURATION", default_value = "15s", value_parser = humantime::parse_duration)]
     lease_duration: Duration,
-    /// This replica's identity in the Lease (default: `POD_NAME`, else host name and pid).
+    /// This replica's identity in the Lease and in `NodeAgent.status.controller` (default:
+    /// `POD_NAME`, else host name and pid).
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
+    /// How often the `--tls-*` files are checked for new contents (certificate rotation);
+    /// new connections use the new certificate, established streams stay.
+    #[arg(long, env = "WEIR_TLS_RELOAD_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
+    tls_reload_interval: Duration,
+    /// How long a Node must have been gone before the leader deletes its NodeAgent
+    /// (Kubernetes mode).
+    #[arg(long, env = "WEIR_NODE_GONE_GRACE", default_value = "60s", value_parser = humantime::parse_duration)]
+    node_gone_grace: Duration,
     /// Log filter, in `tracing_subscriber::EnvFilter` syntax.
     #[arg(long, env = "WEIR_LOG", default_value = "info")]
     log: String,
@@ -70,7 +79,8 @@ enum Mode {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let tls = tls_config(&args)?;
+    let tls = tls_files(&args)?;
+    let identity = args.identity.clone().unwrap_or_else(default_identity);
     let mode = match args.config_dir.clone() {
         // Local mode defaults to plain text; TLS flags, when given, are honoured.
         Some(dir) => Mode::Local(dir),
@@ -119,7 +129,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
             tracing::info!(grpc = %args.grpc_addr, admin = %args.admin_addr, namespace = %args.namespace, "weir-controller starting in Kubernetes mode");
             // Every replica serves agents; only the leader writes status.
             let (leader_tx, leader_rx) = tokio::sync::watch::channel(false);
-            let identity = args.identity.clone().unwrap_or_else(default_identity);
             let election = leader::Config {
                 lease_duration: args.lease_duration,
                 renew_every: args.lease_duration / 3,
@@ -127,16 +136,44 @@ async fn run(args: Args) -> anyhow::Result<()> {
             tokio::spawn(leader::run(
                 client.clone(),
                 args.namespace.clone(),
-                identity,
+                identity.clone(),
                 election,
                 leader_tx,
             ));
             let source = weir_controller::kube::Source::start(&client);
+            // Every replica writes the NodeAgents of its own agents.
+            tokio::spawn(nodeagent::run_writer(
+                client.clone(),
+                hub.clone(),
+                agents.clone(),
+                source.stores.nodeagents.clone(),
+                source.stores.agents_synced.clone(),
+                identity.clone(),
+            ));
+            tokio::spawn(nodeagent::run_cleanup(
+                client.clone(),
+                source.stores.nodeagents.clone(),
+                source.stores.nodes.clone(),
+                source.stores.agents_synced.clone(),
+                nodeagent::Cleanup {
+                    grace: args.node_gone_grace,
+                },
+                leader_rx.clone(),
+            ));
+            let recorder = kube::runtime::events::Recorder::new(
+                client.clone(),
+                kube::runtime::events::Reporter {
+                    controller: "weir-controller".to_string(),
+                    instance: Some(identity.clone()),
+                },
+            );
             tokio::spawn(status::run(
                 client,
                 hub.clone(),
-                agents.clone(),
+                source.stores.nodeagents.clone(),
+                source.stores.agents_synced.clone(),
                 source.stores.policies.clone(),
+                recorder,
                 leader_rx,
             ));
             let hub = hub.clone();
@@ -149,23 +186,29 @@ async fn run(args: Args) -> anyhow::Result<()> {
     });
     tokio::spawn(admin::serve(admin_listener, admin));
 
-    let mut builder = tonic::transport::Server::builder();
-    if let Some(tls) = tls {
-        builder = builder
-            .tls_config(tls)
-            .context("invalid TLS configuration for the agent stream")?;
-    }
-    let grpc = builder
+    let router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .add_service(RoutingDiscoveryServer::new(server::DiscoveryService::new(
             hub.clone(),
             agents,
-        )))
-        .serve_with_incoming_shutdown(
+        )));
+    // TLS is served here rather than by tonic so that rotated certificates are picked up.
+    let grpc = match tls {
+        Some(files) => {
+            let reloader = tls::Reloader::new(files)
+                .context("invalid TLS configuration for the agent stream")?;
+            tokio::spawn(reloader.clone().run(args.tls_reload_interval));
+            futures::future::Either::Left(router.serve_with_incoming_shutdown(
+                tls::incoming(grpc_listener, reloader),
+                shutdown_signal(),
+            ))
+        }
+        None => futures::future::Either::Right(router.serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
             shutdown_signal(),
-        );
+        )),
+    };
 
     tokio::select! {
         r = grpc => r.context("gRPC server failed")?,
@@ -179,23 +222,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The mTLS configuration of the agent stream: the server presents `--tls-cert`/`--tls-key`
-/// and accepts only clients whose certificate chains to `--tls-ca`. `None` without flags.
-fn tls_config(args: &Args) -> anyhow::Result<Option<tonic::transport::ServerTlsConfig>> {
-    use tonic::transport::{Certificate, Identity, ServerTlsConfig};
-    let (cert, key, ca) = match (&args.tls_cert, &args.tls_key, &args.tls_ca) {
-        (None, None, None) => return Ok(None),
-        (Some(c), Some(k), Some(ca)) => (c, k, ca),
+/// The mTLS files of the agent stream: the server presents `--tls-cert`/`--tls-key` and
+/// accepts only clients whose certificate chains to `--tls-ca`. `None` without flags.
+fn tls_files(args: &Args) -> anyhow::Result<Option<tls::Files>> {
+    match (&args.tls_cert, &args.tls_key, &args.tls_ca) {
+        (None, None, None) => Ok(None),
+        (Some(cert), Some(key), Some(ca)) => Ok(Some(tls::Files {
+            cert: cert.clone(),
+            key: key.clone(),
+            ca: ca.clone(),
+        })),
         _ => anyhow::bail!("--tls-cert, --tls-key and --tls-ca must be given together"),
-    };
-    let read = |flag: &str, path: &PathBuf| {
-        std::fs::read(path).with_context(|| format!("cannot read {flag} {}", path.display()))
-    };
-    let identity = Identity::from_pem(read("--tls-cert", cert)?, read("--tls-key", key)?);
-    let ca = Certificate::from_pem(read("--tls-ca", ca)?);
-    Ok(Some(
-        ServerTlsConfig::new().identity(identity).client_ca_root(ca),
-    ))
+    }
 }
 
 /// A Lease holder name unique per process: the host name (the pod name in a cluster) and pid.

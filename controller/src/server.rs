@@ -38,10 +38,24 @@ pub struct AgentState {
     pub connected_at_unix_ms: u64,
     /// The last version sent to the agent.
     pub sent_version: u64,
-    /// The last version the agent ACKed.
+    /// The last version of this controller the agent ACKed (0 before its first ACK).
     pub applied_version: u64,
+    /// When the agent last ACKed an update (Unix ms).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_ack_unix_ms: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_nack: Option<NackState>,
+    /// Cache totals of the agent's last LoadReport, since the agent started.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache: Option<CacheTotals>,
+}
+
+/// An agent's cache counters as its LoadReports carry them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CacheTotals {
+    pub hits: u64,
+    pub misses: u64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -154,8 +168,12 @@ impl RoutingDiscovery for DiscoveryService {
                 peer,
                 connected_at_unix_ms: now_ms(),
                 sent_version: 0,
-                applied_version: hello.applied_version,
+                // Hello's version may come from another replica, whose versions are numbered
+                // independently: only ACKs of this controller's versions count.
+                applied_version: 0,
+                last_ack_unix_ms: None,
                 last_nack: None,
+                cache: None,
             },
         );
         // A small buffer: back-pressure from a slow agent stops this session from reading
@@ -236,6 +254,7 @@ impl Session {
             Some(agent_message::Kind::Ack(ack)) => {
                 self.guard.agents.with(self.guard.id, |a| {
                     a.applied_version = a.applied_version.max(ack.version);
+                    a.last_ack_unix_ms = Some(now_ms());
                 });
             }
             Some(agent_message::Kind::Nack(nack)) => {
@@ -243,7 +262,10 @@ impl Session {
                 let mut node = String::new();
                 self.guard.agents.with(self.guard.id, |a| {
                     node = a.node_name.clone();
-                    a.applied_version = nack.applied_version;
+                    // A version above anything sent here is another replica's numbering.
+                    if nack.applied_version <= a.sent_version {
+                        a.applied_version = nack.applied_version;
+                    }
                     a.last_nack = Some(NackState {
                         version: nack.version,
                         error: nack.error.clone(),
@@ -269,7 +291,15 @@ impl Session {
             Some(agent_message::Kind::Hello(_)) => {
                 tracing::debug!("duplicate Hello ignored");
             }
-            Some(agent_message::Kind::Load(_)) | Some(agent_message::Kind::Ping(_)) | None => {}
+            Some(agent_message::Kind::Load(load)) => {
+                self.guard.agents.with(self.guard.id, |a| {
+                    a.cache = Some(CacheTotals {
+                        hits: load.cache_hits,
+                        misses: load.cache_misses,
+                    });
+                });
+            }
+            Some(agent_message::Kind::Ping(_)) | None => {}
         }
         true
     }

@@ -1,8 +1,17 @@
 //! TrafficPolicy status: what the hub decided and how many agents applied it, written back to
 //! the API server (Kubernetes mode, leader only).
 //!
-//! `agents` counts the agents connected to the writing replica only: with several replicas,
-//! agents connected to the others are not in it yet.
+//! `agents` counts the agents of every replica: each replica writes the NodeAgents of the
+//! agents connected to it ([`crate::nodeagent`]), and the leader sums them per policy
+//! ([`agents_for_policy`]): `total` is the connected NodeAgents, `synced` those whose
+//! `appliedGenerations` has the policy at its current generation or later.
+//!
+//! The leader also records Kubernetes Events on the policy when its status changes in a
+//! way a user should hear about ([`events_for`]): `FailoverActivated` / `FailoverRecovered`
+//! when `activeTier` changes, `Rejected` when `Accepted` turns False and `Accepted` when it
+//! turns True again. Transitions are taken between the status the object carries and the
+//! one just written, so a new leader does not repeat its predecessor's events, and nothing
+//! is sent while a state merely persists.
 //!
 //! [`policy_status`] is the pure conversion from a [`PolicyState`] to a
 //! [`TrafficPolicyStatus`] with standard `metav1.Condition`s. [`run`] is the thin writer
@@ -13,13 +22,14 @@
 
 use crate::hub::Hub;
 use crate::model::{AgentsStatus, ObjectKey, TrafficPolicy, TrafficPolicyStatus};
+use crate::nodeagent::NodeAgent;
 use crate::routing::{PolicyState, Reason};
-use crate::server::Agents;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
+use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::{ObjectRef, Store};
-use kube::{Api, Client};
+use kube::{Api, Client, Resource};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,19 +41,118 @@ pub const WRITE_EVERY: Duration = Duration::from_secs(1);
 /// The field manager named in status patches.
 pub const FIELD_MANAGER: &str = "weir-controller";
 
-/// `synced`/`total` of the agents connected to this controller: synced ones have applied
-/// `version` (or a later one).
-pub fn agents_status(agents: &[crate::server::AgentState], version: u64) -> AgentsStatus {
+/// `synced`/`total` of the agents of all replicas for the policy `key` at `generation`:
+/// `total` counts connected NodeAgents, `synced` those among them that run the policy at
+/// `generation` or later.
+pub fn agents_for_policy(
+    nodeagents: &[Arc<NodeAgent>],
+    key: &str,
+    generation: i64,
+) -> AgentsStatus {
     let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+    let connected: Vec<_> = nodeagents
+        .iter()
+        .filter_map(|n| n.status.as_ref())
+        .filter(|s| s.connected)
+        .collect();
     AgentsStatus {
         synced: count(
-            agents
+            connected
                 .iter()
-                .filter(|a| a.applied_version >= version)
+                .filter(|s| {
+                    s.applied_generations
+                        .get(key)
+                        .is_some_and(|g| *g >= generation)
+                })
                 .count(),
         ),
-        total: count(agents.len()),
+        total: count(connected.len()),
     }
+}
+
+/// An Event to record on a policy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PolicyEvent {
+    pub warning: bool,
+    /// `FailoverActivated`, `FailoverRecovered`, `Rejected` or `Accepted`.
+    pub reason: &'static str,
+    pub note: String,
+}
+
+fn accepted_of(s: &TrafficPolicyStatus) -> Option<&Condition> {
+    s.conditions.iter().find(|c| c.type_ == "Accepted")
+}
+
+/// The Events that the change from `previous` (the status the object carried; `None` for
+/// a policy never written) to `next` deserves. Only transitions produce events.
+pub fn events_for(
+    previous: Option<&TrafficPolicyStatus>,
+    next: &TrafficPolicyStatus,
+) -> Vec<PolicyEvent> {
+    let mut out = Vec::new();
+    let was_accepted = previous.and_then(accepted_of).map(|c| c.status == "True");
+    if let Some(now) = accepted_of(next) {
+        match (was_accepted, now.status == "True") {
+            (Some(true) | None, false) => out.push(PolicyEvent {
+                warning: true,
+                reason: "Rejected",
+                note: now.message.clone(),
+            }),
+            (Some(false), true) => out.push(PolicyEvent {
+                warning: false,
+                reason: "Accepted",
+                note: now.message.clone(),
+            }),
+            _ => {}
+        }
+    }
+    // A policy seen for the first time starts from tier 0: being born in failover is news.
+    let before = previous.map_or(Some(0), |p| p.active_tier);
+    if let (Some(from), Some(to)) = (before, next.active_tier)
+        && from != to
+    {
+        let sum = |pred: &dyn Fn(u32) -> bool| {
+            next.backends
+                .iter()
+                .filter(|b| pred(b.tier))
+                .fold((0u64, 0u64), |(h, r), b| {
+                    (h + u64::from(b.healthy), r + u64::from(b.ready))
+                })
+        };
+        if to > from {
+            let (healthy, ready) = sum(&|t| t < to);
+            out.push(PolicyEvent {
+                warning: true,
+                reason: "FailoverActivated",
+                note: format!(
+                    "tiers below {to} are not healthy enough ({healthy} of {ready} ready endpoints \
+                     healthy); serving tier {to} (was tier {from})"
+                ),
+            });
+        } else {
+            let (healthy, ready) = sum(&|t| t == to);
+            out.push(PolicyEvent {
+                warning: false,
+                reason: "FailoverRecovered",
+                note: format!(
+                    "tier {to} is healthy again ({healthy} of {ready} ready endpoints healthy); \
+                     traffic is back from tier {from}"
+                ),
+            });
+        }
+    }
+    // The Events API caps notes at 1 kB.
+    for e in &mut out {
+        if e.note.len() > 1024 {
+            let mut cut = 1021;
+            while !e.note.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            e.note.truncate(cut);
+            e.note.push_str("...");
+        }
+    }
+    out
 }
 
 fn condition(
@@ -217,10 +326,16 @@ struct Written {
 pub async fn run(
     client: Client,
     hub: Arc<Hub>,
-    agents: Arc<Agents>,
+    nodeagents: Store<NodeAgent>,
+    mut nodeagents_synced: watch::Receiver<bool>,
     policies: Store<TrafficPolicy>,
+    recorder: Recorder,
     mut leader: watch::Receiver<bool>,
 ) {
+    // Counting agents from an unlisted store would report 0/0 for a moment.
+    if nodeagents_synced.wait_for(|s| *s).await.is_err() {
+        return;
+    }
     let mut written: BTreeMap<ObjectKey, Written> = BTreeMap::new();
     let mut tick = tokio::time::interval(WRITE_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -237,7 +352,7 @@ pub async fn run(
         if !config.loaded {
             continue;
         }
-        let agents_now = agents_status(&agents.list(), config.version);
+        let nodeagents_now = nodeagents.state();
         let now = Time(Timestamp::now());
         let mut keep = BTreeMap::new();
         for (key_text, state) in &config.policies {
@@ -255,8 +370,11 @@ pub async fn run(
                 Some(w) => Some(&w.status),
                 None => object.status.as_ref(),
             };
+            let agents_now =
+                agents_for_policy(&nodeagents_now, key_text, state.generation.unwrap_or(0));
             let status = policy_status(&key, state, &agents_now, &now, previous);
             if previous != Some(&status) {
+                let events = events_for(previous, &status);
                 let api: Api<TrafficPolicy> = Api::namespaced(client.clone(), ns);
                 let patch = serde_json::json!({ "status": merge_patch(&status) });
                 match api
@@ -272,6 +390,24 @@ pub async fn run(
                             status,
                             seen_version: version,
                         });
+                        let reference = object.object_ref(&());
+                        for e in events {
+                            let event = Event {
+                                type_: if e.warning {
+                                    EventType::Warning
+                                } else {
+                                    EventType::Normal
+                                },
+                                reason: e.reason.to_string(),
+                                note: Some(e.note),
+                                action: "Reconcile".to_string(),
+                                secondary: None,
+                            };
+                            // An Event is best effort: a lost one is logged, not retried.
+                            if let Err(err) = recorder.publish(&event, &reference).await {
+                                tracing::warn!(policy = %key, reason = e.reason, error = %err, "cannot record Event");
+                            }
+                        }
                     }
                     Err(e) => {
                         tracing::warn!(policy = %key, error = %e, "cannot write TrafficPolicy status; retrying");
@@ -426,24 +562,78 @@ mod tests {
     }
 
     #[test]
-    fn agents_status_counts_those_at_or_past_the_version() {
-        let agent = |applied| crate::server::AgentState {
-            node_name: "n".into(),
-            zone: String::new(),
-            agent_version: String::new(),
-            peer: String::new(),
-            connected_at_unix_ms: 0,
-            sent_version: applied,
-            applied_version: applied,
-            last_nack: None,
+    fn agents_are_summed_over_connected_nodeagents_of_every_replica() {
+        use crate::nodeagent::{NodeAgentSpec, NodeAgentStatus};
+        let na = |name: &str, controller: &str, connected: bool, generation: Option<i64>| {
+            let mut n = NodeAgent::new(name, NodeAgentSpec {});
+            n.status = Some(NodeAgentStatus {
+                connected,
+                controller: Some(controller.into()),
+                applied_generations: generation
+                    .map(|g| BTreeMap::from([("default/shop".to_string(), g)]))
+                    .unwrap_or_default(),
+                ..NodeAgentStatus::default()
+            });
+            Arc::new(n)
         };
-        let s = agents_status(&[agent(4), agent(5), agent(6)], 5);
+        let all = [
+            na("n1", "a", true, Some(4)),
+            na("n2", "b", true, Some(5)),
+            na("n3", "b", true, Some(3)),
+            na("n4", "a", true, None),
+            na("n5", "b", false, Some(4)),
+        ];
         assert_eq!(
-            s,
+            agents_for_policy(&all, "default/shop", 4),
             AgentsStatus {
                 synced: 2,
-                total: 3
+                total: 4
             }
         );
+        assert_eq!(agents_for_policy(&all, "default/other", 1).synced, 0);
+    }
+
+    fn with_tier(tier: u32, accepted: bool) -> TrafficPolicyStatus {
+        let key = ObjectKey::new("default", "shop");
+        let state = PolicyState {
+            active_tier: Some(tier),
+            accepted,
+            reason: if accepted {
+                Reason::Accepted
+            } else {
+                Reason::Invalid
+            },
+            errors: if accepted {
+                vec![]
+            } else {
+                vec!["spec.x: bad".into()]
+            },
+            ..accepted_state()
+        };
+        policy_status(&key, &state, &AgentsStatus::default(), &now(1), None)
+    }
+
+    #[test]
+    fn events_are_sent_on_transitions_only() {
+        let normal = with_tier(0, true);
+        let failed_over = with_tier(1, true);
+        let e = events_for(Some(&normal), &failed_over);
+        assert_eq!(e.len(), 1);
+        assert_eq!((e[0].reason, e[0].warning), ("FailoverActivated", true));
+        assert!(e[0].note.contains("serving tier 1"), "{}", e[0].note);
+        assert!(events_for(Some(&failed_over), &failed_over).is_empty());
+        let back = events_for(Some(&failed_over), &normal);
+        assert_eq!(back[0].reason, "FailoverRecovered");
+
+        let rejected = with_tier(0, false);
+        let e = events_for(Some(&normal), &rejected);
+        assert_eq!(e.len(), 1);
+        assert_eq!(e[0].reason, "Rejected");
+        assert!(e[0].note.contains("spec.x: bad"), "{}", e[0].note);
+        assert!(events_for(Some(&rejected), &rejected).is_empty());
+        assert_eq!(events_for(Some(&rejected), &normal)[0].reason, "Accepted");
+        // A policy rejected from its first version.
+        assert_eq!(events_for(None, &rejected)[0].reason, "Rejected");
+        assert!(events_for(None, &normal).is_empty());
     }
 }

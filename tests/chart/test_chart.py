@@ -247,7 +247,7 @@ def test_controller_cluster_role_is_exactly_the_contract():
             (["weir.dev"], ["trafficpolicies/status"], ["get", "patch"], ["<any>"]),
             (["weir.dev"], ["nodeagents"], ["get", "list", "watch", "create", "patch", "delete"], ["<any>"]),
             (["weir.dev"], ["nodeagents/status"], ["get", "patch"], ["<any>"]),
-            (["", "events.k8s.io"], ["events"], ["create", "patch"], ["<any>"]),
+            (["events.k8s.io"], ["events"], ["create", "patch"], ["<any>"]),
         ]
     )
     assert _grants(role) == expected

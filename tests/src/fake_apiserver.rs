@@ -6,8 +6,11 @@
 //! - WATCH (`?watch=true&resourceVersion=N`): newline-delimited JSON events after `N`, a
 //!   BOOKMARK once caught up, and an ERROR event with code 410 (`Expired`) when `N` is older
 //!   than the compacted history, which is what makes a client relist;
-//! - GET, POST (create, 409 if it exists), PUT (replace, 409 on a stale resourceVersion) and
-//!   PATCH (JSON merge patch, also on `…/status`) of single objects.
+//! - GET, POST (create, 409 if it exists), PUT (replace, 409 on a stale resourceVersion),
+//!   PATCH (JSON merge patch, also on `…/status`; a `metadata.resourceVersion` in the patch
+//!   is a precondition, 409 when stale, as on a real server) and DELETE of single objects.
+//!   Events (`events.k8s.io/v1`, which kube's `Recorder` creates, and PATCHes for a repeated
+//!   event's `series`) are plain objects here, recorded like any other.
 //!
 //! It is not a conformant API server: no selectors, no pagination, no validation, no
 //! admission. Every write that reaches it is recorded (with the client's bearer token, so a
@@ -109,6 +112,7 @@ fn collection(api_version: &str, kind: &str) -> anyhow::Result<String> {
         "NodeAgent" => "nodeagents",
         "Lease" => "leases",
         "Node" => "nodes",
+        "Event" => "events",
         other => bail!("the fake API server does not know kind {other}"),
     };
     let prefix = if api_version.contains('/') {
@@ -338,6 +342,20 @@ impl FakeApiServer {
         self.shared.lock().objects.get(&key).cloned()
     }
 
+    /// Every stored object of a kind (all namespaces), e.g. `("events.k8s.io/v1", "Event")`.
+    pub fn objects(&self, api_version: &str, kind: &str) -> Vec<Value> {
+        let Ok(coll) = collection(api_version, kind) else {
+            return Vec::new();
+        };
+        self.shared
+            .lock()
+            .objects
+            .iter()
+            .filter(|(k, _)| k.coll == coll)
+            .map(|(_, v)| v.clone())
+            .collect()
+    }
+
     /// How many `410 Gone` watch errors were sent.
     pub fn gone_sent(&self) -> u64 {
         self.shared.lock().gone_sent
@@ -506,6 +524,13 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
                     json_response(StatusCode::OK, &obj)
                 }
                 (_, Some(mut obj)) => {
+                    let sent = &body["metadata"]["resourceVersion"];
+                    if !sent.is_null() && *sent != obj["metadata"]["resourceVersion"] {
+                        return json_response(
+                            StatusCode::CONFLICT,
+                            &status_body(409, "Conflict", "the object has been modified"),
+                        );
+                    }
                     // PATCH: a status patch may only change status, as on a real server.
                     if sub.as_deref() == Some("status") {
                         merge(&mut obj["status"], &body["status"]);
@@ -515,6 +540,38 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
                     let obj = store(&mut st, &shared, key, obj, "MODIFIED");
                     json_response(StatusCode::OK, &obj)
                 }
+            }
+        }
+        (Method::DELETE, Some(name)) => {
+            let key = Key {
+                coll,
+                ns: ns.unwrap_or_default(),
+                name,
+            };
+            let mut st = shared.lock();
+            st.writes.push(Write {
+                method: "DELETE".into(),
+                path: path.clone(),
+                token,
+                body: Value::Null,
+            });
+            match st.objects.remove(&key) {
+                Some(obj) => {
+                    st.rv += 1;
+                    let rv = st.rv;
+                    st.events.push(Event {
+                        rv,
+                        key,
+                        kind: "DELETED",
+                        object: obj.clone(),
+                    });
+                    shared.changed.send_replace(rv);
+                    json_response(StatusCode::OK, &obj)
+                }
+                None => json_response(
+                    StatusCode::NOT_FOUND,
+                    &status_body(404, "NotFound", "object not found"),
+                ),
             }
         }
         _ => json_response(

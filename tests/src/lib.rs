@@ -381,13 +381,16 @@ impl Agent {
             listen.to_string(),
             "--admin-addr".into(),
             admin.to_string(),
-            "--node-name".into(),
-            "test-node".into(),
             "--workers".into(),
             "2".into(),
             "--header-read-timeout".into(),
             "1s".into(),
         ];
+        // `--node-name` in `extra` names the node; flags may not repeat.
+        if !extra.contains(&"--node-name") {
+            args.push("--node-name".into());
+            args.push("test-node".into());
+        }
         if let Some(d) = state_dir {
             args.push("--state-dir".into());
             args.push(d.display().to_string());

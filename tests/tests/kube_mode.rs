@@ -4,8 +4,12 @@
 //! the HTTP API (list/watch with resourceVersions, bookmarks, `410 Gone`, status patches), not
 //! Kubernetes semantics: these tests show that weir drives the API correctly, not that a real
 //! cluster behaves like the fake. Every wait polls the agent's `/config` or the fake's
-//! recorded state; nothing sleeps. The last tests cover the mTLS agent stream that
-//! Kubernetes mode requires (with a tonic client standing in for the agent).
+//! recorded state; nothing sleeps. Later tests cover the mTLS agent stream that
+//! Kubernetes mode requires (with a tonic client standing in for the agent), NodeAgents
+//! written by two replicas and cleaned up when their Node goes, NACKs in NodeAgent status,
+//! Events on failover and rejection, and certificate rotation without restart. The fake
+//! stores Nodes, NodeAgents and Events like any object; it does not run Kubernetes'
+//! controllers (nothing else deletes or garbage-collects them).
 
 use weir_proto::v1::routing_discovery_client::RoutingDiscoveryClient;
 use weir_proto::v1::{AgentMessage, Hello, RoutingUpdate, agent_message, controller_message};
@@ -357,4 +361,388 @@ async fn status_wiped_by_someone_else_is_written_again() {
             .filter(|c| c["status"] == "True")
     })
     .await;
+}
+
+// ---- NodeAgents, Events and certificate rotation (still against the fake API server) ----
+
+fn node(name: &str) -> String {
+    format!("apiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\n")
+}
+
+fn nodeagent(fake: &FakeApiServer, name: &str) -> Option<serde_json::Value> {
+    fake.object("weir.dev/v1alpha1", "NodeAgent", "", name)
+}
+
+/// Waits until NodeAgent `name` has `connected` and names `controller`.
+async fn wait_nodeagent(fake: &FakeApiServer, name: &str, connected: bool, controller: &str) {
+    wait_for(
+        &format!("NodeAgent {name} connected={connected} controller={controller}"),
+        || async {
+            let na = nodeagent(fake, name)?;
+            (na["status"]["connected"] == connected && na["status"]["controller"] == controller)
+                .then_some(())
+        },
+    )
+    .await;
+}
+
+async fn agent_on(controller: &Controller, node_name: &str) -> Agent {
+    let listen = std::net::SocketAddr::from(([127, 0, 0, 1], weir_tests::free_port("127.0.0.1")));
+    let admin = std::net::SocketAddr::from(([127, 0, 0, 1], weir_tests::free_port("127.0.0.1")));
+    Agent::start_with(
+        &controller.url(),
+        listen,
+        admin,
+        None,
+        &["--node-name", node_name],
+    )
+    .await
+    .expect("agent")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodeagents_of_two_replicas_are_written_counted_and_cleaned_up() {
+    let (fake, dir) = cluster().await;
+    fake.apply(&docs(&[node("n1"), node("n2")])).expect("apply");
+    let kc_b = dir.path().join("kubeconfig-b");
+    fake.write_kubeconfig(&kc_b, "controller-b")
+        .expect("kubeconfig");
+    let flags = |id: &'static str| ["--identity", id, "--node-gone-grace", "1s"];
+    let a = Controller::start_kube(&dir.path().join("kubeconfig"), &flags("a"))
+        .await
+        .expect("controller a");
+    wait_for("a leads", || async {
+        (lease_holder(&fake).as_deref() == Some("a")).then_some(())
+    })
+    .await;
+    let b = Controller::start_kube(&kc_b, &flags("b"))
+        .await
+        .expect("controller b");
+    let _agent1 = agent_on(&a, "n1").await;
+    let mut agent2 = agent_on(&b, "n2").await;
+
+    // Each replica writes the NodeAgent of its own agent.
+    wait_nodeagent(&fake, "n1", true, "a").await;
+    wait_nodeagent(&fake, "n2", true, "b").await;
+    // The leader (a) counts b's agent too.
+    wait_for("web status agents 2/2", || async {
+        let tp = fake.object("weir.dev/v1alpha1", "TrafficPolicy", "default", "web")?;
+        let programmed = condition(&fake, "web", "Programmed")?;
+        (tp["status"]["agents"] == serde_json::json!({"synced": 2, "total": 2})
+            && programmed["status"] == "True")
+            .then_some(())
+    })
+    .await;
+    let na = nodeagent(&fake, "n2").expect("n2");
+    assert_eq!(na["status"]["appliedGenerations"]["default/web"], 1);
+    assert!(na["status"]["appliedVersion"].as_u64().is_some(), "{na}");
+    assert!(na["status"]["lastAckTime"].is_string(), "{na}");
+    let b_writes = fake
+        .writes()
+        .iter()
+        .filter(|w| w.path.contains("/nodeagents/n2") && w.token.as_deref() == Some("controller-b"))
+        .count();
+    assert!(b_writes > 0, "b wrote n2");
+    assert!(
+        fake.writes()
+            .iter()
+            .filter(|w| w.path.contains("/nodeagents/n2") && w.method != "DELETE")
+            .all(|w| w.token.as_deref() == Some("controller-b")),
+        "only the replica serving n2 writes it"
+    );
+
+    agent2.proc.kill();
+    wait_nodeagent(&fake, "n2", false, "b").await;
+    wait_for("web status agents 1/1", || async {
+        let tp = fake.object("weir.dev/v1alpha1", "TrafficPolicy", "default", "web")?;
+        (tp["status"]["agents"] == serde_json::json!({"synced": 1, "total": 1})).then_some(())
+    })
+    .await;
+
+    // The Node goes: the leader deletes its NodeAgent, and only that one.
+    fake.delete("v1", "Node", "", "n2").expect("delete");
+    wait_for("NodeAgent n2 deleted", || async {
+        nodeagent(&fake, "n2").is_none().then_some(())
+    })
+    .await;
+    assert!(nodeagent(&fake, "n1").is_some(), "n1's Node exists");
+    let deleters: Vec<_> = fake
+        .writes()
+        .into_iter()
+        .filter(|w| w.method == "DELETE")
+        .filter_map(|w| w.token)
+        .collect();
+    assert_eq!(deleters, ["controller-a"], "the leader deletes");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nack_shows_in_the_nodeagent() {
+    let (fake, dir) = cluster().await;
+    let controller = Controller::start_kube(&dir.path().join("kubeconfig"), &[])
+        .await
+        .expect("controller");
+    // A hand-made agent (a tonic client) that refuses the table it is sent: a real agent
+    // only NACKs tables it cannot apply, which a valid controller does not produce.
+    let channel = tonic::transport::Channel::from_shared(controller.url())
+        .expect("url")
+        .connect()
+        .await
+        .expect("connect");
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(AgentMessage {
+        kind: Some(agent_message::Kind::Hello(Hello {
+            node_name: "nacker".into(),
+            zone: "z9".into(),
+            ..Hello::default()
+        })),
+    })
+    .await
+    .expect("hello");
+    let mut stream = RoutingDiscoveryClient::new(channel)
+        .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect("stream")
+        .into_inner();
+    let version = match stream.message().await.expect("message").map(|m| m.kind) {
+        Some(Some(controller_message::Kind::Update(u))) => u.version,
+        other => panic!("expected a routing update, got {other:?}"),
+    };
+    tx.send(AgentMessage {
+        kind: Some(agent_message::Kind::Nack(weir_proto::v1::Nack {
+            version,
+            applied_version: 0,
+            error: "route default/web: test refusal".into(),
+        })),
+    })
+    .await
+    .expect("nack");
+    let na = wait_for("NodeAgent nacker has lastNack", || async {
+        nodeagent(&fake, "nacker").filter(|na| na["status"]["lastNack"].is_object())
+    })
+    .await;
+    assert_eq!(na["status"]["lastNack"]["version"], version);
+    assert_eq!(
+        na["status"]["lastNack"]["error"],
+        "route default/web: test refusal"
+    );
+    assert_eq!(na["status"]["zone"], "z9");
+    assert_eq!(na["status"]["connected"], true);
+    assert!(
+        na["status"].get("appliedGenerations").is_none(),
+        "nothing applied: {na}"
+    );
+}
+
+/// Events recorded on policy `name` with `reason`, and how many writes (creates and
+/// series patches) carried them.
+fn events(fake: &FakeApiServer, name: &str, reason: &str) -> (Vec<serde_json::Value>, usize) {
+    let objects: Vec<_> = fake
+        .objects("events.k8s.io/v1", "Event")
+        .into_iter()
+        .filter(|e| e["regarding"]["name"] == name && e["reason"] == reason)
+        .collect();
+    let writes = fake
+        .writes()
+        .iter()
+        .filter(|w| w.path.contains("/events") && w.body["reason"] == reason)
+        .filter(|w| w.body["regarding"]["name"] == name)
+        .count();
+    (objects, writes)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_are_recorded_on_failover_and_on_rejection() {
+    let (fake, dir) = cluster().await;
+    fake.apply(&docs(&[
+        service("standby", 80),
+        slice("standby", PORT, &[("127.0.3.21", true)]),
+        policy(
+            "web",
+            &["web.test"],
+            &[("web", 80, 1, 0), ("standby", 80, 1, 1)],
+            "",
+        ),
+    ]))
+    .expect("apply");
+    let _controller = Controller::start_kube(&dir.path().join("kubeconfig"), &[])
+        .await
+        .expect("controller");
+    wait_for("web accepted on tier 0", || async {
+        let tp = fake.object("weir.dev/v1alpha1", "TrafficPolicy", "default", "web")?;
+        (tp["status"]["activeTier"] == 0
+            && condition(&fake, "web", "Accepted")?["status"] == "True")
+            .then_some(())
+    })
+    .await;
+
+    // Tier 0's endpoints go not-ready: traffic fails over to tier 1.
+    fake.apply(&slice(
+        "web",
+        PORT,
+        &[("127.0.3.11", false), ("127.0.3.12", false)],
+    ))
+    .expect("apply");
+    let (activated, _) = wait_for("FailoverActivated event", || async {
+        let got = events(&fake, "web", "FailoverActivated");
+        (!got.0.is_empty()).then_some(got)
+    })
+    .await;
+    assert_eq!(activated[0]["type"], "Warning");
+    let note = activated[0]["note"].as_str().unwrap_or_default();
+    assert!(note.contains("serving tier 1"), "{note}");
+    assert_eq!(activated[0]["regarding"]["kind"], "TrafficPolicy");
+    assert_eq!(activated[0]["metadata"]["namespace"], "default");
+
+    fake.apply(&slice(
+        "web",
+        PORT,
+        &[("127.0.3.11", true), ("127.0.3.12", true)],
+    ))
+    .expect("apply");
+    wait_for("FailoverRecovered event", || async {
+        (!events(&fake, "web", "FailoverRecovered").0.is_empty()).then_some(())
+    })
+    .await;
+    // Only the transition was reported, not every status write while failed over.
+    assert_eq!(events(&fake, "web", "FailoverActivated").1, 1);
+
+    fake.apply(&policy(
+        "bad",
+        &["bad.test"],
+        &[("web", 80, 1, 0)],
+        "  loadBalancer: {algorithm: Bogus}\n",
+    ))
+    .expect("apply");
+    let (rejected, _) = wait_for("Rejected event", || async {
+        let got = events(&fake, "bad", "Rejected");
+        (!got.0.is_empty()).then_some(got)
+    })
+    .await;
+    let note = rejected[0]["note"].as_str().unwrap_or_default();
+    assert!(note.contains("Bogus"), "{note}");
+    assert!(events(&fake, "web", "Rejected").0.is_empty(), "web is fine");
+}
+
+/// Writes a Kubernetes-style Secret volume into `dir`: the files are symlinks through
+/// `..data`, which points at a timestamped folder; a rotation writes a new folder and
+/// swaps `..data` atomically (rename over the old link), as the kubelet does.
+fn write_secret_volume(
+    dir: &std::path::Path,
+    generation: u32,
+    cert: &CertFiles,
+    ca: &std::path::Path,
+) {
+    let data = dir.join(format!("..gen{generation}"));
+    std::fs::create_dir_all(&data).expect("mkdir");
+    std::fs::copy(&cert.cert, data.join("tls.crt")).expect("copy");
+    std::fs::copy(&cert.key, data.join("tls.key")).expect("copy");
+    std::fs::copy(ca, data.join("ca.crt")).expect("copy");
+    let tmp = dir.join("..data_tmp");
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(format!("..gen{generation}"), &tmp).expect("symlink");
+    std::fs::rename(&tmp, dir.join("..data")).expect("swap ..data");
+    for f in ["tls.crt", "tls.key", "ca.crt"] {
+        let link = dir.join(f);
+        if std::fs::symlink_metadata(&link).is_err() {
+            std::os::unix::fs::symlink(format!("..data/{f}"), &link).expect("symlink");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotated_server_certificate_is_used_without_restart_or_dropping_streams() {
+    let (_fake, dir) = cluster().await;
+    let old_ca = TestCa::new(dir.path(), "old").expect("CA");
+    let new_ca = TestCa::new(dir.path(), "new").expect("CA");
+    let old_server = old_ca.issue("server-old", &["localhost"]).expect("cert");
+    let new_server = new_ca.issue("server-new", &["localhost"]).expect("cert");
+    let client = old_ca.issue("agent", &["test-node"]).expect("cert");
+    // The client CA stays the old one: agents keep their certificates.
+    let secret = dir.path().join("secret");
+    std::fs::create_dir_all(&secret).expect("mkdir");
+    write_secret_volume(&secret, 1, &old_server, &old_ca.ca);
+    let path = |f: &str| secret.join(f).display().to_string();
+    let (cert, key, ca) = (path("tls.crt"), path("tls.key"), path("ca.crt"));
+    let controller = Controller::start_kube(
+        &dir.path().join("kubeconfig"),
+        &[
+            "--tls-cert",
+            &cert,
+            "--tls-key",
+            &key,
+            "--tls-ca",
+            &ca,
+            "--tls-reload-interval",
+            "200ms",
+        ],
+    )
+    .await
+    .expect("controller");
+    let url = format!("https://localhost:{}", controller.grpc.port());
+    let start_agent = |node: &'static str, trust: &std::path::Path| {
+        let (trust, cert, key) = (
+            trust.display().to_string(),
+            client.cert.display().to_string(),
+            client.key.display().to_string(),
+        );
+        let url = url.clone();
+        async move {
+            let listen =
+                std::net::SocketAddr::from(([127, 0, 0, 1], weir_tests::free_port("127.0.0.1")));
+            let admin =
+                std::net::SocketAddr::from(([127, 0, 0, 1], weir_tests::free_port("127.0.0.1")));
+            Agent::start_with(
+                &url,
+                listen,
+                admin,
+                None,
+                &[
+                    "--node-name",
+                    node,
+                    "--tls-ca",
+                    &trust,
+                    "--tls-cert",
+                    &cert,
+                    "--tls-key",
+                    &key,
+                ],
+            )
+            .await
+            .expect("agent")
+        }
+    };
+    let old_agent = start_agent("old-trust", &old_ca.ca).await;
+    old_agent.wait_ready().await;
+
+    // Before the rotation an agent trusting only the new CA is refused.
+    assert!(
+        first_update_over_tls(&controller, &new_ca.ca, Some(&client))
+            .await
+            .is_err(),
+        "the new CA's certificate is not served yet"
+    );
+
+    write_secret_volume(&secret, 2, &new_server, &old_ca.ca);
+    let new_agent = start_agent("new-trust", &new_ca.ca).await;
+    // Succeeds only once the controller presents the new certificate: without a reload
+    // this agent would be refused forever.
+    new_agent.wait_ready().await;
+
+    // The stream opened with the old certificate was not dropped: the old agent could not
+    // reconnect now (it trusts only the old CA), yet it is still connected.
+    let state = controller.state().await.expect("state");
+    let mut nodes: Vec<String> = state["agents"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|a| a["nodeName"].as_str().map(str::to_string))
+        .collect();
+    nodes.sort();
+    assert_eq!(nodes, ["new-trust", "old-trust"], "{state}");
+    let old_config = old_agent.config().await.expect("config");
+    assert!(
+        old_config["control"]["connectedTo"].is_string(),
+        "{}",
+        old_config["control"]
+    );
 }
