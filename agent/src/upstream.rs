@@ -341,8 +341,21 @@ impl Pool {
             .handshake(io)
             .await
             .map_err(std::io::Error::other)?;
-        // Until the peer's SETTINGS arrive, assume RFC 9113's recommended minimum of 100.
-        let max_streams = Arc::new(AtomicUsize::new(100));
+        // Until the peer's SETTINGS arrive, assume what its other connections were told or,
+        // for the first, RFC 9113's recommended minimum of 100 (a cold burst beyond the real
+        // limit waits in h2's queue on this connection; later bursts spread).
+        let assumed = self
+            .endpoints
+            .lock()
+            .get(&addr)
+            .and_then(|ep| {
+                ep.h2
+                    .iter()
+                    .map(|c| c.max_streams.load(Ordering::Relaxed))
+                    .min()
+            })
+            .unwrap_or(100);
+        let max_streams = Arc::new(AtomicUsize::new(assumed));
         let published = max_streams.clone();
         let mut conn = conn;
         tokio::spawn(async move {

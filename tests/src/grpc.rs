@@ -28,6 +28,17 @@ pub const FAILURE_DETAILS: &[u8] = b"\x08\x96\x01weir-test-details";
 struct EchoService {
     name: String,
     calls: Arc<AtomicU64>,
+    /// Unary calls in progress now, and the most ever at once.
+    in_flight: Arc<AtomicU64>,
+    peak: Arc<AtomicU64>,
+}
+
+struct Decrement<'a>(&'a AtomicU64);
+
+impl Drop for Decrement<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 type ReplyStream = Pin<Box<dyn Stream<Item = Result<EchoReply, Status>> + Send>>;
@@ -36,6 +47,9 @@ type ReplyStream = Pin<Box<dyn Stream<Item = Result<EchoReply, Status>> + Send>>
 impl Echo for EchoService {
     async fn unary(&self, req: Request<EchoRequest>) -> Result<Response<EchoReply>, Status> {
         self.calls.fetch_add(1, Ordering::Relaxed);
+        let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        self.peak.fetch_max(now, Ordering::SeqCst);
+        let _done = Decrement(&self.in_flight);
         let req = req.into_inner();
         if req.delay_ms > 0 {
             tokio::time::sleep(std::time::Duration::from_millis(u64::from(req.delay_ms))).await;
@@ -101,6 +115,8 @@ pub struct EchoHandle {
     pub addr: SocketAddr,
     pub name: String,
     calls: Arc<AtomicU64>,
+    peak: Arc<AtomicU64>,
+    connections: Arc<AtomicU64>,
     shutdown: Option<oneshot::Sender<()>>,
     task: JoinHandle<()>,
     pub health: tonic_health::server::HealthReporter,
@@ -109,6 +125,16 @@ pub struct EchoHandle {
 impl EchoHandle {
     pub fn calls(&self) -> u64 {
         self.calls.load(Ordering::Relaxed)
+    }
+
+    /// The most unary calls this server ever had in progress at once.
+    pub fn peak_in_flight(&self) -> u64 {
+        self.peak.load(Ordering::SeqCst)
+    }
+
+    /// TCP connections this server accepted.
+    pub fn connections(&self) -> u64 {
+        self.connections.load(Ordering::SeqCst)
     }
 
     /// Graceful shutdown: GOAWAY, finish calls in flight, stop.
@@ -129,9 +155,13 @@ pub async fn start(addr: SocketAddr, name: &str, opts: Options) -> std::io::Resu
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let addr = listener.local_addr()?;
     let calls = Arc::new(AtomicU64::new(0));
+    let peak = Arc::new(AtomicU64::new(0));
+    let connections = Arc::new(AtomicU64::new(0));
     let svc = EchoServer::new(EchoService {
         name: name.to_string(),
         calls: calls.clone(),
+        in_flight: Arc::new(AtomicU64::new(0)),
+        peak: peak.clone(),
     })
     .max_decoding_message_size(MAX_MESSAGE)
     .max_encoding_message_size(MAX_MESSAGE);
@@ -143,8 +173,15 @@ pub async fn start(addr: SocketAddr, name: &str, opts: Options) -> std::io::Resu
         builder = builder.max_concurrent_streams(n);
     }
     let router = builder.add_service(health_svc).add_service(svc);
+    let connections_out = connections.clone();
     let task = tokio::spawn(async move {
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let accepted = connections.clone();
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(move |c| {
+            if c.is_ok() {
+                accepted.fetch_add(1, Ordering::SeqCst);
+            }
+            c
+        });
         let _ = router
             .serve_with_incoming_shutdown(incoming, async {
                 let _ = rx.await;
@@ -155,6 +192,8 @@ pub async fn start(addr: SocketAddr, name: &str, opts: Options) -> std::io::Resu
         addr,
         name: name.to_string(),
         calls,
+        peak,
+        connections: connections_out,
         shutdown: Some(tx),
         task,
         health,

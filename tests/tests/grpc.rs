@@ -334,7 +334,7 @@ async fn an_endpoint_shutting_down_gracefully_fails_no_call() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_hundred_concurrent_calls_fit_through_an_endpoint_allowing_ten_streams() {
+async fn calls_beyond_an_endpoints_stream_limit_go_to_another_connection() {
     let dir = tempfile::tempdir().expect("tempdir");
     let s = servers(
         &["127.0.25.11"],
@@ -346,13 +346,20 @@ async fn a_hundred_concurrent_calls_fit_through_an_endpoint_allowing_ten_streams
     setup(dir.path(), &ips_of(&s), s[0].addr.port(), "");
     let (_c, agent) = start(dir.path()).await;
     let client = grpc::client(agent.listen, HOST).await.expect("client");
+    // One call first, so the agent's connection has the endpoint's SETTINGS (limit 10)
+    // before the burst; a cold burst is covered by the assertion on all 100 succeeding.
+    client
+        .clone()
+        .unary(req(b"warm"))
+        .await
+        .expect("first call");
     let mut calls = Vec::new();
     for _ in 0..100 {
         let mut client = client.clone();
         calls.push(tokio::spawn(async move {
             client
                 .unary(pb::EchoRequest {
-                    delay_ms: 20,
+                    delay_ms: 300,
                     ..Default::default()
                 })
                 .await
@@ -361,7 +368,18 @@ async fn a_hundred_concurrent_calls_fit_through_an_endpoint_allowing_ten_streams
     for c in calls {
         c.await.expect("task").expect("call");
     }
-    assert_eq!(s[0].calls(), 100);
+    assert_eq!(s[0].calls(), 101);
+    // With one connection the endpoint could never see more than 10 calls at once.
+    assert!(
+        s[0].connections() >= 2,
+        "the agent opened {} connection(s) to an endpoint allowing 10 streams",
+        s[0].connections()
+    );
+    assert!(
+        s[0].peak_in_flight() > 10,
+        "the endpoint saw at most {} calls at once",
+        s[0].peak_in_flight()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -445,4 +463,128 @@ async fn grpc_health_checks_take_a_not_serving_endpoint_out() {
         client.unary(req(b"x")).await.expect("call");
     }
     assert_eq!(s[1].calls(), before, "a NOT_SERVING endpoint gets no calls");
+}
+
+/// One raw HTTP/2 frame: 9-byte header and payload.
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len() as u32;
+    let mut f = Vec::with_capacity(9 + payload.len());
+    f.extend_from_slice(&len.to_be_bytes()[1..]);
+    f.push(kind);
+    f.push(flags);
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// Sends the client preface and an empty SETTINGS frame on a raw connection to the agent.
+async fn raw_h2(agent: std::net::SocketAddr) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut tcp = tokio::net::TcpStream::connect(agent)
+        .await
+        .expect("connect");
+    tcp.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .expect("preface");
+    tcp.write_all(&frame(0x4, 0, 0, &[]))
+        .await
+        .expect("settings");
+    tcp
+}
+
+/// Writes `frames` until the agent closes the connection; reads (and drops) what the agent
+/// sends meanwhile. Returns whether the agent ended the connection (GOAWAY or close) and
+/// how many frames had been written by then.
+async fn flood(tcp: tokio::net::TcpStream, frames: impl Iterator<Item = Vec<u8>>) -> (bool, usize) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut rd, mut wr) = tcp.into_split();
+    let reader = tokio::spawn(async move {
+        // Frame-by-frame: ends at a GOAWAY (type 7) or when the agent closes.
+        let mut head = [0u8; 9];
+        loop {
+            if rd.read_exact(&mut head).await.is_err() {
+                return true;
+            }
+            let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+            let mut payload = vec![0; len];
+            if rd.read_exact(&mut payload).await.is_err() {
+                return true;
+            }
+            if head[3] == 0x7 {
+                return true;
+            }
+        }
+    });
+    let mut written = 0;
+    for f in frames {
+        if reader.is_finished() || wr.write_all(&f).await.is_err() {
+            break;
+        }
+        written += 1;
+    }
+    // Whatever happened to the writes, the verdict is whether the agent ended it; a flood
+    // that went through entirely leaves the connection open and the reader waiting.
+    let _ = wr.shutdown().await;
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(10), reader)
+        .await
+        .map(|r| r.unwrap_or(false))
+        .unwrap_or(false);
+    (ended, written)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn continuation_settings_and_ping_floods_do_not_hurt_other_clients() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = servers(&["127.0.28.11"], Options::default()).await;
+    setup(dir.path(), &ips_of(&s), s[0].addr.port(), "");
+    let (_c, agent) = start(dir.path()).await;
+    let mut honest = grpc::client(agent.listen, HOST).await.expect("client");
+    honest.unary(req(b"before")).await.expect("honest call");
+
+    // CONTINUATION flood (CVE-2024-27316 class): a header block that never ends. The agent
+    // must give up on it (its header lists are capped at 64 KiB) and end the connection,
+    // not buffer it forever.
+    let tcp = raw_h2(agent.listen).await;
+    // HPACK: `:method: POST` (indexed 3), then literal `x-pad: <1000 × a>` fields.
+    let mut pad = vec![0x00, 5];
+    pad.extend_from_slice(b"x-pad");
+    pad.extend_from_slice(&[0x7f, 0xe9, 0x06]); // length 1000: 127 + 105 + 6 × 128
+    pad.extend(std::iter::repeat_n(b'a', 1000));
+    let headers = std::iter::once(frame(0x1, 0, 1, &[0x83]));
+    let continuations = std::iter::repeat_with(|| frame(0x9, 0, 1, &pad)).take(20_000);
+    let (ended, written) = flood(tcp, headers.chain(continuations)).await;
+    assert!(
+        ended && written < 20_000,
+        "an endless header block was accepted ({written} frames written, ended: {ended})"
+    );
+    honest
+        .unary(req(b"after continuation"))
+        .await
+        .expect("honest call");
+
+    // SETTINGS flood (CVE-2019-9515) and PING flood (CVE-2019-9512) without reading the
+    // ACKs: the agent either keeps up or cuts the connection off, and stays healthy.
+    for (name, f) in [
+        ("SETTINGS", frame(0x4, 0, 0, &[0, 3, 0, 0, 0, 100])),
+        ("PING", frame(0x6, 0, 0, &[1, 2, 3, 4, 5, 6, 7, 8])),
+    ] {
+        let tcp = raw_h2(agent.listen).await;
+        let _ = flood(tcp, std::iter::repeat_n(f, 100_000)).await;
+        honest
+            .unary(req(name.as_bytes()))
+            .await
+            .unwrap_or_else(|e| panic!("honest call after a {name} flood: {e}"));
+    }
+    // The agent is still well: the admin endpoint answers and the origin saw only the
+    // honest calls.
+    assert_eq!(s[0].calls(), 4);
+    let got = weir_tests::request(
+        &weir_tests::http_client(),
+        "GET",
+        &format!("http://{}/healthz", agent.admin),
+        None,
+    )
+    .await
+    .expect("healthz");
+    assert_eq!(got.status, 200);
 }
