@@ -17,16 +17,29 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
+fn epoch() -> Instant {
+    static START: OnceLock<Instant> = OnceLock::new();
+    *START.get_or_init(Instant::now)
+}
+
 /// Milliseconds on a monotonic clock private to this process (never 0).
 pub fn now_ms() -> u64 {
-    static START: OnceLock<Instant> = OnceLock::new();
-    START.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
+    ms_at(Instant::now())
+}
+
+/// [`now_ms`] at `t`, for a caller that already read the clock.
+pub fn ms_at(t: Instant) -> u64 {
+    t.saturating_duration_since(epoch()).as_millis() as u64 + 1
 }
 
 /// Nanoseconds on the same monotonic clock, for latency estimates.
 pub fn now_nanos() -> u64 {
-    static START: OnceLock<Instant> = OnceLock::new();
-    START.get_or_init(Instant::now).elapsed().as_nanos() as u64
+    nanos_at(Instant::now())
+}
+
+/// [`now_nanos`] at `t`.
+pub fn nanos_at(t: Instant) -> u64 {
+    t.saturating_duration_since(epoch()).as_nanos() as u64
 }
 
 /// What the control thread must react to.

@@ -11,7 +11,7 @@
 //! in flight keeps the route it started with while new requests see a new table at once.
 
 use crate::cache::{Cache, Fill, FillAction, Lookup, TeeBody, XCache};
-use crate::health::{Event, Outcome, now_ms, now_nanos};
+use crate::health::{Event, Outcome, ms_at, nanos_at};
 use crate::metrics::{LocalReply, RouteCounters};
 use crate::pick::InFlight;
 use crate::replay::{DownBody, GrpcTally, ReplayBody, UpBody};
@@ -416,7 +416,9 @@ impl Worker {
                 up.headers_mut().remove(header::TE);
             }
 
-            let now = Instant::now();
+            // The clock is read once before and once after each try; every time figure
+            // below is derived from those two reads.
+            let now = if tries == 0 { started } else { Instant::now() };
             let remaining = deadline.saturating_duration_since(now);
             let per_try = route
                 .retry
@@ -427,8 +429,9 @@ impl Worker {
             let result =
                 tokio::time::timeout(per_try, self.pool.send(target.addr, target.h2c, up, now))
                     .await;
-            let latency = now.elapsed();
-            in_flight.finish(latency, now_nanos());
+            let done = Instant::now();
+            let latency = done.saturating_duration_since(now);
+            in_flight.finish(latency, nanos_at(done));
 
             let (failure, retryable, outcome) = match result {
                 Ok(Ok((resp, lease))) => {
@@ -482,7 +485,7 @@ impl Worker {
             if failure {
                 target.health.counters.failures.inc();
             }
-            let now_ms = now_ms();
+            let now_ms = ms_at(done);
             let max_ejection = route.outlier.max_ejection_percent;
             if let Some(until) = target
                 .health
@@ -502,7 +505,7 @@ impl Worker {
                     || (have_head
                         && (body_empty || replay.as_ref().is_some_and(ReplayBody::replayable))))
                 && tries < route.retry.attempts
-                && Instant::now() < deadline
+                && done < deadline
                 && route.try_begin_retry();
             if can_retry {
                 if let Ok((resp, lease)) = outcome
@@ -515,7 +518,10 @@ impl Worker {
                 previous = Some(target.addr);
                 continue;
             }
-            route.counters.latency.observe(started.elapsed());
+            route
+                .counters
+                .latency
+                .observe(done.saturating_duration_since(started));
             return match outcome {
                 Ok((resp, lease)) => {
                     let (mut rparts, rbody) = resp.into_parts();
@@ -527,12 +533,15 @@ impl Worker {
                         route: route.shared_name.clone(),
                         endpoint: target.addr,
                     });
-                    let tally = match (tally, head_grpc_status(&rparts.headers)) {
-                        (Some(t), Some(status)) => {
-                            t.count(status);
-                            None
-                        }
-                        (t, _) => t,
+                    let tally = match tally {
+                        Some(t) => match head_grpc_status(&rparts.headers) {
+                            Some(status) => {
+                                t.count(status);
+                                None
+                            }
+                            None => Some(t),
+                        },
+                        None => None,
                     };
                     let body = DownBody::new(rbody, tally, lease);
                     match fill
@@ -787,7 +796,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // message showed in the instruction profile (tests/bench/insn_bench.py).
     let mut present = 0u16;
     for name in headers.keys() {
-        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+        if let Some(i) = hop_by_hop_index(name) {
             present |= 1 << i;
         }
     }
@@ -817,6 +826,23 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
             headers.remove(n);
         }
     }
+}
+
+/// The index of `name` in [`HOP_BY_HOP`]: a `match` on the string compiles to a length
+/// switch and at most one comparison, cheaper than comparing with each name in turn.
+fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
+    Some(match name.as_str() {
+        "connection" => 0,
+        "keep-alive" => 1,
+        "proxy-connection" => 2,
+        "proxy-authenticate" => 3,
+        "proxy-authorization" => 4,
+        "te" => 5,
+        "trailer" => 6,
+        "transfer-encoding" => 7,
+        "upgrade" => 8,
+        _ => return None,
+    })
 }
 
 fn append_forwarded_for(headers: &mut HeaderMap, peer: HeaderValue) {
@@ -983,6 +1009,14 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn hop_by_hop_index_matches_the_table() {
+        for (i, n) in HOP_BY_HOP.iter().enumerate() {
+            assert_eq!(hop_by_hop_index(n), Some(i), "{n}");
+        }
+        assert_eq!(hop_by_hop_index(&header::HOST), None);
     }
 
     #[test]
