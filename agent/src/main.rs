@@ -8,13 +8,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use weir_agent::{admin, checks, client, proxy, state::Shared};
 
-// The proxy allocates and frees a handful of small objects per request (header maps, the
-// request future, body channels), all on the worker's own thread; mimalloc's thread-local
-// free lists serve that pattern with less work than glibc's malloc (it shows in the proxy
-// benchmark's CPU per request, tests/bench/insn_bench.py).
-#[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Parser, Debug)]
 #[command(name = "weir-agent", version, about)]
 struct Args {
