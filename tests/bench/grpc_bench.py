@@ -17,8 +17,8 @@ noise accounting):
         upstream HTTP/2 connection per call in flight and reuses it), keepalive_requests
         10M on both sides;
       - weir: weir-agent --workers N, a RoundRobin TrafficPolicy for host `echo` over a
-        Service whose port has `appProtocol: kubernetes.io/h2c` (one multiplexed upstream
-        connection per endpoint per worker);
+        Service whose port has `appProtocol: kubernetes.io/h2c` (multiplexed upstream
+        connections per endpoint per worker, another opened when one's streams are full);
   * load: `weir-grpc-load` (tonic client, one current-thread runtime, pinned with
     `taskset -c 0`), unary Echo calls with a 64-byte payload, K client HTTP/2 connections:
       - saturation: closed loop, 64 calls in flight over K connections for 10 s (after a 2 s
