@@ -562,14 +562,33 @@ async fn continuation_settings_and_ping_floods_do_not_hurt_other_clients() {
         .await
         .expect("honest call");
 
-    // SETTINGS flood (CVE-2019-9515) and PING flood (CVE-2019-9512) without reading the
-    // ACKs: the agent either keeps up or cuts the connection off, and stays healthy.
+    // SETTINGS flood (CVE-2019-9515) and PING flood (CVE-2019-9512) from a client that
+    // never reads the ACKs: each frame asks the agent to queue an answer. 1M frames (17 MB)
+    // are more than the loopback socket buffers hold, so if every one is accepted the agent
+    // queued the answers without bound; a bounded agent stops reading (backpressure) or
+    // closes the connection. The 5 s only decides when a stalled writer stops waiting.
     for (name, f) in [
         ("SETTINGS", frame(0x4, 0, 0, &[0, 3, 0, 0, 0, 100])),
         ("PING", frame(0x6, 0, 0, &[1, 2, 3, 4, 5, 6, 7, 8])),
     ] {
-        let tcp = raw_h2(agent.listen).await;
-        let _ = flood(tcp, std::iter::repeat_n(f, 100_000)).await;
+        use tokio::io::AsyncWriteExt;
+        let mut tcp = raw_h2(agent.listen).await;
+        const FRAMES: usize = 1_000_000;
+        let batch: Vec<u8> = std::iter::repeat_n(f, 1000).flatten().collect();
+        let mut written = 0;
+        while written < FRAMES {
+            match tokio::time::timeout(std::time::Duration::from_secs(5), tcp.write_all(&batch))
+                .await
+            {
+                Ok(Ok(())) => written += 1000,
+                _ => break,
+            }
+        }
+        assert!(
+            written < FRAMES,
+            "the agent accepted all {FRAMES} {name} frames from a client that reads nothing"
+        );
+        drop(tcp);
         honest
             .unary(req(name.as_bytes()))
             .await
