@@ -47,14 +47,18 @@ struct Observed {
     since: Instant,
 }
 
-/// Competes for the Lease `LEASE_NAME` in `namespace` as `identity` forever, publishing
-/// whether this replica leads on `leader`.
+/// Competes for the Lease `LEASE_NAME` in `namespace` as `identity` until `shutdown` turns
+/// true, publishing whether this replica leads on `leader`. On shutdown a leader releases
+/// the Lease (holder cleared), so another replica takes over at its next try instead of
+/// waiting for the Lease to expire — a rolling update then leaves status unwritten for a
+/// retry period, not a lease duration (client-go's `ReleaseOnCancel`).
 pub async fn run(
     client: Client,
     namespace: String,
     identity: String,
     config: Config,
     leader: watch::Sender<bool>,
+    mut shutdown: watch::Receiver<bool>,
 ) {
     let api: Api<Lease> = Api::namespaced(client, &namespace);
     let mut observed: Option<Observed> = None;
@@ -85,7 +89,42 @@ pub async fn run(
                 }
             }
         }
-        tokio::time::sleep(config.renew_every).await;
+        tokio::select! {
+            _ = tokio::time::sleep(config.renew_every) => {}
+            () = async { let _ = shutdown.wait_for(|stop| *stop).await; } => {
+                // Stop writing status first, then give the Lease up.
+                if leader.send_replace(false) {
+                    match release(&api, &identity).await {
+                        Ok(true) => tracing::info!(%identity, "released the lease"),
+                        Ok(false) => {}
+                        Err(e) => tracing::warn!(%identity, error = %e, "could not release the lease; it will expire"),
+                    }
+                }
+                return;
+            }
+        }
+    }
+}
+
+/// Clears the holder of the Lease if it is `identity`; whether it did.
+async fn release(api: &Api<Lease>, identity: &str) -> Result<bool, kube::Error> {
+    let Some(mut lease) = api.get_opt(LEASE_NAME).await? else {
+        return Ok(false);
+    };
+    let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
+    if spec.holder_identity.as_deref() != Some(identity) {
+        return Ok(false);
+    }
+    spec.holder_identity = None;
+    spec.lease_duration_seconds = Some(1);
+    spec.renew_time = Some(now());
+    match api
+        .replace(LEASE_NAME, &PostParams::default(), &lease)
+        .await
+    {
+        Ok(_) => Ok(true),
+        Err(e) if is_conflict(&e) => Ok(false),
+        Err(e) => Err(e),
     }
 }
 

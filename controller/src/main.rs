@@ -120,6 +120,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let grpc_listener = tokio::net::TcpListener::bind(args.grpc_addr)
         .await
         .with_context(|| format!("cannot listen on --grpc-addr {}", args.grpc_addr))?;
+    // Turned true by SIGTERM / Ctrl-C: the leader releases its Lease at once while the gRPC
+    // server drains.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    let mut election_task = None;
     let mut source = match mode {
         Mode::Local(dir) => {
             tracing::info!(grpc = %args.grpc_addr, admin = %args.admin_addr, dir = %dir.display(), "weir-controller starting in local mode");
@@ -129,17 +137,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
             tracing::info!(grpc = %args.grpc_addr, admin = %args.admin_addr, namespace = %args.namespace, "weir-controller starting in Kubernetes mode");
             // Every replica serves agents; only the leader writes status.
             let (leader_tx, leader_rx) = tokio::sync::watch::channel(false);
+            // Renew and retry like client-go (every 2 s), or faster with a short lease.
             let election = leader::Config {
                 lease_duration: args.lease_duration,
-                renew_every: args.lease_duration / 3,
+                renew_every: (args.lease_duration / 3).min(Duration::from_secs(2)),
             };
-            tokio::spawn(leader::run(
+            election_task = Some(tokio::spawn(leader::run(
                 client.clone(),
                 args.namespace.clone(),
                 identity.clone(),
                 election,
                 leader_tx,
-            ));
+                stop_rx.clone(),
+            )));
             let source = weir_controller::kube::Source::start(&client);
             // Every replica writes the NodeAgents of its own agents.
             tokio::spawn(nodeagent::run_writer(
@@ -201,15 +211,26 @@ async fn run(args: Args) -> anyhow::Result<()> {
             tokio::spawn(reloader.clone().run(args.tls_reload_interval));
             futures::future::Either::Left(router.serve_with_incoming_shutdown(
                 tls::incoming(grpc_listener, reloader),
-                shutdown_signal(),
+                stopping(stop_rx.clone()),
             ))
         }
         None => futures::future::Either::Right(router.serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
-            shutdown_signal(),
+            stopping(stop_rx.clone()),
         )),
     };
 
+    // Agent streams never end by themselves, so a graceful drain gets a deadline: after it
+    // the process exits and the agents reconnect to another replica (they would on a
+    // crash as well).
+    let drained = async {
+        stopping(stop_rx.clone()).await;
+        tokio::time::sleep(SHUTDOWN_DRAIN).await;
+        tracing::info!(
+            "agent streams still open {}s after the signal; exiting",
+            SHUTDOWN_DRAIN.as_secs()
+        );
+    };
     tokio::select! {
         r = grpc => r.context("gRPC server failed")?,
         r = &mut source => match r {
@@ -217,7 +238,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
             Ok(Err(e)) => return Err(e),
             Err(e) => anyhow::bail!("config source task failed: {e}"),
         },
+        () = drained => {}
     }
+    if let Some(task) = election_task
+        && tokio::time::timeout(Duration::from_secs(3), task)
+            .await
+            .is_err()
+    {
+        tracing::warn!("the lease was not released in time; it will expire");
+    }
+    drop(stop_rx);
     tracing::info!("weir-controller stopped");
     Ok(())
 }
@@ -245,6 +275,14 @@ fn default_identity() -> String {
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "weir-controller".to_string());
     format!("{host}-{}", std::process::id())
+}
+
+/// How long a stopping controller lets agent streams drain.
+const SHUTDOWN_DRAIN: Duration = Duration::from_secs(5);
+
+/// Resolves once the controller has been told to stop.
+async fn stopping(mut stop: tokio::sync::watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
 }
 
 async fn shutdown_signal() {

@@ -246,6 +246,36 @@ async fn only_the_leader_writes_status_and_another_replica_takes_over_when_it_di
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_stopped_with_sigterm_releases_the_lease_and_exits_with_agents_connected() {
+    let (fake, dir) = cluster().await;
+    let kc_a = dir.path().join("kubeconfig");
+    let kc_b = dir.path().join("kubeconfig-b");
+    fake.write_kubeconfig(&kc_b, "controller-b")
+        .expect("kubeconfig");
+    // A lease far longer than the test's patience: b can only take over this quickly if a
+    // gives the Lease up.
+    let mut a = Controller::start_kube(&kc_a, &["--identity", "a", "--lease-duration", "300s"])
+        .await
+        .expect("controller a");
+    wait_for("a leads", || async {
+        (lease_holder(&fake).as_deref() == Some("a")).then_some(())
+    })
+    .await;
+    let _b = Controller::start_kube(&kc_b, &["--identity", "b", "--lease-duration", "300s"])
+        .await
+        .expect("controller b");
+    // An agent streaming from a: its stream must not keep a from exiting.
+    let agent = agent_on(&a, "node-a").await;
+    agent.wait_ready().await;
+
+    a.proc.terminate(); // returns once a has exited
+    wait_for("b takes the released lease", || async {
+        (lease_holder(&fake).as_deref() == Some("b")).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubernetes_mode_refuses_to_start_without_tls_or_plaintext() {
     let (_fake, dir) = cluster().await;
     let out = std::process::Command::new(weir_tests::bin_dir().join("weir-controller"))
