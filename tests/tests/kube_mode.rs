@@ -59,6 +59,44 @@ async fn agent_gets_routes_listed_from_the_api_server() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleted_service_and_deleted_policy_reach_status_and_the_agent() {
+    let (fake, dir) = cluster().await;
+    let controller = Controller::start_kube(&dir.path().join("kubeconfig"), &[])
+        .await
+        .expect("controller");
+    let agent = Agent::start(&controller.url(), None).await.expect("agent");
+    let v = agent.wait_config(0, |c| routed(c, "127.0.3.11")).await["version"]
+        .as_u64()
+        .unwrap_or(0);
+
+    // The Service goes: the policy says which reference is missing and keeps its (last good)
+    // route, which resolves to no endpoints today (routing.rs: last good *spec*, today's
+    // endpoints), so its host answers 503 rather than 404.
+    fake.delete("v1", "Service", "default", "web")
+        .expect("delete service");
+    wait_for("ResolvedRefs=False naming the Service", || async {
+        let c = condition(&fake, "web", "ResolvedRefs")?;
+        (c["status"] == "False" && c["message"].as_str()?.contains("web")).then_some(())
+    })
+    .await;
+    let config = agent.wait_config(v, |c| !routed(c, "127.0.3.11")).await;
+    assert_eq!(config["routes"].as_array().map(Vec::len), Some(1));
+
+    // It comes back: so do its endpoints.
+    let v = agent.version().await;
+    fake.apply(&service("web", 80)).expect("apply service");
+    agent.wait_config(v, |c| routed(c, "127.0.3.11")).await;
+
+    // The policy goes: its route leaves the agent.
+    let v = agent.version().await;
+    fake.delete("weir.dev/v1alpha1", "TrafficPolicy", "default", "web")
+        .expect("delete policy");
+    agent
+        .wait_config(v, |c| c["routes"].as_array().is_some_and(Vec::is_empty))
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn endpoint_turning_unready_in_an_endpointslice_reaches_the_agent() {
     let (fake, dir) = cluster().await;
     let controller = Controller::start_kube(&dir.path().join("kubeconfig"), &[])
