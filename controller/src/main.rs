@@ -199,10 +199,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-        .add_service(RoutingDiscoveryServer::new(server::DiscoveryService::new(
-            hub.clone(),
-            agents,
-        )));
+        .add_service(RoutingDiscoveryServer::new(
+            server::DiscoveryService::new(hub.clone(), agents).with_stop(stop_rx.clone()),
+        ));
     // TLS is served here rather than by tonic so that rotated certificates are picked up.
     let grpc = match tls {
         Some(files) => {

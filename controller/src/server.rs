@@ -112,11 +112,20 @@ impl Drop for SessionGuard {
 pub struct DiscoveryService {
     hub: Arc<Hub>,
     agents: Arc<Agents>,
+    stop: tokio::sync::watch::Receiver<bool>,
 }
 
 impl DiscoveryService {
     pub fn new(hub: Arc<Hub>, agents: Arc<Agents>) -> Self {
-        Self { hub, agents }
+        let (_, stop) = tokio::sync::watch::channel(false);
+        Self { hub, agents, stop }
+    }
+
+    /// Ends every session with `UNAVAILABLE` once `stop` turns true, so agents move to
+    /// another replica at once instead of holding this one's shutdown up.
+    pub fn with_stop(mut self, stop: tokio::sync::watch::Receiver<bool>) -> Self {
+        self.stop = stop;
+        self
     }
 }
 
@@ -189,6 +198,7 @@ impl RoutingDiscovery for DiscoveryService {
             tx,
             sent: None,
             last_full_version: None,
+            stop: self.stop.clone(),
         };
         tokio::spawn(session.run());
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -203,6 +213,7 @@ struct Session {
     /// The table last sent; `None` forces a full table next.
     sent: Option<Arc<Table>>,
     last_full_version: Option<u64>,
+    stop: tokio::sync::watch::Receiver<bool>,
 }
 
 impl Session {
@@ -236,6 +247,15 @@ impl Session {
                     }
                     None => return,
                 },
+                () = async { let _ = self.stop.wait_for(|s| *s).await; } => {
+                    let _ = self
+                        .tx
+                        .send(Err(Status::unavailable(
+                            "controller shutting down; reconnect to another replica",
+                        )))
+                        .await;
+                    return;
+                }
                 _ = ping.tick() => {
                     let msg = ControllerMessage {
                         kind: Some(controller_message::Kind::Ping(Ping { unix_millis: now_ms() })),

@@ -299,18 +299,32 @@ async fn a_leader_stopped_with_sigterm_releases_the_lease_and_exits_with_agents_
         (lease_holder(&fake).as_deref() == Some("a")).then_some(())
     })
     .await;
-    let _b = Controller::start_kube(&kc_b, &["--identity", "b", "--lease-duration", "300s"])
+    let b = Controller::start_kube(&kc_b, &["--identity", "b", "--lease-duration", "300s"])
         .await
         .expect("controller b");
-    // An agent streaming from a: its stream must not keep a from exiting.
-    let agent = agent_on(&a, "node-a").await;
+    // An agent streaming from a (b is its second choice): its stream must not keep a from
+    // exiting, and a's shutdown sends it to b.
+    let listen = std::net::SocketAddr::from(([127, 0, 0, 1], weir_tests::free_port("127.0.0.1")));
+    let admin = std::net::SocketAddr::from(([127, 0, 0, 1], weir_tests::free_port("127.0.0.1")));
+    let controllers = format!("{},{}", a.url(), b.url());
+    let agent = Agent::start_with(
+        &controllers,
+        listen,
+        admin,
+        None,
+        &["--node-name", "node-a"],
+    )
+    .await
+    .expect("agent");
     agent.wait_ready().await;
+    wait_nodeagent(&fake, "node-a", true, "a").await;
 
     a.proc.terminate(); // returns once a has exited
     wait_for("b takes the released lease", || async {
         (lease_holder(&fake).as_deref() == Some("b")).then_some(())
     })
     .await;
+    wait_nodeagent(&fake, "node-a", true, "b").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
