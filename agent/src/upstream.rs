@@ -52,7 +52,8 @@ pub const MAX_IDLE_PER_ENDPOINT: usize = 256;
 /// Why a request could not be sent.
 #[derive(Debug)]
 pub enum Error {
-    /// No connection could be opened; the request was not sent and is given back.
+    /// No connection could be opened (or every one tried closed before the request was
+    /// written); the request was not sent and is given back.
     Connect(std::io::Error, Box<Request<UpBody>>),
     /// The exchange failed (the request may have reached the endpoint).
     Http(hyper::Error),
@@ -249,44 +250,57 @@ impl Pool {
     async fn send_h2(
         self: Arc<Self>,
         addr: SocketAddr,
-        req: Request<UpBody>,
+        mut req: Request<UpBody>,
         now: Instant,
     ) -> Result<(Response<Incoming>, Lease), Error> {
-        let (mut send, slot) = match self.pick_h2(addr, now) {
-            Ok(picked) => picked,
-            Err(connecting) => {
-                let waited_from = Instant::now();
-                let _guard = connecting.lock().await;
-                // Someone else may have opened a connection, or failed to, meanwhile.
-                match self.pick_h2(addr, Instant::now()) {
-                    Ok(picked) => picked,
-                    Err(_) if self.h2_failed_since(addr, waited_from) => {
-                        let e = std::io::Error::new(
-                            std::io::ErrorKind::ConnectionRefused,
-                            "connect failed (shared with a concurrent call)",
-                        );
-                        return Err(Error::Connect(e, Box::new(req)));
-                    }
-                    Err(_) => match Box::pin(self.connect_h2(addr)).await {
+        // A connection found closed before the request went out gives the request back;
+        // it then goes to another (or a new) connection. Bounded: a connection that keeps
+        // closing under us is an endpoint problem, reported as such.
+        for _ in 0..3 {
+            let (mut send, slot) = match self.pick_h2(addr, now) {
+                Ok(picked) => picked,
+                Err(connecting) => {
+                    let waited_from = Instant::now();
+                    let _guard = connecting.lock().await;
+                    // Someone else may have opened a connection, or failed to, meanwhile.
+                    match self.pick_h2(addr, Instant::now()) {
                         Ok(picked) => picked,
-                        Err(e) => {
-                            if let Some(ep) = self.endpoints.lock().get_mut(&addr) {
-                                ep.h2_failed = Some(Instant::now());
-                            }
+                        Err(_) if self.h2_failed_since(addr, waited_from) => {
+                            let e = std::io::Error::new(
+                                std::io::ErrorKind::ConnectionRefused,
+                                "connect failed (shared with a concurrent call)",
+                            );
                             return Err(Error::Connect(e, Box::new(req)));
                         }
-                    },
+                        Err(_) => match Box::pin(self.connect_h2(addr)).await {
+                            Ok(picked) => picked,
+                            Err(e) => {
+                                if let Some(ep) = self.endpoints.lock().get_mut(&addr) {
+                                    ep.h2_failed = Some(Instant::now());
+                                }
+                                return Err(Error::Connect(e, Box::new(req)));
+                            }
+                        },
+                    }
                 }
+            };
+            // HTTP/2 readiness only fails on a closed connection; the next pick skips it.
+            if send.ready().await.is_err() {
+                continue;
             }
-        };
-        // HTTP/2 readiness only fails on a closed connection.
-        if let Err(e) = send.ready().await {
-            return Err(Error::Http(e));
+            match send.try_send_request(req).await {
+                Ok(resp) => return Ok((resp, Lease::Http2(slot))),
+                Err(mut e) => match e.take_message() {
+                    Some(r) => req = r,
+                    None => return Err(Error::Http(e.into_error())),
+                },
+            }
         }
-        match send.send_request(req).await {
-            Ok(resp) => Ok((resp, Lease::Http2(slot))),
-            Err(e) => Err(Error::Http(e)),
-        }
+        let e = std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "HTTP/2 connections to the endpoint kept closing before the request was sent",
+        );
+        Err(Error::Connect(e, Box::new(req)))
     }
 
     /// The least loaded open HTTP/2 connection with a free stream, or — when there is none
