@@ -419,3 +419,101 @@ impl Pool {
             .fold((0, 0), |(a, b), ep| (a + ep.idle.len(), b + ep.h2.len()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+    use std::sync::atomic::AtomicUsize;
+
+    /// An HTTP/1.1 server on loopback answering "ok", counting the connections it accepts.
+    async fn origin() -> (SocketAddr, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(|_req| async {
+                        Ok::<_, std::convert::Infallible>(http::Response::new(
+                            http_body_util::Full::new(bytes::Bytes::from_static(b"ok")),
+                        ))
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    fn get(addr: SocketAddr) -> Request<UpBody> {
+        let mut req = Request::new(UpBody::Empty);
+        *req.uri_mut() = http::Uri::from_static("/");
+        req.headers_mut().insert(
+            http::header::HOST,
+            http::HeaderValue::from_str(&addr.to_string()).expect("host"),
+        );
+        req
+    }
+
+    #[tokio::test]
+    async fn sequential_requests_reuse_one_keep_alive_connection() {
+        let (addr, accepted) = origin().await;
+        let pool = Pool::new(Duration::from_secs(2));
+        for _ in 0..20 {
+            let (resp, lease) = pool
+                .send(addr, false, get(addr), Instant::now())
+                .await
+                .expect("send");
+            let body = resp.into_body().collect().await.expect("body").to_bytes();
+            assert_eq!(&body[..], b"ok");
+            lease.release();
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        assert_eq!(pool.counts(), (1, 0));
+        // Idle beyond the timeout: swept.
+        pool.sweep(Instant::now() + IDLE_TIMEOUT + Duration::from_secs(1));
+        assert_eq!(pool.counts(), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn a_connection_whose_response_was_not_read_is_not_reused() {
+        let (addr, accepted) = origin().await;
+        let pool = Pool::new(Duration::from_secs(2));
+        let (_resp, lease) = pool
+            .send(addr, false, get(addr), Instant::now())
+            .await
+            .expect("send");
+        drop(lease); // abandoned mid-response: not handed back
+        assert_eq!(pool.counts(), (0, 0));
+        let (resp, lease) = pool
+            .send(addr, false, get(addr), Instant::now())
+            .await
+            .expect("send");
+        resp.into_body().collect().await.expect("body");
+        lease.release();
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_connect_failure_gives_the_request_back_untouched() {
+        // A port nothing listens on: bind, learn the port, close.
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port");
+        let pool = Pool::new(Duration::from_secs(2));
+        let mut req = get(addr);
+        req.headers_mut()
+            .insert("x-kept", http::HeaderValue::from_static("1"));
+        match pool.send(addr, false, req, Instant::now()).await {
+            Err(Error::Connect(_, req)) => assert_eq!(req.headers()["x-kept"], "1"),
+            other => panic!("expected a connect failure, got {other:?}"),
+        }
+    }
+}
