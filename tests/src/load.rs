@@ -33,3 +33,17 @@ pub fn periodic_timer(first_ns: u128, period_ns: u64) -> std::io::Result<AsyncFd
     #[allow(deprecated)]
     AsyncFd::with_interest(fd, Interest::READABLE)
 }
+
+/// Waits for `timer` to fire and returns how many periods passed since the last read.
+pub async fn expirations(timer: &AsyncFd<OwnedFd>) -> std::io::Result<u64> {
+    loop {
+        let mut guard = timer.readable().await?;
+        let mut buf = [0u8; 8];
+        match rustix::io::read(guard.get_inner(), &mut buf) {
+            Ok(8) => return Ok(u64::from_ne_bytes(buf)),
+            Ok(_) => continue,
+            Err(rustix::io::Errno::AGAIN) => guard.clear_ready(),
+            Err(e) => return Err(e.into()),
+        }
+    }
+}

@@ -212,17 +212,7 @@ async fn schedule(
     let mut k: u64 = 0;
     let conns = senders.len() as u64;
     'outer: loop {
-        let mut guard = fd.readable().await?;
-        let mut buf = [0u8; 8];
-        let expirations = match rustix::io::read(guard.get_inner(), &mut buf) {
-            Ok(8) => u64::from_ne_bytes(buf),
-            Ok(_) => continue,
-            Err(rustix::io::Errno::AGAIN) => {
-                guard.clear_ready();
-                continue;
-            }
-            Err(e) => return Err(e.into()),
-        };
+        let expirations = weir_tests::load::expirations(&fd).await?;
         // Expiration j (1-based) of the timer is request k = j - 1.
         for _ in 0..expirations {
             let at = start + Duration::from_nanos(period_ns.saturating_mul(k));
