@@ -118,18 +118,21 @@ async fn release(api: &Api<Lease>, identity: &str) -> Result<bool, kube::Error> 
     spec.holder_identity = None;
     spec.lease_duration_seconds = Some(1);
     spec.renew_time = Some(now());
-    match api
-        .replace(LEASE_NAME, &PostParams::default(), &lease)
-        .await
-    {
-        Ok(_) => Ok(true),
-        Err(e) if is_conflict(&e) => Ok(false),
-        Err(e) => Err(e),
-    }
+    replace(api, &lease).await
 }
 
 fn now() -> MicroTime {
     MicroTime(Timestamp::now())
+}
+
+/// Writes `lease` back with the resourceVersion it was read with; `false` when another
+/// writer got there first (409).
+async fn replace(api: &Api<Lease>, lease: &Lease) -> Result<bool, kube::Error> {
+    match api.replace(LEASE_NAME, &PostParams::default(), lease).await {
+        Ok(_) => Ok(true),
+        Err(e) if is_conflict(&e) => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
 fn is_conflict(e: &kube::Error) -> bool {
@@ -191,12 +194,5 @@ async fn try_acquire_or_renew(
     spec.lease_duration_seconds = Some(duration_s);
     // The resourceVersion read above travels with the replace: a concurrent writer wins and
     // this one gets 409.
-    match api
-        .replace(LEASE_NAME, &PostParams::default(), &lease)
-        .await
-    {
-        Ok(_) => Ok(true),
-        Err(e) if is_conflict(&e) => Ok(false),
-        Err(e) => Err(e),
-    }
+    replace(api, &lease).await
 }
