@@ -230,26 +230,40 @@ async fn status_is_patched_with_accepted_programmed_and_rejection_reasons() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn only_the_leader_writes_status_and_another_replica_takes_over_when_it_dies() {
-    let (fake, dir) = cluster().await;
-    let kc_a = dir.path().join("kubeconfig");
+/// Two replicas on the fake: `a` (kubeconfig token `controller-a`) started first and
+/// waited for until it holds the Lease, then `b` (`controller-b`); both with `flags`.
+async fn leader_then_follower(
+    fake: &FakeApiServer,
+    dir: &tempfile::TempDir,
+    flags: &[&str],
+) -> (Controller, Controller) {
     let kc_b = dir.path().join("kubeconfig-b");
     fake.write_kubeconfig(&kc_b, "controller-b")
         .expect("kubeconfig");
-    // A short lease keeps the takeover quick; nothing below depends on its timing.
-    let mut a = Controller::start_kube(&kc_a, &["--identity", "a", "--lease-duration", "4s"])
+    let start = |kc: std::path::PathBuf, id: &'static str| {
+        let args: Vec<&str> = ["--identity", id].iter().chain(flags).copied().collect();
+        async move { Controller::start_kube(&kc, &args).await }
+    };
+    let a = start(dir.path().join("kubeconfig"), "a")
         .await
         .expect("controller a");
-    wait_for("a leads and writes status", || async {
-        (lease_holder(&fake).as_deref() == Some("a")
-            && condition(&fake, "web", "Accepted").is_some())
-        .then_some(())
+    wait_for("a leads", || async {
+        (lease_holder(fake).as_deref() == Some("a")).then_some(())
     })
     .await;
-    let _b = Controller::start_kube(&kc_b, &["--identity", "b", "--lease-duration", "4s"])
-        .await
-        .expect("controller b");
+    let b = start(kc_b, "b").await.expect("controller b");
+    (a, b)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_leader_writes_status_and_another_replica_takes_over_when_it_dies() {
+    let (fake, dir) = cluster().await;
+    // A short lease keeps the takeover quick; nothing below depends on its timing.
+    let (mut a, _b) = leader_then_follower(&fake, &dir, &["--lease-duration", "4s"]).await;
+    wait_for("a writes status", || async {
+        condition(&fake, "web", "Accepted").map(|_| ())
+    })
+    .await;
 
     // A change after b is up: its status is written, and by a alone.
     fake.apply(&slice("web", PORT, &[("127.0.3.11", true)]))
@@ -286,36 +300,12 @@ async fn only_the_leader_writes_status_and_another_replica_takes_over_when_it_di
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_stopped_with_sigterm_releases_the_lease_and_exits_with_agents_connected() {
     let (fake, dir) = cluster().await;
-    let kc_a = dir.path().join("kubeconfig");
-    let kc_b = dir.path().join("kubeconfig-b");
-    fake.write_kubeconfig(&kc_b, "controller-b")
-        .expect("kubeconfig");
     // A lease far longer than the test's patience: b can only take over this quickly if a
     // gives the Lease up.
-    let mut a = Controller::start_kube(&kc_a, &["--identity", "a", "--lease-duration", "300s"])
-        .await
-        .expect("controller a");
-    wait_for("a leads", || async {
-        (lease_holder(&fake).as_deref() == Some("a")).then_some(())
-    })
-    .await;
-    let b = Controller::start_kube(&kc_b, &["--identity", "b", "--lease-duration", "300s"])
-        .await
-        .expect("controller b");
+    let (mut a, b) = leader_then_follower(&fake, &dir, &["--lease-duration", "300s"]).await;
     // An agent streaming from a (b is its second choice): its stream must not keep a from
     // exiting, and a's shutdown sends it to b.
-    let listen = std::net::SocketAddr::from(([127, 0, 0, 1], weir_tests::free_port("127.0.0.1")));
-    let admin = std::net::SocketAddr::from(([127, 0, 0, 1], weir_tests::free_port("127.0.0.1")));
-    let controllers = format!("{},{}", a.url(), b.url());
-    let agent = Agent::start_with(
-        &controllers,
-        listen,
-        admin,
-        None,
-        &["--node-name", "node-a"],
-    )
-    .await
-    .expect("agent");
+    let agent = agent_of(&format!("{},{}", a.url(), b.url()), "node-a").await;
     agent.wait_ready().await;
     wait_nodeagent(&fake, "node-a", true, "a").await;
 
@@ -469,10 +459,15 @@ async fn wait_nodeagent(fake: &FakeApiServer, name: &str, connected: bool, contr
 }
 
 async fn agent_on(controller: &Controller, node_name: &str) -> Agent {
+    agent_of(&controller.url(), node_name).await
+}
+
+/// An agent following `controllers` (comma-separated, tried in order) as `node_name`.
+async fn agent_of(controllers: &str, node_name: &str) -> Agent {
     let listen = std::net::SocketAddr::from(([127, 0, 0, 1], weir_tests::free_port("127.0.0.1")));
     let admin = std::net::SocketAddr::from(([127, 0, 0, 1], weir_tests::free_port("127.0.0.1")));
     Agent::start_with(
-        &controller.url(),
+        controllers,
         listen,
         admin,
         None,
@@ -486,20 +481,7 @@ async fn agent_on(controller: &Controller, node_name: &str) -> Agent {
 async fn nodeagents_of_two_replicas_are_written_counted_and_cleaned_up() {
     let (fake, dir) = cluster().await;
     fake.apply(&docs(&[node("n1"), node("n2")])).expect("apply");
-    let kc_b = dir.path().join("kubeconfig-b");
-    fake.write_kubeconfig(&kc_b, "controller-b")
-        .expect("kubeconfig");
-    let flags = |id: &'static str| ["--identity", id, "--node-gone-grace", "1s"];
-    let a = Controller::start_kube(&dir.path().join("kubeconfig"), &flags("a"))
-        .await
-        .expect("controller a");
-    wait_for("a leads", || async {
-        (lease_holder(&fake).as_deref() == Some("a")).then_some(())
-    })
-    .await;
-    let b = Controller::start_kube(&kc_b, &flags("b"))
-        .await
-        .expect("controller b");
+    let (a, b) = leader_then_follower(&fake, &dir, &["--node-gone-grace", "1s"]).await;
     let _agent1 = agent_on(&a, "n1").await;
     let mut agent2 = agent_on(&b, "n2").await;
 
