@@ -350,18 +350,8 @@ impl Worker {
                 }
                 return local_reply(grpc, &route.counters, reply.0, reply.1);
             };
-            // HTTP/1.1 upstreams get the origin form; HTTP/2 needs scheme and authority.
-            let uri = if target.h2c {
-                upstream_uri(&target.authority, pq.clone())
-            } else {
-                let mut p = http::uri::Parts::default();
-                p.path_and_query = Some(
-                    pq.clone()
-                        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
-                );
-                http::Uri::from_parts(p).map_err(http::Error::from)
-            };
-            let Ok(uri) = uri else {
+            let authority = target.h2c.then_some(&target.authority);
+            let Ok(uri) = upstream_uri(authority, pq.clone()) else {
                 return local_reply(
                     grpc,
                     &route.counters,

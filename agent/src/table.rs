@@ -612,15 +612,19 @@ impl MatchRt {
     }
 }
 
-/// Builds the upstream URI for an endpoint's authority and the request's path and query.
+/// Builds the upstream URI for the request's path and query: absolute (scheme and the
+/// endpoint's authority) when `authority` is given, as HTTP/2 needs; origin form otherwise,
+/// which is what an HTTP/1.1 connection to the endpoint sends.
 #[inline]
 pub fn upstream_uri(
-    authority: &Authority,
+    authority: Option<&Authority>,
     pq: Option<PathAndQuery>,
 ) -> Result<http::Uri, http::Error> {
     let mut parts = http::uri::Parts::default();
-    parts.scheme = Some(http::uri::Scheme::HTTP);
-    parts.authority = Some(authority.clone());
+    if let Some(authority) = authority {
+        parts.scheme = Some(http::uri::Scheme::HTTP);
+        parts.authority = Some(authority.clone());
+    }
     parts.path_and_query = Some(pq.unwrap_or_else(|| PathAndQuery::from_static("/")));
     Ok(http::Uri::from_parts(parts)?)
 }

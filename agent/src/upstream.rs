@@ -412,8 +412,9 @@ impl Pool {
         });
     }
 
-    /// Open connections per kind, for tests and `/config`.
-    pub fn counts(&self) -> (usize, usize) {
+    /// Idle HTTP/1.1 and open HTTP/2 connections.
+    #[cfg(test)]
+    fn counts(&self) -> (usize, usize) {
         let map = self.endpoints.lock();
         map.values()
             .fold((0, 0), |(a, b), ep| (a + ep.idle.len(), b + ep.h2.len()))
