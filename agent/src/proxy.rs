@@ -14,7 +14,7 @@ use crate::cache::{Cache, Fill, FillAction, Lookup, TeeBody, XCache};
 use crate::health::{Event, Outcome, ms_at, nanos_at};
 use crate::metrics::{LocalReply, RouteCounters};
 use crate::pick::InFlight;
-use crate::replay::{DownBody, GrpcTally, ReplayBody, UpBody};
+use crate::replay::{DownBody, ReplayBody, UpBody};
 use crate::state::Shared;
 use crate::table::{RouteRt, RuleRt, Target, upstream_uri};
 use crate::upstream::{self, Pool};
@@ -161,9 +161,10 @@ impl Worker {
         let (parts, body) = req.into_parts();
         let Some(cache) = route.cache.clone() else {
             let body = up_body(body);
-            return Ok(self
-                .forward(parts, body, route, rule_idx, from_uri, peer, grpc, None)
-                .await);
+            return Ok(Box::pin(
+                self.forward(parts, body, route, rule_idx, from_uri, peer, grpc, None),
+            )
+            .await);
         };
         let host = host.to_string();
         // Boxed: the cache path's future is large, and keeping it inline would make every
@@ -447,13 +448,13 @@ impl Worker {
                         Err(LocalReply::UpstreamConnect),
                     )
                 }
-                Ok(Err(upstream::Error::Http(e))) if never_processed(&e) => {
+                Ok(Err(e)) if e.never_processed() => {
                     // Refused or cut off by a graceful GOAWAY before the endpoint saw it:
                     // as safe to send again as a connect failure.
                     tracing::debug!(route = %route.name, target = %target.addr, error = %e, "upstream did not process the request");
                     (false, true, Err(LocalReply::UpstreamError))
                 }
-                Ok(Err(upstream::Error::Http(e))) => {
+                Ok(Err(e)) => {
                     tracing::debug!(route = %route.name, target = %target.addr, error = %e, "upstream request failed");
                     (
                         true,
@@ -518,10 +519,8 @@ impl Worker {
                     strip_hop_by_hop(&mut rparts.headers);
                     rparts.headers.append(header::VIA, VIA_11);
                     route.counters.response(rparts.status);
-                    let tally = grpc.then(|| GrpcTally {
-                        calls: self.shared.metrics.grpc_calls.clone(),
-                        route: route.shared_name.clone(),
-                        endpoint: target.addr,
+                    let tally = grpc.then(|| {
+                        target.grpc_calls(&self.shared.metrics.grpc_calls, &route.shared_name)
                     });
                     let tally = match tally {
                         Some(t) => match head_grpc_status(&rparts.headers) {
@@ -736,18 +735,6 @@ fn head_grpc_status(headers: &HeaderMap) -> Option<u32> {
 /// Whether an upstream error says the request was never processed: a stream refused
 /// (`REFUSED_STREAM`) or above the last stream id of a graceful `GOAWAY`. Such a request may
 /// be sent again whatever its method.
-fn never_processed(e: &hyper::Error) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
-    while let Some(err) = source {
-        if let Some(h2) = err.downcast_ref::<h2::Error>() {
-            return h2.reason() == Some(h2::Reason::REFUSED_STREAM)
-                || (h2.is_go_away() && h2.reason() == Some(h2::Reason::NO_ERROR));
-        }
-        source = err.source();
-    }
-    false
-}
-
 /// Lower-cases the host part of a Host / authority value (port and userinfo dropped) into
 /// `buf`, without allocating. `None` for anything that is not a plausible host.
 pub fn normalize_host<'b>(raw: &[u8], buf: &'b mut [u8; 256]) -> Option<&'b str> {

@@ -9,7 +9,7 @@
 //! the request simply is not retried (the idea of linkerd2-proxy's `ReplayBody`, written here
 //! because it has to fit hyper 1's `Body` and our retry loop).
 
-use crate::upstream::Lease;
+use crate::upstream::{Lease, RespBody};
 use bytes::Bytes;
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
@@ -202,39 +202,70 @@ impl Body for UpBody {
 /// and counts the call by status when the body ends (without touching the data).
 #[derive(Debug)]
 pub struct DownBody {
-    inner: Incoming,
+    inner: RespBody,
     grpc: Option<GrpcTally>,
     /// The upstream connection, handed back when the body has been read to the end.
     lease: Lease,
     ended: bool,
 }
 
-/// Where a gRPC call's final status is counted.
+/// Where a gRPC call's final status is counted: one per (route, endpoint), made on the
+/// endpoint's first call and kept in its [`crate::table::Target`].
+pub type GrpcTally = Arc<GrpcCalls>;
+
+/// The `grpc_calls` counters of one route and endpoint. The counter of each status is looked
+/// up in the family once and kept, because a lookup renders both labels to strings and
+/// hashes them — per call, that was the largest cost of counting.
 #[derive(Debug)]
-pub struct GrpcTally {
-    pub calls: prometheus_client::metrics::family::Family<
+pub struct GrpcCalls {
+    family: prometheus_client::metrics::family::Family<
         crate::metrics::GrpcLabels,
         prometheus_client::metrics::counter::Counter,
     >,
-    pub route: Arc<str>,
-    pub endpoint: std::net::SocketAddr,
+    route: Arc<str>,
+    endpoint: std::net::SocketAddr,
+    /// Statuses 0..=16, the codes gRPC defines; others go through the family each time.
+    by_status: [std::sync::OnceLock<prometheus_client::metrics::counter::Counter>; 17],
 }
 
-impl GrpcTally {
-    /// Counts the call as finished with `status`.
-    pub fn count(&self, status: u32) {
-        self.calls
+impl GrpcCalls {
+    pub fn new(
+        family: prometheus_client::metrics::family::Family<
+            crate::metrics::GrpcLabels,
+            prometheus_client::metrics::counter::Counter,
+        >,
+        route: Arc<str>,
+        endpoint: std::net::SocketAddr,
+    ) -> Self {
+        Self {
+            family,
+            route,
+            endpoint,
+            by_status: Default::default(),
+        }
+    }
+
+    fn lookup(&self, status: u32) -> prometheus_client::metrics::counter::Counter {
+        self.family
             .get_or_create(&crate::metrics::GrpcLabels {
                 route: self.route.to_string(),
                 endpoint: self.endpoint.to_string(),
                 grpc_status: status,
             })
-            .inc();
+            .clone()
+    }
+
+    /// Counts the call as finished with `status`.
+    pub fn count(&self, status: u32) {
+        match self.by_status.get(status as usize) {
+            Some(slot) => slot.get_or_init(|| self.lookup(status)).inc(),
+            None => self.lookup(status).inc(),
+        };
     }
 }
 
 impl DownBody {
-    pub fn new(inner: Incoming, grpc: Option<GrpcTally>, lease: Lease) -> Self {
+    pub fn new(inner: RespBody, grpc: Option<GrpcTally>, lease: Lease) -> Self {
         Self {
             inner,
             grpc,
@@ -257,12 +288,12 @@ impl Drop for DownBody {
 
 impl Body for DownBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
         if let Poll::Ready(None) = polled {

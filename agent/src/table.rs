@@ -14,12 +14,15 @@
 use crate::health::{EndpointHealth, Endpoints, OutlierConfig};
 use crate::metrics::{Metrics, RouteCounters};
 use crate::pick::{EndpointLoad, Picker, Placement, endpoint_id, zone_aware_weights};
+use crate::replay::{GrpcCalls, GrpcTally};
 use http::uri::{Authority, PathAndQuery};
 use http::{HeaderName, HeaderValue, Method};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use weir_proto::v1::{self as pb, Algorithm};
 
@@ -209,6 +212,22 @@ pub struct Target {
     /// `ip:port`, ready to be put in an upstream URI without re-parsing.
     pub authority: Authority,
     pub health: Arc<EndpointHealth>,
+    /// This route's `grpc_calls` counters for the endpoint, made on its first gRPC call
+    /// (a pointer until then, so 1,000 plain HTTP routes pay nothing for it).
+    grpc_calls: OnceLock<GrpcTally>,
+}
+
+impl Target {
+    /// The counters a gRPC call to this target is counted in.
+    pub fn grpc_calls(
+        &self,
+        family: &Family<crate::metrics::GrpcLabels, Counter>,
+        route: &Arc<str>,
+    ) -> GrpcTally {
+        self.grpc_calls
+            .get_or_init(|| Arc::new(GrpcCalls::new(family.clone(), route.clone(), self.addr)))
+            .clone()
+    }
 }
 
 #[derive(Debug)]
@@ -484,6 +503,7 @@ impl RuleRt {
                     h2c: b.protocol == pb::Protocol::H2c as i32,
                     authority,
                     health: health.clone(),
+                    grpc_calls: OnceLock::new(),
                 });
             }
         }

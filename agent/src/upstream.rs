@@ -1,5 +1,6 @@
-//! Upstream connections: one pool per worker, keyed by endpoint address, on hyper's
-//! connection API (`hyper::client::conn`).
+//! Upstream connections: one pool per worker, keyed by endpoint address — HTTP/1.1 on
+//! hyper's connection API (`hyper::client::conn::http1`), HTTP/2 on the `h2` crate directly
+//! (see [`crate::h2c`] for why not hyper's HTTP/2 client).
 //!
 //! Why not hyper-util's `legacy::Client`: its pool is built for many threads sharing one
 //! client — a mutex over a SipHash map keyed by cloned scheme + authority, a boxed race
@@ -19,7 +20,9 @@
 //!   `SETTINGS_MAX_CONCURRENT_STREAMS`; when every connection is full another one is opened
 //!   (up to [`H2_MAX_CONNECTIONS`]), so a server with a low stream limit does not make calls
 //!   queue behind each other. Connects to one endpoint are serialized, so a burst of calls
-//!   opens one connection, not one per call.
+//!   opens one connection, not one per call. A connection that received GOAWAY takes no
+//!   new calls (they go to a fresh one) while its open streams finish; every connection is
+//!   PINGed every [`H2_PING_INTERVAL`] and dropped when a PING goes unanswered.
 //! - A connect failure returns the request untouched ([`Error::Connect`]), so retrying it
 //!   costs no copy of its head.
 //!
@@ -27,16 +30,21 @@
 //! [`H2_IDLE_TIMEOUT`] (they are kept alive with PINGs meanwhile), by a sweep every few
 //! seconds ([`Pool::sweep`]).
 
+use crate::h2c::{self, H2Body};
 use crate::replay::UpBody;
+use bytes::Bytes;
 use http::{Request, Response};
+use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
 use parking_lot::Mutex;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 /// Idle HTTP/1.1 connections are closed after this long (below the 75 s nginx and most
@@ -48,6 +56,10 @@ pub const H2_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 pub const H2_MAX_CONNECTIONS: usize = 16;
 /// Most idle HTTP/1.1 connections one worker keeps per endpoint (nginx's `keepalive`).
 pub const MAX_IDLE_PER_ENDPOINT: usize = 256;
+/// An HTTP/2 connection is PINGed this often, idle or not, and closed when a PING goes
+/// unanswered for [`H2_PING_TIMEOUT`] (a half-dead peer is found before calls hang on it).
+pub const H2_PING_INTERVAL: Duration = Duration::from_secs(30);
+pub const H2_PING_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why a request could not be sent.
 #[derive(Debug)]
@@ -55,8 +67,73 @@ pub enum Error {
     /// No connection could be opened (or every one tried closed before the request was
     /// written); the request was not sent and is given back.
     Connect(std::io::Error, Box<Request<UpBody>>),
-    /// The exchange failed (the request may have reached the endpoint).
+    /// The HTTP/1.1 exchange failed (the request may have reached the endpoint).
     Http(hyper::Error),
+    /// The HTTP/2 exchange failed (the request may have reached the endpoint, unless
+    /// [`Error::never_processed`] says otherwise).
+    H2(h2::Error),
+}
+
+impl Error {
+    /// The endpoint refused the stream, or a graceful GOAWAY cut it off before the endpoint
+    /// saw it (its id was above the GOAWAY's last-stream-id): as safe to send again as a
+    /// connect failure.
+    pub fn never_processed(&self) -> bool {
+        match self {
+            Error::Connect(..) => true,
+            Error::Http(_) => false,
+            Error::H2(e) => {
+                e.reason() == Some(h2::Reason::REFUSED_STREAM)
+                    || (e.is_go_away() && e.reason() == Some(h2::Reason::NO_ERROR))
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Error::Connect(e, _) => e.fmt(f),
+            Error::Http(e) => e.fmt(f),
+            Error::H2(e) => e.fmt(f),
+        }
+    }
+}
+
+/// A response body from an upstream, whichever protocol it came over.
+#[derive(Debug)]
+pub enum RespBody {
+    Http1(Incoming),
+    Http2(H2Body),
+}
+
+impl Body for RespBody {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        match self.get_mut() {
+            RespBody::Http1(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            RespBody::Http2(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RespBody::Http1(b) => b.is_end_stream(),
+            RespBody::Http2(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            RespBody::Http1(b) => b.size_hint(),
+            RespBody::Http2(b) => b.size_hint(),
+        }
+    }
 }
 
 /// What a response body gives back when it is done with its connection.
@@ -103,12 +180,24 @@ struct Idle {
 
 #[derive(Debug)]
 struct H2Conn {
-    send: http2::SendRequest<UpBody>,
+    send: h2::client::SendRequest<Bytes>,
     streams: Arc<AtomicUsize>,
-    /// The peer's `SETTINGS_MAX_CONCURRENT_STREAMS`, published by the connection task
-    /// (hyper exposes it on the connection, not on the sender).
-    max_streams: Arc<AtomicUsize>,
+    /// Set when the connection ended or can take no new streams (GOAWAY received).
+    closed: Arc<AtomicBool>,
     last_used: Instant,
+}
+
+impl H2Conn {
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Relaxed)
+    }
+}
+
+/// A stream slot on an HTTP/2 connection, picked for one call.
+struct H2Pick {
+    send: h2::client::SendRequest<Bytes>,
+    slot: StreamSlot,
+    closed: Arc<AtomicBool>,
 }
 
 #[derive(Debug, Default)]
@@ -147,7 +236,7 @@ impl Pool {
         h2c: bool,
         req: Request<UpBody>,
         now: Instant,
-    ) -> impl Future<Output = Result<(Response<Incoming>, Lease), Error>> + Send + use<> {
+    ) -> impl Future<Output = Result<(Response<RespBody>, Lease), Error>> + Send + use<> {
         // Not an `async fn` over the two: that would add a layer that copies the inner
         // future into its own state on every request.
         let me = self.clone();
@@ -162,7 +251,7 @@ impl Pool {
         self: Arc<Self>,
         addr: SocketAddr,
         mut req: Request<UpBody>,
-    ) -> Result<(Response<Incoming>, Lease), Error> {
+    ) -> Result<(Response<RespBody>, Lease), Error> {
         loop {
             let (mut send, pooled) = match self.take_idle(addr) {
                 Some(s) => (s, true),
@@ -187,7 +276,7 @@ impl Pool {
                         addr,
                         send,
                     };
-                    return Ok((resp, lease));
+                    return Ok((resp.map(RespBody::Http1), lease));
                 }
                 Err(mut e) => match e.take_message() {
                     // Closed before the request was written: nothing was sent, so it goes
@@ -250,14 +339,18 @@ impl Pool {
     async fn send_h2(
         self: Arc<Self>,
         addr: SocketAddr,
-        mut req: Request<UpBody>,
+        req: Request<UpBody>,
         now: Instant,
-    ) -> Result<(Response<Incoming>, Lease), Error> {
-        // A connection found closed before the request went out gives the request back;
-        // it then goes to another (or a new) connection. Bounded: a connection that keeps
-        // closing under us is an endpoint problem, reported as such.
+    ) -> Result<(Response<RespBody>, Lease), Error> {
+        // A connection found closed before the request went out keeps the request; it then
+        // goes to another (or a new) connection. Bounded: a connection that keeps closing
+        // under us is an endpoint problem, reported as such.
         for _ in 0..3 {
-            let (mut send, slot) = match self.pick_h2(addr, now) {
+            let H2Pick {
+                mut send,
+                slot,
+                closed,
+            } = match self.pick_h2(addr, now) {
                 Ok(picked) => picked,
                 Err(connecting) => {
                     let waited_from = Instant::now();
@@ -284,17 +377,19 @@ impl Pool {
                     }
                 }
             };
-            // HTTP/2 readiness only fails on a closed connection; the next pick skips it.
-            if send.ready().await.is_err() {
+            // Not ready only when the connection is gone or was told GOAWAY: nothing was
+            // sent, so the next pick skips it and the request goes elsewhere.
+            if std::future::poll_fn(|cx| send.poll_ready(cx))
+                .await
+                .is_err()
+            {
+                closed.store(true, Ordering::Relaxed);
                 continue;
             }
-            match send.try_send_request(req).await {
-                Ok(resp) => return Ok((resp, Lease::Http2(slot))),
-                Err(mut e) => match e.take_message() {
-                    Some(r) => req = r,
-                    None => return Err(Error::Http(e.into_error())),
-                },
-            }
+            return match h2c::exchange(&mut send, req).await {
+                Ok(resp) => Ok((resp.map(RespBody::Http2), Lease::Http2(slot))),
+                Err(e) => Err(Error::H2(e)),
+            };
         }
         let e = std::io::Error::new(
             std::io::ErrorKind::ConnectionReset,
@@ -305,15 +400,14 @@ impl Pool {
 
     /// The least loaded open HTTP/2 connection with a free stream, or — when there is none
     /// and another connection may be opened — the lock to hold while opening it.
-    #[allow(clippy::type_complexity)]
     fn pick_h2(
         &self,
         addr: SocketAddr,
         now: Instant,
-    ) -> Result<(http2::SendRequest<UpBody>, StreamSlot), Arc<tokio::sync::Mutex<()>>> {
+    ) -> Result<H2Pick, Arc<tokio::sync::Mutex<()>>> {
         let mut map = self.endpoints.lock();
         let ep = map.entry(addr).or_default();
-        ep.h2.retain(|c| !c.send.is_closed());
+        ep.h2.retain(|c| !c.is_closed());
         let at_most = ep.h2.len() >= H2_MAX_CONNECTIONS;
         let best = ep
             .h2
@@ -321,14 +415,18 @@ impl Pool {
             .min_by_key(|c| c.streams.load(Ordering::Relaxed));
         match best {
             Some(c)
-                if c.streams.load(Ordering::Relaxed) < c.max_streams.load(Ordering::Relaxed)
-                    || at_most =>
+                if at_most
+                    || c.streams.load(Ordering::Relaxed) < c.send.current_max_send_streams() =>
             {
                 // When every connection is full and no more may be opened, the call waits
                 // in the least loaded connection's queue for a stream.
                 c.last_used = now;
                 c.streams.fetch_add(1, Ordering::Relaxed);
-                Ok((c.send.clone(), StreamSlot(c.streams.clone())))
+                Ok(H2Pick {
+                    send: c.send.clone(),
+                    slot: StreamSlot(c.streams.clone()),
+                    closed: c.closed.clone(),
+                })
             }
             _ => Err(ep.h2_connecting.clone()),
         }
@@ -342,19 +440,8 @@ impl Pool {
             .is_some_and(|t| t >= since)
     }
 
-    async fn connect_h2(
-        &self,
-        addr: SocketAddr,
-    ) -> std::io::Result<(http2::SendRequest<UpBody>, StreamSlot)> {
+    async fn connect_h2(&self, addr: SocketAddr) -> std::io::Result<H2Pick> {
         let io = self.tcp(addr).await?;
-        let (send, conn) = http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_timeout(Duration::from_secs(10))
-            .keep_alive_while_idle(true)
-            .handshake(io)
-            .await
-            .map_err(std::io::Error::other)?;
         // Until the peer's SETTINGS arrive, assume what its other connections were told or,
         // for the first, RFC 9113's recommended minimum of 100 (a cold burst beyond the real
         // limit waits in h2's queue on this connection; later bursts spread).
@@ -365,23 +452,49 @@ impl Pool {
             .and_then(|ep| {
                 ep.h2
                     .iter()
-                    .map(|c| c.max_streams.load(Ordering::Relaxed))
+                    .map(|c| c.send.current_max_send_streams())
                     .min()
             })
             .unwrap_or(100);
-        let max_streams = Arc::new(AtomicUsize::new(assumed));
-        let published = max_streams.clone();
-        let mut conn = conn;
+        // Windows as hyper's client sets them (2 MiB per stream, 5 MiB per connection): h2's
+        // 64 KiB defaults would cap a stream at one window per round trip.
+        let (send, mut conn) = h2::client::Builder::new()
+            .initial_max_send_streams(assumed)
+            .initial_window_size(2 * 1024 * 1024)
+            .initial_connection_window_size(5 * 1024 * 1024)
+            .max_header_list_size(64 * 1024)
+            .enable_push(false)
+            .handshake::<_, Bytes>(io.into_inner())
+            .await
+            .map_err(std::io::Error::other)?;
+        let closed = Arc::new(AtomicBool::new(false));
+        let ended = closed.clone();
+        let mut ping = conn.ping_pong();
         tokio::spawn(async move {
-            let ended = std::future::poll_fn(|cx| {
-                let polled = std::pin::Pin::new(&mut conn).poll(cx);
-                published.store(conn.current_max_send_streams(), Ordering::Relaxed);
-                polled
-            })
-            .await;
-            if let Err(e) = ended {
-                tracing::debug!(%addr, error = %e, "upstream HTTP/2 connection ended with an error");
+            let keepalive = async {
+                let Some(ping) = ping.as_mut() else {
+                    return std::future::pending().await;
+                };
+                loop {
+                    tokio::time::sleep(H2_PING_INTERVAL).await;
+                    match tokio::time::timeout(H2_PING_TIMEOUT, ping.ping(h2::Ping::opaque())).await
+                    {
+                        Ok(Ok(_)) => {}
+                        _ => return,
+                    }
+                }
+            };
+            tokio::select! {
+                r = &mut conn => {
+                    if let Err(e) = r {
+                        tracing::debug!(%addr, error = %e, "upstream HTTP/2 connection ended with an error");
+                    }
+                }
+                () = keepalive => {
+                    tracing::debug!(%addr, "upstream HTTP/2 connection did not answer a PING; closing it");
+                }
             }
+            ended.store(true, Ordering::Relaxed);
         });
         let streams = Arc::new(AtomicUsize::new(1));
         let slot = StreamSlot(streams.clone());
@@ -391,10 +504,10 @@ impl Pool {
         ep.h2.push(H2Conn {
             send: send.clone(),
             streams,
-            max_streams,
+            closed: closed.clone(),
             last_used: Instant::now(),
         });
-        Ok((send, slot))
+        Ok(H2Pick { send, slot, closed })
     }
 
     /// Closes connections idle for too long and forgets endpoints with none left.
@@ -404,7 +517,7 @@ impl Pool {
             ep.idle
                 .retain(|i| !i.send.is_closed() && now.duration_since(i.since) < IDLE_TIMEOUT);
             ep.h2.retain(|c| {
-                !c.send.is_closed()
+                !c.is_closed()
                     && (c.streams.load(Ordering::Relaxed) > 0
                         || now.duration_since(c.last_used) < H2_IDLE_TIMEOUT)
             });

@@ -1,0 +1,191 @@
+//! One exchange on an upstream HTTP/2 connection, straight on the `h2` crate: the request
+//! head is handed to the connection by the calling task, the request body is piped from that
+//! same task while it waits for the response head, and the response body is read from the
+//! stream as the client's connection asks for it.
+//!
+//! Why not hyper's HTTP/2 client: it routes every request through a channel to its
+//! connection task and spawns two tasks per request (one to pipe the request body, one to
+//! wait for the response and send it back over a oneshot). For a unary gRPC call that was
+//! four extra task wake-ups between the client's stream and the endpoint's, and a quarter of
+//! the agent's instructions per call went to that relay. Here the task that handles the
+//! client's stream drives the upstream stream itself; only a request body still streaming
+//! when the response head arrives (client or bidirectional streaming) is handed to a task of
+//! its own, so it keeps flowing while the response streams back (full duplex).
+
+use crate::replay::UpBody;
+use bytes::{Buf, Bytes};
+use h2::{RecvStream, SendStream};
+use http::{HeaderMap, Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+/// Sends `req` on `send` (which must have been polled ready) and waits for the response head
+/// while piping the request body.
+pub async fn exchange(
+    send: &mut h2::client::SendRequest<Bytes>,
+    req: Request<UpBody>,
+) -> Result<Response<H2Body>, h2::Error> {
+    let (parts, body) = req.into_parts();
+    let eos = body.is_end_stream();
+    let (mut response, stream) = send.send_request(Request::from_parts(parts, ()), eos)?;
+    let mut pipe = (!eos).then(|| Pipe {
+        body,
+        stream,
+        pending: None,
+    });
+    let head = std::future::poll_fn(|cx| {
+        if let Some(p) = pipe.as_mut()
+            && Pin::new(p).poll(cx).is_ready()
+        {
+            pipe = None;
+        }
+        Pin::new(&mut response).poll(cx)
+    })
+    .await;
+    let head = head?;
+    if let Some(p) = pipe {
+        // The client is still sending while the endpoint answers (streaming calls).
+        tokio::spawn(p);
+    }
+    Ok(head.map(H2Body::new))
+}
+
+/// Streams a request body into an HTTP/2 stream, honouring the stream's flow control (the
+/// same steps as hyper's own pipe: take a frame, claim send capacity for it, send).
+struct Pipe {
+    body: UpBody,
+    stream: SendStream<Bytes>,
+    /// A chunk waiting for send capacity, and whether it ends the body.
+    pending: Option<(Bytes, bool)>,
+}
+
+impl Future for Pipe {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        loop {
+            // The endpoint reset the stream (or answered and does not want the rest).
+            if this.stream.poll_reset(cx).is_ready() {
+                return Poll::Ready(());
+            }
+            if let Some((chunk, eos)) = this.pending.take() {
+                while this.stream.capacity() == 0 {
+                    match this.stream.poll_capacity(cx) {
+                        Poll::Pending => {
+                            this.pending = Some((chunk, eos));
+                            return Poll::Pending;
+                        }
+                        Poll::Ready(Some(Ok(0))) => {}
+                        Poll::Ready(Some(Ok(_))) => break,
+                        Poll::Ready(Some(Err(_)) | None) => return Poll::Ready(()),
+                    }
+                }
+                if this.stream.send_data(chunk, eos).is_err() || eos {
+                    return Poll::Ready(());
+                }
+                continue;
+            }
+            match ready!(Pin::new(&mut this.body).poll_frame(cx)) {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(chunk) => {
+                        let eos = this.body.is_end_stream();
+                        if chunk.is_empty() {
+                            if this.stream.send_data(chunk, eos).is_err() || eos {
+                                return Poll::Ready(());
+                            }
+                            continue;
+                        }
+                        // A claim of one byte, not the chunk: h2 raises it to what is
+                        // buffered, and a large claim per waiting stream can starve others
+                        // of the connection window (hyper#4003).
+                        this.stream.reserve_capacity(1);
+                        this.pending = Some((chunk, eos));
+                    }
+                    Err(frame) => {
+                        if let Ok(trailers) = frame.into_trailers() {
+                            this.stream.reserve_capacity(0);
+                            let _ = this.stream.send_trailers(trailers);
+                            return Poll::Ready(());
+                        }
+                    }
+                },
+                // The client's body broke off: the endpoint must not take the call as whole.
+                Some(Err(_)) => {
+                    this.stream.send_reset(h2::Reason::CANCEL);
+                    return Poll::Ready(());
+                }
+                None => {
+                    let _ = this.stream.send_data(Bytes::new(), true);
+                    return Poll::Ready(());
+                }
+            }
+        }
+    }
+}
+
+/// A response body read from an upstream HTTP/2 stream; received data is given back to the
+/// flow-control window as it is passed on, so the endpoint sends only as fast as the client
+/// reads.
+#[derive(Debug)]
+pub struct H2Body {
+    recv: RecvStream,
+    data_done: bool,
+    done: bool,
+}
+
+impl H2Body {
+    fn new(recv: RecvStream) -> Self {
+        let done = recv.is_end_stream();
+        Self {
+            recv,
+            data_done: done,
+            done,
+        }
+    }
+}
+
+impl Body for H2Body {
+    type Data = Bytes;
+    type Error = h2::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
+        let this = self.get_mut();
+        if this.done {
+            return Poll::Ready(None);
+        }
+        if !this.data_done {
+            match ready!(this.recv.poll_data(cx)) {
+                Some(Ok(chunk)) => {
+                    let _ = this.recv.flow_control().release_capacity(chunk.remaining());
+                    return Poll::Ready(Some(Ok(Frame::data(chunk))));
+                }
+                Some(Err(e)) => {
+                    this.done = true;
+                    return Poll::Ready(Some(Err(e)));
+                }
+                None => this.data_done = true,
+            }
+        }
+        let trailers: Result<Option<HeaderMap>, h2::Error> = ready!(this.recv.poll_trailers(cx));
+        this.done = true;
+        match trailers {
+            Ok(Some(t)) => Poll::Ready(Some(Ok(Frame::trailers(t)))),
+            Ok(None) => Poll::Ready(None),
+            Err(e) => Poll::Ready(Some(Err(e))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done || self.recv.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::default()
+    }
+}
