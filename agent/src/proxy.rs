@@ -161,10 +161,9 @@ impl Worker {
         let (parts, body) = req.into_parts();
         let Some(cache) = route.cache.clone() else {
             let body = up_body(body);
-            return Ok(Box::pin(
-                self.forward(parts, body, route, rule_idx, from_uri, peer, grpc, None),
-            )
-            .await);
+            return Ok(self
+                .forward(parts, body, route, rule_idx, from_uri, peer, grpc, None)
+                .await);
         };
         let host = host.to_string();
         // Boxed: the cache path's future is large, and keeping it inline would make every
