@@ -145,7 +145,7 @@ pub enum Lease {
     Http1 {
         pool: Arc<Pool>,
         addr: SocketAddr,
-        send: http1::SendRequest<UpBody>,
+        h1: H1,
     },
     /// A stream slot on an HTTP/2 connection.
     Http2(StreamSlot),
@@ -154,10 +154,17 @@ pub enum Lease {
 impl Lease {
     /// The response was read to the end: the connection may carry another request.
     pub fn release(self) {
-        if let Lease::Http1 { pool, addr, send } = self
-            && !send.is_closed()
+        if let Lease::Http1 { pool, addr, mut h1 } = self
+            && h1.is_open()
         {
-            pool.put_idle(addr, send);
+            pool.put_idle(addr, h1);
+        }
+    }
+
+    /// Drives the HTTP/1.1 connection the response body is read from (see [`H1`]).
+    pub fn drive(&mut self, cx: &mut Context<'_>) {
+        if let Lease::Http1 { h1, .. } = self {
+            h1.drive(cx);
         }
     }
 }
@@ -172,9 +179,50 @@ impl Drop for StreamSlot {
     }
 }
 
+/// An HTTP/1.1 connection with no task of its own: the task whose request it carries polls
+/// it — while waiting for the response head, and then from the response body (through its
+/// [`Lease`]) — so bytes read from the endpoint reach the client's connection without a
+/// wake-up of another task in between. A spawned connection task (hyper's usual layout)
+/// costs three task hand-offs per request: request in, response head out, and the body,
+/// which hyper hands over only after the reader asked for it.
+pub struct H1 {
+    send: http1::SendRequest<UpBody>,
+    conn: Pin<Box<http1::Connection<TokioIo<tokio::net::TcpStream>, UpBody>>>,
+    /// The connection future finished: the connection is closed.
+    ended: bool,
+}
+
+impl std::fmt::Debug for H1 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("H1").field("ended", &self.ended).finish()
+    }
+}
+
+impl H1 {
+    /// Lets the connection make progress (write the request, read the response, move body
+    /// bytes); `cx` is woken when it can make more.
+    fn drive(&mut self, cx: &mut Context<'_>) {
+        if !self.ended
+            && let Poll::Ready(r) = self.conn.as_mut().poll(cx)
+        {
+            self.ended = true;
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "upstream connection ended with an error");
+            }
+        }
+    }
+
+    /// Whether the connection is still open, found out without waiting: an idle connection
+    /// is polled by nobody, so a close by the endpoint is only seen when this looks.
+    fn is_open(&mut self) -> bool {
+        self.drive(&mut Context::from_waker(std::task::Waker::noop()));
+        !self.ended && !self.send.is_closed()
+    }
+}
+
 #[derive(Debug)]
 struct Idle {
-    send: http1::SendRequest<UpBody>,
+    h1: H1,
     since: Instant,
 }
 
@@ -253,28 +301,38 @@ impl Pool {
         mut req: Request<UpBody>,
     ) -> Result<(Response<RespBody>, Lease), Error> {
         loop {
-            let (mut send, pooled) = match self.take_idle(addr) {
-                Some(s) => (s, true),
+            let (mut h1, pooled) = match self.take_idle(addr) {
+                Some(h1) => (h1, true),
                 // Boxed: rare, and its future is large (TCP connect + handshake); inline it
                 // would be copied with every request's future.
                 None => match Box::pin(self.connect_h1(addr)).await {
-                    Ok(s) => (s, false),
+                    Ok(h1) => (h1, false),
                     Err(e) => return Err(Error::Connect(e, Box::new(req))),
                 },
             };
-            if !send.is_ready() {
-                // Released as soon as its response was read; the connection task may not
-                // have caught up yet.
-                if send.ready().await.is_err() {
+            if !h1.send.is_ready() {
+                // The connection signals readiness for the next request when it is polled.
+                let ready = std::future::poll_fn(|cx| {
+                    h1.drive(cx);
+                    h1.send.poll_ready(cx)
+                })
+                .await;
+                if ready.is_err() {
                     continue;
                 }
             }
-            match send.try_send_request(req).await {
+            let mut response = std::pin::pin!(h1.send.try_send_request(req));
+            let sent = std::future::poll_fn(|cx| {
+                h1.drive(cx);
+                response.as_mut().poll(cx)
+            })
+            .await;
+            match sent {
                 Ok(resp) => {
                     let lease = Lease::Http1 {
                         pool: self,
                         addr,
-                        send,
+                        h1,
                     };
                     return Ok((resp.map(RespBody::Http1), lease));
                 }
@@ -289,23 +347,23 @@ impl Pool {
         }
     }
 
-    fn take_idle(&self, addr: SocketAddr) -> Option<http1::SendRequest<UpBody>> {
+    fn take_idle(&self, addr: SocketAddr) -> Option<H1> {
         let mut map = self.endpoints.lock();
         let ep = map.get_mut(&addr)?;
-        while let Some(idle) = ep.idle.pop() {
-            if !idle.send.is_closed() {
-                return Some(idle.send);
+        while let Some(mut idle) = ep.idle.pop() {
+            if idle.h1.is_open() {
+                return Some(idle.h1);
             }
         }
         None
     }
 
-    fn put_idle(&self, addr: SocketAddr, send: http1::SendRequest<UpBody>) {
+    fn put_idle(&self, addr: SocketAddr, h1: H1) {
         let mut map = self.endpoints.lock();
         let ep = map.entry(addr).or_default();
         if ep.idle.len() < MAX_IDLE_PER_ENDPOINT {
             ep.idle.push(Idle {
-                send,
+                h1,
                 since: Instant::now(),
             });
         }
@@ -322,18 +380,17 @@ impl Pool {
         Ok(TokioIo::new(stream))
     }
 
-    async fn connect_h1(&self, addr: SocketAddr) -> std::io::Result<http1::SendRequest<UpBody>> {
+    async fn connect_h1(&self, addr: SocketAddr) -> std::io::Result<H1> {
         let io = self.tcp(addr).await?;
         let (send, conn) = http1::Builder::new()
             .handshake(io)
             .await
             .map_err(std::io::Error::other)?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::trace!(%addr, error = %e, "upstream connection ended with an error");
-            }
-        });
-        Ok(send)
+        Ok(H1 {
+            send,
+            conn: Box::pin(conn),
+            ended: false,
+        })
     }
 
     async fn send_h2(
@@ -515,7 +572,7 @@ impl Pool {
         let mut map = self.endpoints.lock();
         map.retain(|_, ep| {
             ep.idle
-                .retain(|i| !i.send.is_closed() && now.duration_since(i.since) < IDLE_TIMEOUT);
+                .retain_mut(|i| i.h1.is_open() && now.duration_since(i.since) < IDLE_TIMEOUT);
             ep.h2.retain(|c| {
                 !c.is_closed()
                     && (c.streams.load(Ordering::Relaxed) > 0
@@ -537,6 +594,7 @@ impl Pool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::replay::DownBody;
     use http_body_util::BodyExt;
     use std::sync::atomic::AtomicUsize;
 
@@ -566,6 +624,50 @@ mod tests {
         (addr, accepted)
     }
 
+    /// An origin that answers one request per connection (without `Connection: close`) and
+    /// closes the connection when told to, reporting each close.
+    async fn origin_answering_once() -> (
+        SocketAddr,
+        Arc<AtomicUsize>,
+        Arc<tokio::sync::Notify>,
+        tokio::sync::mpsc::UnboundedReceiver<()>,
+    ) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let close = Arc::new(tokio::sync::Notify::new());
+        let told = close.clone();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                let tx = tx.clone();
+                let told = told.clone();
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let _ = stream
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                        .await;
+                    told.notified().await;
+                    drop(stream);
+                    let _ = tx.send(());
+                });
+            }
+        });
+        (addr, accepted, close, rx)
+    }
+
     fn get(addr: SocketAddr) -> Request<UpBody> {
         let mut req = Request::new(UpBody::Empty);
         *req.uri_mut() = http::Uri::from_static("/");
@@ -585,9 +687,14 @@ mod tests {
                 .send(addr, false, get(addr), Instant::now())
                 .await
                 .expect("send");
-            let body = resp.into_body().collect().await.expect("body").to_bytes();
+            // Read as the proxy reads it: the body drives the connection and, read to the
+            // end, hands it back.
+            let body = DownBody::new(resp.into_body(), None, lease)
+                .collect()
+                .await
+                .expect("body")
+                .to_bytes();
             assert_eq!(&body[..], b"ok");
-            lease.release();
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
         assert_eq!(pool.counts(), (1, 0));
@@ -610,8 +717,45 @@ mod tests {
             .send(addr, false, get(addr), Instant::now())
             .await
             .expect("send");
-        resp.into_body().collect().await.expect("body");
-        lease.release();
+        DownBody::new(resp.into_body(), None, lease)
+            .collect()
+            .await
+            .expect("body");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        assert_eq!(pool.counts(), (1, 0));
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_the_origin_closed_is_not_used() {
+        let (addr, accepted, close, mut closed) = origin_answering_once().await;
+        let pool = Pool::new(Duration::from_secs(2));
+        let (resp, lease) = pool
+            .send(addr, false, get(addr), Instant::now())
+            .await
+            .expect("send");
+        DownBody::new(resp.into_body(), None, lease)
+            .collect()
+            .await
+            .expect("body");
+        assert_eq!(pool.counts(), (1, 0));
+        // The origin closed that connection after answering (keep-alive was implied, so the
+        // pool kept it). No task watches an idle connection: the next request must notice
+        // the close and open another connection instead of failing.
+        close.notify_one();
+        closed
+            .recv()
+            .await
+            .expect("origin closed the first connection");
+        let (resp, lease) = pool
+            .send(addr, false, get(addr), Instant::now())
+            .await
+            .expect("send after the idle connection was closed");
+        let body = DownBody::new(resp.into_body(), None, lease)
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes();
+        assert_eq!(&body[..], b"ok");
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
 
