@@ -295,13 +295,7 @@ impl Body for DownBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = self.get_mut();
-        let mut polled = Pin::new(&mut this.inner).poll_frame(cx);
-        if polled.is_pending() {
-            // An HTTP/1.1 body moves only when its connection is polled, and this task
-            // polls it (see `upstream::H1`); then the body may have something.
-            this.lease.drive(cx);
-            polled = Pin::new(&mut this.inner).poll_frame(cx);
-        }
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
         if let Poll::Ready(None) = polled {
             this.ended = true;
         }

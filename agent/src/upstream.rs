@@ -145,7 +145,7 @@ pub enum Lease {
     Http1 {
         pool: Arc<Pool>,
         addr: SocketAddr,
-        h1: H1,
+        send: http1::SendRequest<UpBody>,
     },
     /// A stream slot on an HTTP/2 connection.
     Http2(StreamSlot),
@@ -154,17 +154,10 @@ pub enum Lease {
 impl Lease {
     /// The response was read to the end: the connection may carry another request.
     pub fn release(self) {
-        if let Lease::Http1 { pool, addr, mut h1 } = self
-            && h1.is_open()
+        if let Lease::Http1 { pool, addr, send } = self
+            && !send.is_closed()
         {
-            pool.put_idle(addr, h1);
-        }
-    }
-
-    /// Drives the HTTP/1.1 connection the response body is read from (see [`H1`]).
-    pub fn drive(&mut self, cx: &mut Context<'_>) {
-        if let Lease::Http1 { h1, .. } = self {
-            h1.drive(cx);
+            pool.put_idle(addr, send);
         }
     }
 }
@@ -179,50 +172,9 @@ impl Drop for StreamSlot {
     }
 }
 
-/// An HTTP/1.1 connection with no task of its own: the task whose request it carries polls
-/// it — while waiting for the response head, and then from the response body (through its
-/// [`Lease`]) — so bytes read from the endpoint reach the client's connection without a
-/// wake-up of another task in between. A spawned connection task (hyper's usual layout)
-/// costs three task hand-offs per request: request in, response head out, and the body,
-/// which hyper hands over only after the reader asked for it.
-pub struct H1 {
-    send: http1::SendRequest<UpBody>,
-    conn: Pin<Box<http1::Connection<TokioIo<tokio::net::TcpStream>, UpBody>>>,
-    /// The connection future finished: the connection is closed.
-    ended: bool,
-}
-
-impl std::fmt::Debug for H1 {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("H1").field("ended", &self.ended).finish()
-    }
-}
-
-impl H1 {
-    /// Lets the connection make progress (write the request, read the response, move body
-    /// bytes); `cx` is woken when it can make more.
-    fn drive(&mut self, cx: &mut Context<'_>) {
-        if !self.ended
-            && let Poll::Ready(r) = self.conn.as_mut().poll(cx)
-        {
-            self.ended = true;
-            if let Err(e) = r {
-                tracing::debug!(error = %e, "upstream connection ended with an error");
-            }
-        }
-    }
-
-    /// Whether the connection is still open, found out without waiting: an idle connection
-    /// is polled by nobody, so a close by the endpoint is only seen when this looks.
-    fn is_open(&mut self) -> bool {
-        self.drive(&mut Context::from_waker(std::task::Waker::noop()));
-        !self.ended && !self.send.is_closed()
-    }
-}
-
 #[derive(Debug)]
 struct Idle {
-    h1: H1,
+    send: http1::SendRequest<UpBody>,
     since: Instant,
 }
 
@@ -301,38 +253,28 @@ impl Pool {
         mut req: Request<UpBody>,
     ) -> Result<(Response<RespBody>, Lease), Error> {
         loop {
-            let (mut h1, pooled) = match self.take_idle(addr) {
-                Some(h1) => (h1, true),
+            let (mut send, pooled) = match self.take_idle(addr) {
+                Some(s) => (s, true),
                 // Boxed: rare, and its future is large (TCP connect + handshake); inline it
                 // would be copied with every request's future.
                 None => match Box::pin(self.connect_h1(addr)).await {
-                    Ok(h1) => (h1, false),
+                    Ok(s) => (s, false),
                     Err(e) => return Err(Error::Connect(e, Box::new(req))),
                 },
             };
-            if !h1.send.is_ready() {
-                // The connection signals readiness for the next request when it is polled.
-                let ready = std::future::poll_fn(|cx| {
-                    h1.drive(cx);
-                    h1.send.poll_ready(cx)
-                })
-                .await;
-                if ready.is_err() {
+            if !send.is_ready() {
+                // Released as soon as its response was read; the connection task may not
+                // have caught up yet.
+                if send.ready().await.is_err() {
                     continue;
                 }
             }
-            let mut response = std::pin::pin!(h1.send.try_send_request(req));
-            let sent = std::future::poll_fn(|cx| {
-                h1.drive(cx);
-                response.as_mut().poll(cx)
-            })
-            .await;
-            match sent {
+            match send.try_send_request(req).await {
                 Ok(resp) => {
                     let lease = Lease::Http1 {
                         pool: self,
                         addr,
-                        h1,
+                        send,
                     };
                     return Ok((resp.map(RespBody::Http1), lease));
                 }
@@ -347,23 +289,23 @@ impl Pool {
         }
     }
 
-    fn take_idle(&self, addr: SocketAddr) -> Option<H1> {
+    fn take_idle(&self, addr: SocketAddr) -> Option<http1::SendRequest<UpBody>> {
         let mut map = self.endpoints.lock();
         let ep = map.get_mut(&addr)?;
-        while let Some(mut idle) = ep.idle.pop() {
-            if idle.h1.is_open() {
-                return Some(idle.h1);
+        while let Some(idle) = ep.idle.pop() {
+            if !idle.send.is_closed() {
+                return Some(idle.send);
             }
         }
         None
     }
 
-    fn put_idle(&self, addr: SocketAddr, h1: H1) {
+    fn put_idle(&self, addr: SocketAddr, send: http1::SendRequest<UpBody>) {
         let mut map = self.endpoints.lock();
         let ep = map.entry(addr).or_default();
         if ep.idle.len() < MAX_IDLE_PER_ENDPOINT {
             ep.idle.push(Idle {
-                h1,
+                send,
                 since: Instant::now(),
             });
         }
@@ -380,17 +322,18 @@ impl Pool {
         Ok(TokioIo::new(stream))
     }
 
-    async fn connect_h1(&self, addr: SocketAddr) -> std::io::Result<H1> {
+    async fn connect_h1(&self, addr: SocketAddr) -> std::io::Result<http1::SendRequest<UpBody>> {
         let io = self.tcp(addr).await?;
         let (send, conn) = http1::Builder::new()
             .handshake(io)
             .await
             .map_err(std::io::Error::other)?;
-        Ok(H1 {
-            send,
-            conn: Box::pin(conn),
-            ended: false,
-        })
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::trace!(%addr, error = %e, "upstream connection ended with an error");
+            }
+        });
+        Ok(send)
     }
 
     async fn send_h2(
@@ -572,7 +515,7 @@ impl Pool {
         let mut map = self.endpoints.lock();
         map.retain(|_, ep| {
             ep.idle
-                .retain_mut(|i| i.h1.is_open() && now.duration_since(i.since) < IDLE_TIMEOUT);
+                .retain(|i| !i.send.is_closed() && now.duration_since(i.since) < IDLE_TIMEOUT);
             ep.h2.retain(|c| {
                 !c.is_closed()
                     && (c.streams.load(Ordering::Relaxed) > 0
@@ -687,14 +630,9 @@ mod tests {
                 .send(addr, false, get(addr), Instant::now())
                 .await
                 .expect("send");
-            // Read as the proxy reads it: the body drives the connection and, read to the
-            // end, hands it back.
-            let body = DownBody::new(resp.into_body(), None, lease)
-                .collect()
-                .await
-                .expect("body")
-                .to_bytes();
+            let body = resp.into_body().collect().await.expect("body").to_bytes();
             assert_eq!(&body[..], b"ok");
+            lease.release();
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
         assert_eq!(pool.counts(), (1, 0));
@@ -717,12 +655,9 @@ mod tests {
             .send(addr, false, get(addr), Instant::now())
             .await
             .expect("send");
-        DownBody::new(resp.into_body(), None, lease)
-            .collect()
-            .await
-            .expect("body");
+        resp.into_body().collect().await.expect("body");
+        lease.release();
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
-        assert_eq!(pool.counts(), (1, 0));
     }
 
     #[tokio::test]
