@@ -423,13 +423,16 @@ impl Worker {
             let latency = done.saturating_duration_since(now);
             in_flight.finish(latency, nanos_at(done));
 
+            // A gRPC call whose deadline passed while its answer was on the way (the endpoint
+            // ran out the same `grpc-timeout`, and tonic, for one, answers CANCELLED): the
+            // client has given up by now, so it gets DEADLINE_EXCEEDED, not a race.
+            let result = if grpc && done >= deadline && result.is_ok() {
+                Ok(Err(upstream::Error::Late))
+            } else {
+                result
+            };
             let (failure, retryable, outcome) = match result {
-                // The call's deadline passed while its answer was on the way (the endpoint
-                // ran out the same `grpc-timeout` and tonic, for one, answers CANCELLED):
-                // the client has given up by now, so it gets DEADLINE_EXCEEDED, not a race.
-                Ok(_) if grpc && done >= deadline => {
-                    (true, false, Err(LocalReply::UpstreamTimeout))
-                }
+                Ok(Err(upstream::Error::Late)) => (true, false, Err(LocalReply::UpstreamTimeout)),
                 Ok(Ok((resp, lease))) => {
                     let status = resp.status().as_u16();
                     if grpc {

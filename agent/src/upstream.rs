@@ -72,6 +72,8 @@ pub enum Error {
     /// The HTTP/2 exchange failed (the request may have reached the endpoint, unless
     /// [`Error::never_processed`] says otherwise).
     H2(h2::Error),
+    /// Set by the caller, not the pool: the answer came after the call's deadline.
+    Late,
 }
 
 impl Error {
@@ -81,7 +83,7 @@ impl Error {
     pub fn never_processed(&self) -> bool {
         match self {
             Error::Connect(..) => true,
-            Error::Http(_) => false,
+            Error::Http(_) | Error::Late => false,
             Error::H2(e) => {
                 e.reason() == Some(h2::Reason::REFUSED_STREAM)
                     || (e.is_go_away() && e.reason() == Some(h2::Reason::NO_ERROR))
@@ -96,6 +98,7 @@ impl std::fmt::Display for Error {
             Error::Connect(e, _) => e.fmt(f),
             Error::Http(e) => e.fmt(f),
             Error::H2(e) => e.fmt(f),
+            Error::Late => f.write_str("answered after the deadline"),
         }
     }
 }

@@ -6,6 +6,7 @@ its throughput and latency table. Two measurements:
 
     python3 tests/bench/hot_path.py insn        # instructions per request of weir-agent
     python3 tests/bench/hot_path.py insn --bin-dir /tmp/old   # ... of another build
+    python3 tests/bench/hot_path.py grpc-insn   # instructions per unary gRPC call (h2c upstream)
     python3 tests/bench/hot_path.py cpu         # CPU µs per request: nginx, HAProxy, weir
     python3 tests/bench/hot_path.py cpu --profile weir --keep  # + perf record (DWARF stacks)
 
@@ -33,6 +34,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import grpc_bench as gb  # noqa: E402
 import proxy_bench as pb  # noqa: E402
 
 
@@ -88,29 +90,44 @@ def insn(args, d):
         subprocess.run(["apt-get", "install", "-y", "-qq", "valgrind"], check=True)
     out = f"{d}/callgrind"
     os.makedirs(out)
-    origins = pb.start_origins(d, 1)
-    pb.weir_manifests(f"{d}/config", 1)
-    pb.Weir.controller = pb.Weir.start_controller(d, f"{d}/config")
+    grpc = args.mode == "grpc-insn"
+    if grpc:
+        gb.start_endpoints(d)
+        gb.Weir.manifests(f"{d}/config")
+        pb.Weir.start_controller(d, f"{d}/config", grpc=gb.CTRL_GRPC, admin=gb.CTRL_ADMIN)
+        agent = gb.Weir(d, 1)
+    else:
+        pb.start_origins(d, 1)
+        pb.weir_manifests(f"{d}/config", 1)
+        pb.Weir.controller = pb.Weir.start_controller(d, f"{d}/config")
+        agent = pb.Weir(d, 1)
     plain_start = pb.start
     pb.start = lambda cmd, logfile, **kw: plain_start(
         ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}/cg.%p", *cmd], logfile, **kw)
-    agent = pb.Weir(d, 1)
     try:
         agent.start()
     finally:
         pb.start = plain_start
-    pb.wait_until(lambda: pb.http_get(agent.url(), pb.HOST, timeout=10)[0] == 200, 120, "agent", agent.proc)
-    pb.wrk(agent.url(), 3, connections=8)
+    if grpc:
+        agent.wait_ready()
+
+        def load(seconds):  # closed loop, 16 calls in flight on one connection
+            return gb.grpc_load(agent.port, 1, seconds, concurrency=16, warmup=0)["ok"]
+    else:
+        pb.wait_until(lambda: pb.http_get(agent.url(), pb.HOST, timeout=10)[0] == 200, 120, "agent", agent.proc)
+
+        def load(seconds):
+            return pb.wrk(agent.url(), seconds, connections=8)["requests"]
+    load(3)
     subprocess.run(["callgrind_control", "-z", str(agent.proc.pid)], capture_output=True, check=True)
-    w = pb.wrk(agent.url(), args.duration, connections=8)
+    reqs = load(args.duration)
     subprocess.run(["callgrind_control", "-d", "measured", str(agent.proc.pid)], capture_output=True, check=True)
     agent.stop()
-    pb.stop(origins)
     dumps = [f for f in glob.glob(f"{out}/cg.*") if f.endswith(".1")]
     total, cost = self_costs(dumps[0])
-    reqs = w["requests"]
-    print(f"weir-agent: {total / reqs:.0f} instructions per request ({reqs} requests, {dumps[0]})\n")
-    print("| instructions/req | share | function (self cost) |\n|---|---|---|")
+    what = "call" if grpc else "request"
+    print(f"weir-agent: {total / reqs:.0f} instructions per {what} ({reqs} {what}s, {dumps[0]})\n")
+    print(f"| instructions/{what} | share | function (self cost) |\n|---|---|---|")
     for f, c in cost.most_common(args.top):
         print(f"| {c / reqs:.0f} | {100 * c / total:.1f} % | `{f[:110]}` |")
 
@@ -165,7 +182,7 @@ def cpu(args, d):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", choices=["insn", "cpu"])
+    ap.add_argument("mode", choices=["insn", "grpc-insn", "cpu"])
     ap.add_argument("--rounds", type=int, default=2, help="cpu: rounds")
     ap.add_argument("--duration", type=int, default=10, help="seconds of measured load")
     ap.add_argument("--proxies", default="nginx,haproxy,weir", help="cpu: proxies, the first is the reference")
@@ -183,11 +200,12 @@ def main():
     d = tempfile.mkdtemp(prefix="weir-hot-path-")
     # Snapshot the binaries: a concurrent `cargo build` must not swap them mid-run.
     os.makedirs(f"{d}/bin")
-    for b in ["weir-agent", "weir-controller"]:
-        shutil.copy2(f"{pb.BIN}/{b}", f"{d}/bin/{b}")
+    for b in ["weir-agent", "weir-controller", "weir-grpc-load", "weir-echo-grpc"]:
+        if os.path.exists(f"{pb.BIN}/{b}"):
+            shutil.copy2(f"{pb.BIN}/{b}", f"{d}/bin/{b}")
     pb.BIN = f"{d}/bin"
     try:
-        (insn if args.mode == "insn" else cpu)(args, d)
+        (cpu if args.mode == "cpu" else insn)(args, d)
     finally:
         pb.cleanup()
         if not args.keep:
