@@ -39,6 +39,9 @@ pub struct CacheLabels {
     pub stat: &'static str,
 }
 
+/// gRPC calls by final status, route and endpoint.
+pub type GrpcCallsFamily = Family<GrpcLabels, Counter>;
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct GrpcLabels {
     pub route: String,
@@ -227,7 +230,7 @@ pub struct Metrics {
     /// Response cache counters and sizes, by route; refreshed when scraped.
     pub cache: Family<CacheLabels, Gauge<i64, AtomicI64>>,
     /// gRPC calls by final status, route and endpoint.
-    pub grpc_calls: Family<GrpcLabels, Counter>,
+    pub grpc_calls: GrpcCallsFamily,
     /// 1 healthy, 0 not (EndpointSlice ∧ active ∧ passive); refreshed on every table build.
     pub endpoint_healthy: Family<EndpointLabels, Gauge<i64, AtomicI64>>,
     pub table_version: Gauge<i64, AtomicI64>,
@@ -284,7 +287,7 @@ impl Metrics {
         let endpoint_failures = Family::<EndpointLabels, Counter>::default();
         let endpoint_ejections = Family::<EndpointLabels, Counter>::default();
         let endpoint_healthy = Family::<EndpointLabels, Gauge<i64, AtomicI64>>::default();
-        let grpc_calls = Family::<GrpcLabels, Counter>::default();
+        let grpc_calls = GrpcCallsFamily::default();
         let cache = Family::<CacheLabels, Gauge<i64, AtomicI64>>::default();
         registry.register(
             "cache",

@@ -9,11 +9,13 @@
 //! the request simply is not retried (the idea of linkerd2-proxy's `ReplayBody`, written here
 //! because it has to fit hyper 1's `Body` and our retry loop).
 
+use crate::metrics::GrpcCallsFamily;
 use crate::upstream::{Lease, RespBody};
 use bytes::Bytes;
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
+use prometheus_client::metrics::counter::Counter;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -218,25 +220,15 @@ pub type GrpcTally = Arc<GrpcCalls>;
 /// hashes them — per call, that was the largest cost of counting.
 #[derive(Debug)]
 pub struct GrpcCalls {
-    family: prometheus_client::metrics::family::Family<
-        crate::metrics::GrpcLabels,
-        prometheus_client::metrics::counter::Counter,
-    >,
+    family: GrpcCallsFamily,
     route: Arc<str>,
     endpoint: std::net::SocketAddr,
     /// Statuses 0..=16, the codes gRPC defines; others go through the family each time.
-    by_status: [std::sync::OnceLock<prometheus_client::metrics::counter::Counter>; 17],
+    by_status: [std::sync::OnceLock<Counter>; 17],
 }
 
 impl GrpcCalls {
-    pub fn new(
-        family: prometheus_client::metrics::family::Family<
-            crate::metrics::GrpcLabels,
-            prometheus_client::metrics::counter::Counter,
-        >,
-        route: Arc<str>,
-        endpoint: std::net::SocketAddr,
-    ) -> Self {
+    pub fn new(family: GrpcCallsFamily, route: Arc<str>, endpoint: std::net::SocketAddr) -> Self {
         Self {
             family,
             route,
@@ -245,7 +237,7 @@ impl GrpcCalls {
         }
     }
 
-    fn lookup(&self, status: u32) -> prometheus_client::metrics::counter::Counter {
+    fn lookup(&self, status: u32) -> Counter {
         self.family
             .get_or_create(&crate::metrics::GrpcLabels {
                 route: self.route.to_string(),

@@ -17,8 +17,6 @@ use crate::pick::{EndpointLoad, Picker, Placement, endpoint_id, zone_aware_weigh
 use crate::replay::{GrpcCalls, GrpcTally};
 use http::uri::{Authority, PathAndQuery};
 use http::{HeaderName, HeaderValue, Method};
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -221,7 +219,7 @@ impl Target {
     /// The counters a gRPC call to this target is counted in.
     pub fn grpc_calls(
         &self,
-        family: &Family<crate::metrics::GrpcLabels, Counter>,
+        family: &crate::metrics::GrpcCallsFamily,
         route: &Arc<str>,
     ) -> GrpcTally {
         self.grpc_calls

@@ -34,17 +34,14 @@ use crate::h2c::{self, H2Body};
 use crate::replay::UpBody;
 use bytes::Bytes;
 use http::{Request, Response};
-use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use parking_lot::Mutex;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 /// Idle HTTP/1.1 connections are closed after this long (below the 75 s nginx and most
@@ -72,8 +69,6 @@ pub enum Error {
     /// The HTTP/2 exchange failed (the request may have reached the endpoint, unless
     /// [`Error::never_processed`] says otherwise).
     H2(h2::Error),
-    /// Set by the caller, not the pool: the answer came after the call's deadline.
-    Late,
 }
 
 impl Error {
@@ -83,7 +78,7 @@ impl Error {
     pub fn never_processed(&self) -> bool {
         match self {
             Error::Connect(..) => true,
-            Error::Http(_) | Error::Late => false,
+            Error::Http(_) => false,
             Error::H2(e) => {
                 e.reason() == Some(h2::Reason::REFUSED_STREAM)
                     || (e.is_go_away() && e.reason() == Some(h2::Reason::NO_ERROR))
@@ -98,46 +93,13 @@ impl std::fmt::Display for Error {
             Error::Connect(e, _) => e.fmt(f),
             Error::Http(e) => e.fmt(f),
             Error::H2(e) => e.fmt(f),
-            Error::Late => f.write_str("answered after the deadline"),
         }
     }
 }
 
-/// A response body from an upstream, whichever protocol it came over.
-#[derive(Debug)]
-pub enum RespBody {
-    Http1(Incoming),
-    Http2(H2Body),
-}
-
-impl Body for RespBody {
-    type Data = Bytes;
-    type Error = Box<dyn std::error::Error + Send + Sync>;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        match self.get_mut() {
-            RespBody::Http1(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
-            RespBody::Http2(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            RespBody::Http1(b) => b.is_end_stream(),
-            RespBody::Http2(b) => b.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            RespBody::Http1(b) => b.size_hint(),
-            RespBody::Http2(b) => b.size_hint(),
-        }
-    }
-}
+/// A response body from an upstream, whichever protocol it came over: HTTP/1.1 (left) or
+/// HTTP/2 (right).
+pub type RespBody = http_body_util::Either<Incoming, H2Body>;
 
 /// What a response body gives back when it is done with its connection.
 #[derive(Debug, Default)]
@@ -279,7 +241,7 @@ impl Pool {
                         addr,
                         send,
                     };
-                    return Ok((resp.map(RespBody::Http1), lease));
+                    return Ok((resp.map(RespBody::Left), lease));
                 }
                 Err(mut e) => match e.take_message() {
                     // Closed before the request was written: nothing was sent, so it goes
@@ -314,7 +276,7 @@ impl Pool {
         }
     }
 
-    async fn tcp(&self, addr: SocketAddr) -> std::io::Result<TokioIo<tokio::net::TcpStream>> {
+    async fn tcp(&self, addr: SocketAddr) -> std::io::Result<tokio::net::TcpStream> {
         let stream =
             tokio::time::timeout(self.connect_timeout, tokio::net::TcpStream::connect(addr))
                 .await
@@ -322,13 +284,13 @@ impl Pool {
                     std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")
                 })??;
         stream.set_nodelay(true)?;
-        Ok(TokioIo::new(stream))
+        Ok(stream)
     }
 
     async fn connect_h1(&self, addr: SocketAddr) -> std::io::Result<http1::SendRequest<UpBody>> {
         let io = self.tcp(addr).await?;
         let (send, conn) = http1::Builder::new()
-            .handshake(io)
+            .handshake(TokioIo::new(io))
             .await
             .map_err(std::io::Error::other)?;
         tokio::spawn(async move {
@@ -390,7 +352,7 @@ impl Pool {
                 continue;
             }
             return match h2c::exchange(&mut send, req).await {
-                Ok(resp) => Ok((resp.map(RespBody::Http2), Lease::Http2(slot))),
+                Ok(resp) => Ok((resp.map(RespBody::Right), Lease::Http2(slot))),
                 Err(e) => Err(Error::H2(e)),
             };
         }
@@ -467,7 +429,7 @@ impl Pool {
             .initial_connection_window_size(5 * 1024 * 1024)
             .max_header_list_size(64 * 1024)
             .enable_push(false)
-            .handshake::<_, Bytes>(io.into_inner())
+            .handshake::<_, Bytes>(io)
             .await
             .map_err(std::io::Error::other)?;
         let closed = Arc::new(AtomicBool::new(false));
@@ -544,8 +506,13 @@ mod tests {
     use http_body_util::BodyExt;
     use std::sync::atomic::AtomicUsize;
 
-    /// An HTTP/1.1 server on loopback answering "ok", counting the connections it accepts.
-    async fn origin() -> (SocketAddr, Arc<AtomicUsize>) {
+    /// A loopback listener that counts the connections it accepts and hands each to
+    /// `serve` on a task of its own.
+    async fn listener<F, Fut>(serve: F) -> (SocketAddr, Arc<AtomicUsize>)
+    where
+        F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -555,19 +522,25 @@ mod tests {
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 count.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(|_req| async {
-                        Ok::<_, std::convert::Infallible>(http::Response::new(
-                            http_body_util::Full::new(bytes::Bytes::from_static(b"ok")),
-                        ))
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
-                });
+                tokio::spawn(serve(stream));
             }
         });
         (addr, accepted)
+    }
+
+    /// An HTTP/1.1 server on loopback answering "ok", counting the connections it accepts.
+    async fn origin() -> (SocketAddr, Arc<AtomicUsize>) {
+        listener(|stream| async move {
+            let svc = hyper::service::service_fn(|_req| async {
+                Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(
+                    bytes::Bytes::from_static(b"ok"),
+                )))
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        })
+        .await
     }
 
     /// An origin that answers one request per connection (without `Connection: close`) and
@@ -579,38 +552,29 @@ mod tests {
         tokio::sync::mpsc::UnboundedReceiver<()>,
     ) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let count = accepted.clone();
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let close = Arc::new(tokio::sync::Notify::new());
         let told = close.clone();
-        tokio::spawn(async move {
-            while let Ok((mut stream, _)) = listener.accept().await {
-                count.fetch_add(1, Ordering::SeqCst);
-                let tx = tx.clone();
-                let told = told.clone();
-                tokio::spawn(async move {
-                    let mut head = Vec::new();
-                    let mut buf = [0u8; 1024];
-                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match stream.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => head.extend_from_slice(&buf[..n]),
-                        }
+        let (addr, accepted) = listener(move |mut stream| {
+            let (tx, told) = (tx.clone(), told.clone());
+            async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
                     }
-                    let _ = stream
-                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                        .await;
-                    told.notified().await;
-                    drop(stream);
-                    let _ = tx.send(());
-                });
+                }
+                let _ = stream
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .await;
+                told.notified().await;
+                drop(stream);
+                let _ = tx.send(());
             }
-        });
+        })
+        .await;
         (addr, accepted, close, rx)
     }
 
