@@ -56,6 +56,19 @@ async fn start(dir: &Path) -> (Controller, Agent) {
     (controller, agent)
 }
 
+/// Echo servers on `ips`, a local-mode controller routing host `echo` to them with the
+/// default policy, and an agent, ready.
+async fn echo_agent(
+    ips: &[&str],
+    opts: Options,
+) -> (tempfile::TempDir, Vec<grpc::EchoHandle>, Controller, Agent) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = servers(ips, opts).await;
+    setup(dir.path(), &ips_of(&s), s[0].addr.port(), "");
+    let (controller, agent) = start(dir.path()).await;
+    (dir, s, controller, agent)
+}
+
 fn req(payload: &[u8]) -> pb::EchoRequest {
     pb::EchoRequest {
         payload: payload.to_vec(),
@@ -65,14 +78,11 @@ fn req(payload: &[u8]) -> pb::EchoRequest {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unary_calls_on_one_connection_spread_over_every_endpoint() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let s = servers(
+    let (_dir, _s, _c, agent) = echo_agent(
         &["127.0.20.11", "127.0.20.12", "127.0.20.13"],
         Options::default(),
     )
     .await;
-    setup(dir.path(), &ips_of(&s), s[0].addr.port(), "");
-    let (_c, agent) = start(dir.path()).await;
     let mut client = grpc::client(agent.listen, HOST).await.expect("client");
     let mut counts: BTreeMap<String, usize> = BTreeMap::new();
     for _ in 0..300 {
@@ -90,10 +100,7 @@ async fn unary_calls_on_one_connection_spread_over_every_endpoint() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_messages_streams_ping_pong_details_and_deadlines_pass_through() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let s = servers(&["127.0.21.11"], Options::default()).await;
-    setup(dir.path(), &ips_of(&s), s[0].addr.port(), "");
-    let (_c, agent) = start(dir.path()).await;
+    let (_dir, _s, _c, agent) = echo_agent(&["127.0.21.11"], Options::default()).await;
     let mut client = grpc::client(agent.listen, HOST).await.expect("client");
 
     // 3 MiB both ways.
@@ -335,16 +342,13 @@ async fn an_endpoint_shutting_down_gracefully_fails_no_call() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_beyond_an_endpoints_stream_limit_go_to_another_connection() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let s = servers(
+    let (_dir, s, _c, agent) = echo_agent(
         &["127.0.25.11"],
         Options {
             max_concurrent_streams: Some(10),
         },
     )
     .await;
-    setup(dir.path(), &ips_of(&s), s[0].addr.port(), "");
-    let (_c, agent) = start(dir.path()).await;
     let client = grpc::client(agent.listen, HOST).await.expect("client");
     // One call first, so the agent's connection has the endpoint's SETTINGS (limit 10)
     // before the burst; a cold burst is covered by the assertion on all 100 succeeding.
@@ -384,10 +388,7 @@ async fn calls_beyond_an_endpoints_stream_limit_go_to_another_connection() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rapid_reset_flood_is_cut_off_without_hurting_other_clients() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let s = servers(&["127.0.26.11"], Options::default()).await;
-    setup(dir.path(), &ips_of(&s), s[0].addr.port(), "");
-    let (_c, agent) = start(dir.path()).await;
+    let (_dir, s, _c, agent) = echo_agent(&["127.0.26.11"], Options::default()).await;
 
     // The attacker: raw HTTP/2, 5,000 streams each opened and reset at once.
     let flood = tokio::spawn(async move {
@@ -534,10 +535,7 @@ async fn flood(tcp: tokio::net::TcpStream, frames: impl Iterator<Item = Vec<u8>>
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn continuation_settings_and_ping_floods_do_not_hurt_other_clients() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let s = servers(&["127.0.28.11"], Options::default()).await;
-    setup(dir.path(), &ips_of(&s), s[0].addr.port(), "");
-    let (_c, agent) = start(dir.path()).await;
+    let (_dir, s, _c, agent) = echo_agent(&["127.0.28.11"], Options::default()).await;
     let mut honest = grpc::client(agent.listen, HOST).await.expect("client");
     honest.unary(req(b"before")).await.expect("honest call");
 

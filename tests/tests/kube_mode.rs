@@ -36,6 +36,16 @@ async fn cluster() -> (FakeApiServer, tempfile::TempDir) {
     (fake, dir)
 }
 
+/// [`cluster`] with one controller replica and one agent connected to it.
+async fn cluster_with_agent() -> (FakeApiServer, tempfile::TempDir, Controller, Agent) {
+    let (fake, dir) = cluster().await;
+    let controller = Controller::start_kube(&dir.path().join("kubeconfig"), &[])
+        .await
+        .expect("controller");
+    let agent = Agent::start(&controller.url(), None).await.expect("agent");
+    (fake, dir, controller, agent)
+}
+
 fn ep(ip: &str) -> String {
     format!("{ip}:{PORT}")
 }
@@ -46,11 +56,7 @@ fn routed(config: &serde_json::Value, ip: &str) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_gets_routes_listed_from_the_api_server() {
-    let (fake, dir) = cluster().await;
-    let controller = Controller::start_kube(&dir.path().join("kubeconfig"), &[])
-        .await
-        .expect("controller");
-    let agent = Agent::start(&controller.url(), None).await.expect("agent");
+    let (fake, _dir, _controller, agent) = cluster_with_agent().await;
     let config = agent
         .wait_config(0, |c| routed(c, "127.0.3.11") && routed(c, "127.0.3.12"))
         .await;
@@ -60,11 +66,7 @@ async fn agent_gets_routes_listed_from_the_api_server() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleted_service_and_deleted_policy_reach_status_and_the_agent() {
-    let (fake, dir) = cluster().await;
-    let controller = Controller::start_kube(&dir.path().join("kubeconfig"), &[])
-        .await
-        .expect("controller");
-    let agent = Agent::start(&controller.url(), None).await.expect("agent");
+    let (fake, _dir, _controller, agent) = cluster_with_agent().await;
     let v = agent.wait_config(0, |c| routed(c, "127.0.3.11")).await["version"]
         .as_u64()
         .unwrap_or(0);
@@ -98,11 +100,7 @@ async fn deleted_service_and_deleted_policy_reach_status_and_the_agent() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn endpoint_turning_unready_in_an_endpointslice_reaches_the_agent() {
-    let (fake, dir) = cluster().await;
-    let controller = Controller::start_kube(&dir.path().join("kubeconfig"), &[])
-        .await
-        .expect("controller");
-    let agent = Agent::start(&controller.url(), None).await.expect("agent");
+    let (fake, _dir, _controller, agent) = cluster_with_agent().await;
     let v = agent
         .wait_config(0, |c| routed(c, "127.0.3.11") && routed(c, "127.0.3.12"))
         .await["version"]
@@ -122,11 +120,7 @@ async fn endpoint_turning_unready_in_an_endpointslice_reaches_the_agent() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_expired_with_410_gone_makes_the_controller_relist_and_converge() {
-    let (fake, dir) = cluster().await;
-    let controller = Controller::start_kube(&dir.path().join("kubeconfig"), &[])
-        .await
-        .expect("controller");
-    let agent = Agent::start(&controller.url(), None).await.expect("agent");
+    let (fake, _dir, _controller, agent) = cluster_with_agent().await;
     let v = agent.wait_config(0, |c| routed(c, "127.0.3.11")).await["version"]
         .as_u64()
         .unwrap_or(0);
@@ -184,11 +178,7 @@ fn lease_holder(fake: &FakeApiServer) -> Option<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_is_patched_with_accepted_programmed_and_rejection_reasons() {
-    let (fake, dir) = cluster().await;
-    let controller = Controller::start_kube(&dir.path().join("kubeconfig"), &[])
-        .await
-        .expect("controller");
-    let agent = Agent::start(&controller.url(), None).await.expect("agent");
+    let (fake, _dir, _controller, agent) = cluster_with_agent().await;
     agent.wait_ready().await;
 
     wait_for(
