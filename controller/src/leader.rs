@@ -58,7 +58,7 @@ pub async fn run(
     identity: String,
     config: Config,
     leader: watch::Sender<bool>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
     let api: Api<Lease> = Api::namespaced(client, &namespace);
     let mut observed: Option<Observed> = None;
@@ -91,7 +91,7 @@ pub async fn run(
         }
         tokio::select! {
             _ = tokio::time::sleep(config.renew_every) => {}
-            () = async { let _ = shutdown.wait_for(|stop| *stop).await; } => {
+            () = crate::stopping(shutdown.clone()) => {
                 // Stop writing status first, then give the Lease up.
                 if leader.send_replace(false) {
                     match release(&api, &identity).await {

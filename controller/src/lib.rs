@@ -18,3 +18,9 @@ pub mod source;
 pub mod status;
 pub mod tls;
 pub mod validate;
+
+/// Resolves once `stop` is (or turns) true: the shutdown signal every long-running part of
+/// the controller (gRPC server, agent sessions, leader election) waits on.
+pub async fn stopping(mut stop: tokio::sync::watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use weir_controller::{admin, hub::Hub, leader, local, nodeagent, server, status, tls};
+use weir_controller::{admin, hub::Hub, leader, local, nodeagent, server, status, stopping, tls};
 use weir_proto::v1::routing_discovery_server::RoutingDiscoveryServer;
 
 #[derive(Parser, Debug)]
@@ -280,10 +280,6 @@ fn default_identity() -> String {
 const SHUTDOWN_DRAIN: Duration = Duration::from_secs(5);
 
 /// Resolves once the controller has been told to stop.
-async fn stopping(mut stop: tokio::sync::watch::Receiver<bool>) {
-    let _ = stop.wait_for(|s| *s).await;
-}
-
 async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]

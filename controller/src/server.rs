@@ -247,7 +247,7 @@ impl Session {
                     }
                     None => return,
                 },
-                () = async { let _ = self.stop.wait_for(|s| *s).await; } => {
+                () = crate::stopping(self.stop.clone()) => {
                     let _ = self
                         .tx
                         .send(Err(Status::unavailable(
