@@ -31,11 +31,7 @@ pub async fn exchange(
     let (parts, body) = req.into_parts();
     let eos = body.is_end_stream();
     let (mut response, stream) = send.send_request(Request::from_parts(parts, ()), eos)?;
-    let mut pipe = (!eos).then(|| Pipe {
-        body,
-        stream,
-        pending: None,
-    });
+    let mut pipe = (!eos).then(|| Pipe::new(body, stream));
     let head = std::future::poll_fn(|cx| {
         if let Some(p) = pipe.as_mut()
             && Pin::new(p).poll(cx).is_ready()
@@ -53,16 +49,27 @@ pub async fn exchange(
     Ok(head.map(H2Body::new))
 }
 
-/// Streams a request body into an HTTP/2 stream, honouring the stream's flow control (the
-/// same steps as hyper's own pipe: take a frame, claim send capacity for it, send).
-struct Pipe {
-    body: UpBody,
+/// Streams a body into an HTTP/2 stream, honouring the stream's flow control (the same steps
+/// as hyper's own pipe: take a frame, claim send capacity for it, send). Used for request
+/// bodies to endpoints and response bodies to clients.
+pub struct Pipe<B> {
+    body: B,
     stream: SendStream<Bytes>,
     /// A chunk waiting for send capacity, and whether it ends the body.
     pending: Option<(Bytes, bool)>,
 }
 
-impl Future for Pipe {
+impl<B> Pipe<B> {
+    pub fn new(body: B, stream: SendStream<Bytes>) -> Self {
+        Self {
+            body,
+            stream,
+            pending: None,
+        }
+    }
+}
+
+impl<B: Body<Data = Bytes> + Unpin> Future for Pipe<B> {
     type Output = ();
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
@@ -113,7 +120,7 @@ impl Future for Pipe {
                         }
                     }
                 },
-                // The client's body broke off: the endpoint must not take the call as whole.
+                // The body broke off: the peer must not take the message as whole.
                 Some(Err(_)) => {
                     this.stream.send_reset(h2::Reason::CANCEL);
                     return Poll::Ready(());
@@ -127,23 +134,31 @@ impl Future for Pipe {
     }
 }
 
-/// A response body read from an upstream HTTP/2 stream; received data is given back to the
-/// flow-control window as it is passed on, so the endpoint sends only as fast as the client
-/// reads.
+/// A body read from an HTTP/2 stream (a response from an endpoint, or a request from a
+/// client); received data is given back to the flow-control window as it is passed on, so
+/// the sender sends only as fast as the other side reads.
 #[derive(Debug)]
 pub struct H2Body {
     recv: RecvStream,
     data_done: bool,
     done: bool,
+    /// Bytes still to come when the message announced its length.
+    remaining: Option<u64>,
 }
 
 impl H2Body {
     fn new(recv: RecvStream) -> Self {
+        Self::request(recv, None)
+    }
+
+    /// A client's request body; `len` is its `Content-Length`, if any.
+    pub fn request(recv: RecvStream, len: Option<u64>) -> Self {
         let done = recv.is_end_stream();
         Self {
             recv,
             data_done: done,
             done,
+            remaining: len,
         }
     }
 }
@@ -163,7 +178,11 @@ impl Body for H2Body {
         if !this.data_done {
             match ready!(this.recv.poll_data(cx)) {
                 Some(Ok(chunk)) => {
-                    let _ = this.recv.flow_control().release_capacity(chunk.remaining());
+                    let n = chunk.remaining();
+                    if let Some(r) = this.remaining.as_mut() {
+                        *r = r.saturating_sub(n as u64);
+                    }
+                    let _ = this.recv.flow_control().release_capacity(n);
                     return Poll::Ready(Some(Ok(Frame::data(chunk))));
                 }
                 Some(Err(e)) => {
@@ -187,6 +206,9 @@ impl Body for H2Body {
     }
 
     fn size_hint(&self) -> SizeHint {
-        SizeHint::default()
+        match self.remaining {
+            Some(n) => SizeHint::with_exact(n),
+            None => SizeHint::default(),
+        }
     }
 }

@@ -10,6 +10,7 @@ pub mod balance;
 pub mod cache;
 pub mod checks;
 pub mod client;
+pub mod downstream;
 pub mod h2c;
 pub mod health;
 pub mod metrics;

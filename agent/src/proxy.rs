@@ -11,10 +11,11 @@
 //! in flight keeps the route it started with while new requests see a new table at once.
 
 use crate::cache::{Cache, Fill, FillAction, Lookup, TeeBody, XCache};
+use crate::downstream;
 use crate::health::{Event, Outcome, ms_at, nanos_at};
 use crate::metrics::{LocalReply, RouteCounters};
 use crate::pick::InFlight;
-use crate::replay::{DownBody, ReplayBody, UpBody};
+use crate::replay::{DownBody, ReplayBody, ReqBody, UpBody};
 use crate::state::Shared;
 use crate::table::{RouteRt, RuleRt, Target, upstream_uri};
 use crate::upstream::{self, Pool};
@@ -24,7 +25,7 @@ use http::{Method, Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Body as _;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -81,7 +82,7 @@ impl Worker {
     /// Handles one request from `peer` (its IP pre-rendered as a header value).
     pub async fn handle(
         self: Arc<Self>,
-        req: Request<Incoming>,
+        req: Request<ReqBody>,
         peer: HeaderValue,
     ) -> Result<Response<Body>, Infallible> {
         let grpc = is_grpc(req.headers());
@@ -183,7 +184,7 @@ impl Worker {
         cache: Cache,
         host: String,
         mut parts: http::request::Parts,
-        body: Incoming,
+        body: ReqBody,
         route: Arc<RouteRt>,
         rule_idx: usize,
         from_uri: bool,
@@ -575,7 +576,7 @@ pub const REPLAY_LIMIT: usize = 64 * 1024;
 
 /// The upstream body for a client's request body. Most requests have none: nothing to
 /// stream, nothing to keep for a retry.
-fn up_body(body: Incoming) -> UpBody {
+fn up_body(body: ReqBody) -> UpBody {
     if body.is_end_stream() {
         UpBody::Empty
     } else {
@@ -909,26 +910,12 @@ pub async fn serve(
             pool.sweep(Instant::now());
         }
     });
-    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
+    let mut http1 = hyper::server::conn::http1::Builder::new();
+    http1
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
         .max_buf_size(64 * 1024);
-    // HTTP/2 abuse limits, per connection: a rapid-reset flood (CVE-2023-44487) hits the cap
-    // on streams reset before they were accepted and the connection is closed with GOAWAY;
-    // header blocks (CONTINUATION floods) are capped at 64 KiB; a stream the client resets
-    // drops its request future, which cancels the upstream request.
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(1024)
-        .max_pending_accept_reset_streams(Some(64))
-        .max_local_error_reset_streams(Some(256))
-        .max_header_list_size(64 * 1024)
-        .keep_alive_interval(Some(Duration::from_secs(60)))
-        .keep_alive_timeout(Duration::from_secs(20));
-    let builder = Arc::new(builder);
+    let http1 = Arc::new(http1);
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(s) => s,
@@ -941,13 +928,26 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let worker = worker.clone();
-        let builder = builder.clone();
+        let http1 = http1.clone();
+        let first_bytes = limits.header_read_timeout;
         tokio::spawn(async move {
             let peer = peer_header(peer.ip());
-            let svc =
-                hyper::service::service_fn(move |req| worker.clone().handle(req, peer.clone()));
-            if let Err(e) = builder.serve_connection(TokioIo::new(stream), svc).await {
-                tracing::trace!(error = %e, "connection ended with an error");
+            // A client that never sends its first bytes is a slowloris too.
+            let Ok(Some(proto)) =
+                tokio::time::timeout(first_bytes, downstream::detect(stream)).await
+            else {
+                return;
+            };
+            match proto {
+                downstream::Protocol::H2(io) => downstream::serve_h2(io, worker, peer).await,
+                downstream::Protocol::Http1(io) => {
+                    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                        worker.clone().handle(req.map(Either::Left), peer.clone())
+                    });
+                    if let Err(e) = http1.serve_connection(TokioIo::new(io), svc).await {
+                        tracing::trace!(error = %e, "connection ended with an error");
+                    }
+                }
             }
         });
     }

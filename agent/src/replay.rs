@@ -9,6 +9,7 @@
 //! the request simply is not retried (the idea of linkerd2-proxy's `ReplayBody`, written here
 //! because it has to fit hyper 1's `Body` and our retry loop).
 
+use crate::h2c::H2Body;
 use crate::metrics::GrpcCallsFamily;
 use crate::upstream::{Lease, RespBody};
 use bytes::Bytes;
@@ -20,9 +21,14 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
+/// A client's request body: from hyper's HTTP/1.1 server, or from an h2c stream.
+pub type ReqBody = http_body_util::Either<Incoming, H2Body>;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 #[derive(Debug)]
 struct Source {
-    body: Incoming,
+    body: ReqBody,
     chunks: Vec<Bytes>,
     trailers: Option<HeaderMap>,
     buffered: usize,
@@ -43,7 +49,7 @@ pub struct ReplayBody {
 }
 
 impl ReplayBody {
-    pub fn new(body: Incoming, limit: usize) -> Self {
+    pub fn new(body: ReqBody, limit: usize) -> Self {
         let ended = body.is_end_stream();
         Self {
             source: Arc::new(Mutex::new(Source {
@@ -86,12 +92,12 @@ impl ReplayBody {
 
 impl Body for ReplayBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
         let mut src = this.source.lock().unwrap_or_else(|e| e.into_inner());
         if this.pos < src.chunks.len() {
@@ -162,7 +168,7 @@ impl Body for ReplayBody {
 #[derive(Debug)]
 pub enum UpBody {
     /// Streamed once: the request will not be retried.
-    Stream(Incoming),
+    Stream(ReqBody),
     Replay(ReplayBody),
     /// No body (a request the agent makes itself, such as a cache refresh).
     Empty,
@@ -170,12 +176,12 @@ pub enum UpBody {
 
 impl Body for UpBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             UpBody::Stream(b) => Pin::new(b).poll_frame(cx),
             UpBody::Replay(b) => Pin::new(b).poll_frame(cx),

@@ -12,8 +12,8 @@ reference, and the medians per build are printed.
     python3 tests/bench/ab.py http --builds x=target/release --no-nginx --rate 20000
 
 Per run: saturation (wrk -c64 for HTTP/1.1, closed-loop weir-grpc-load with 64 calls in
-flight for gRPC) with CPU µs per request of the proxy's processes and, for HTTP/1.1,
-syscalls and context switches per request (perf stat, if perf is installed); then the
+flight for gRPC) with CPU µs per request of the proxy's processes and syscalls and context
+switches per request (perf stat, if perf is installed); then the
 open-loop latency at --rate (default: half of the first nginx saturation figure).
 """
 
@@ -68,14 +68,16 @@ def run_http(p, args, rate, res, label):
 def run_grpc(p, args, rate, res, label, k):
     gb.grpc_load(p.port, k, 2, concurrency=64, warmup=0)
     pids = p.pids()
+    stat = perf_counts(pids, args.duration - 1)
     c0 = pb.cpu_seconds(pids)
     s = gb.grpc_load(p.port, k, args.duration, concurrency=64, warmup=0)
     c1 = pb.cpu_seconds(pids)
+    extra = perf_result(stat, s["calls_per_s"] * (args.duration - 1))
     rate = rate or s["calls_per_s"] / 2
     lat = gb.grpc_load(p.port, k, args.duration, rate=rate, warmup=1)
     cpu = (c1 - c0) * 1e6 / max(s["ok"], 1)
     record(res, label, k, s["calls_per_s"], cpu, lat)
-    return rate, f"sat {s['calls_per_s']:7.0f}/s cpu/call {cpu:5.1f}us | @{rate:.0f}/s " + lat_text(lat)
+    return rate, f"sat {s['calls_per_s']:7.0f}/s cpu/call {cpu:5.1f}us{extra} | @{rate:.0f}/s " + lat_text(lat)
 
 
 def lat_text(lat):

@@ -435,3 +435,84 @@ async fn hostile_clients_get_clear_answers_and_nothing_is_smuggled() {
         .expect("request");
     assert_eq!(ok.status, 200);
 }
+
+/// One request over an h2c connection (HTTP/2 with prior knowledge, as
+/// `curl --http2-prior-knowledge` sends it); returns the answer's head and body.
+async fn h2_request(
+    h2: &mut h2::client::SendRequest<bytes::Bytes>,
+    method: &str,
+    uri: &str,
+    body: Option<bytes::Bytes>,
+) -> (http::response::Parts, Vec<u8>) {
+    let mut req = http::Request::builder().method(method).uri(uri);
+    if let Some(b) = &body {
+        req = req.header("content-length", b.len());
+    }
+    let req = req.body(()).expect("request");
+    let h2c = h2.clone().ready().await.expect("ready");
+    *h2 = h2c;
+    let (resp, mut send) = h2.send_request(req, body.is_none()).expect("send");
+    if let Some(b) = body {
+        send.send_data(b, true).expect("data");
+    }
+    let (parts, mut recv) = resp.await.expect("response").into_parts();
+    let mut got = Vec::new();
+    while let Some(chunk) = recv.data().await {
+        let chunk = chunk.expect("chunk");
+        let _ = recv.flow_control().release_capacity(chunk.len());
+        got.extend_from_slice(&chunk);
+    }
+    (parts, got)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_http2_clients_reach_http1_backends() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let group = start_group(&["127.0.17.21"], "web")
+        .await
+        .expect("backends");
+    setup(
+        dir.path(),
+        "web.test",
+        &addrs(&group),
+        group[0].addr.port(),
+        "",
+    );
+    let (_c, agent) = start(dir.path()).await;
+    let tcp = tokio::net::TcpStream::connect(agent.listen)
+        .await
+        .expect("connect");
+    let (mut h2, conn) = h2::client::handshake(tcp).await.expect("handshake");
+    tokio::spawn(conn);
+
+    let (head, body) = h2_request(&mut h2, "GET", "http://web.test/", None).await;
+    assert_eq!(head.status, 200);
+    assert!(
+        String::from_utf8_lossy(&body).starts_with("hello from web"),
+        "{body:?}"
+    );
+    let via = head
+        .headers
+        .get("x-echo-via")
+        .expect("via reached the backend");
+    assert!(via.to_str().unwrap_or("").contains("weir"), "{via:?}");
+
+    // A body larger than one HTTP/2 window, with its length announced: forwarded whole to
+    // the HTTP/1.1 backend.
+    let before = group[0].hits();
+    let big = bytes::Bytes::from(vec![b'x'; 200 * 1024]);
+    let (head, _) = h2_request(&mut h2, "POST", "http://web.test/upload", Some(big)).await;
+    assert_eq!(head.status, 200);
+    assert_eq!(group[0].hits(), before + 1);
+
+    // The agent's own answers carry their length and the reason.
+    let (head, body) = h2_request(&mut h2, "GET", "http://nowhere.test/", None).await;
+    assert_eq!(head.status, 404);
+    assert!(head.headers.contains_key("x-weir-error"), "{head:?}");
+    assert_eq!(
+        head.headers
+            .get("content-length")
+            .and_then(|v| v.to_str().ok()),
+        Some(body.len().to_string().as_str())
+    );
+}
