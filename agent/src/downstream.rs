@@ -204,7 +204,20 @@ pub async fn serve_h2(io: Rewind, worker: Arc<Worker>, peer: HeaderValue) {
                 }
             }
         }
-        while let Poll::Ready(Some(())) = streams.poll_next_unpin(cx) {}
+        // FuturesUnordered hands back control after polling 32 futures (it wakes the task
+        // and returns Pending). With more streams ready than that, the upstream connections
+        // would then write the first 32 calls, and the rest in a write of their own: at 64
+        // calls in flight on one connection that doubled the writes per call. So it gets
+        // one more turn per 32 streams, which still bounds the work of one poll.
+        let mut turns = (streams.len() / 32).min(8);
+        loop {
+            match streams.poll_next_unpin(cx) {
+                Poll::Ready(Some(())) => {}
+                Poll::Ready(None) => break,
+                Poll::Pending if turns == 0 => break,
+                Poll::Pending => turns -= 1,
+            }
+        }
         Poll::Pending
     });
     tokio::select! {

@@ -31,7 +31,7 @@ pub async fn exchange(
     let (parts, body) = req.into_parts();
     let eos = body.is_end_stream();
     let (mut response, stream) = send.send_request(Request::from_parts(parts, ()), eos)?;
-    let mut pipe = (!eos).then(|| Pipe::new(body, stream));
+    let mut pipe = (!eos).then(|| Pipe::new(body, stream).eager());
     let head = std::future::poll_fn(|cx| {
         if let Some(p) = pipe.as_mut()
             && Pin::new(p).poll(cx).is_ready()
@@ -57,6 +57,8 @@ pub struct Pipe<B> {
     stream: SendStream<Bytes>,
     /// A chunk waiting for send capacity, and whether it ends the body.
     pending: Option<(Bytes, bool)>,
+    /// The first chunk may go without waiting for capacity (see [`Pipe::eager`]).
+    eager: bool,
 }
 
 impl<B> Pipe<B> {
@@ -65,7 +67,19 @@ impl<B> Pipe<B> {
             body,
             stream,
             pending: None,
+            eager: false,
         }
+    }
+
+    /// For a request: a first chunk of up to 16 KiB (one frame) is handed to h2 at once.
+    /// Capacity on a stream that is not open yet comes only after the connection task wrote
+    /// the HEADERS, so waiting for it cost a second write per request (unary calls: 0.6 →
+    /// 0.46 syscalls per call at saturation); h2 holds the chunk until the stream's window
+    /// (64 KiB unless the peer says less) lets it go, so flow control still holds. Responses
+    /// do not need it: a client's stream is open, and capacity is granted at once.
+    pub fn eager(mut self) -> Self {
+        self.eager = true;
+        self
     }
 }
 
@@ -100,7 +114,9 @@ impl<B: Body<Data = Bytes> + Unpin> Future for Pipe<B> {
                 Some(Ok(frame)) => match frame.into_data() {
                     Ok(chunk) => {
                         let eos = this.body.is_end_stream();
-                        if chunk.is_empty() {
+                        if chunk.is_empty()
+                            || (std::mem::take(&mut this.eager) && chunk.len() <= 16 * 1024)
+                        {
                             if this.stream.send_data(chunk, eos).is_err() || eos {
                                 return Poll::Ready(());
                             }
