@@ -35,8 +35,8 @@ use tokio::net::TcpStream;
 /// The client connection preface of HTTP/2 with prior knowledge (RFC 9113 §3.4).
 const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-/// Idle HTTP/2 client connections are PINGed this often and closed when a PING goes
-/// unanswered for [`PING_TIMEOUT`] (the values the agent used with hyper's server).
+/// HTTP/2 client connections are PINGed this often, busy or not, and closed when a PING
+/// goes unanswered for [`PING_TIMEOUT`] (the values the agent used with hyper's server).
 const PING_INTERVAL: Duration = Duration::from_secs(60);
 const PING_TIMEOUT: Duration = Duration::from_secs(20);
 
