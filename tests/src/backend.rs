@@ -151,6 +151,14 @@ pub async fn serve(
                     }
                 }
                 async move {
+                    // Read the whole body before answering (as a real application does), so
+                    // the proxy never sees its request cut off by an early answer; its size
+                    // is echoed for body-forwarding tests.
+                    if let Ok(body) = http_body_util::BodyExt::collect(req.into_body()).await {
+                        let len = body.to_bytes().len();
+                        resp.headers_mut()
+                            .insert("x-echo-body-length", http::HeaderValue::from(len));
+                    }
                     match mode {
                         Mode::Hang => std::future::pending::<()>().await,
                         Mode::Delay(ms) => {

@@ -504,6 +504,12 @@ async fn plain_http2_clients_reach_http1_backends() {
     let (head, _) = h2_request(&mut h2, "POST", "http://web.test/upload", Some(big)).await;
     assert_eq!(head.status, 200);
     assert_eq!(group[0].hits(), before + 1);
+    assert_eq!(
+        head.headers
+            .get("x-echo-body-length")
+            .and_then(|v| v.to_str().ok()),
+        Some("204800")
+    );
 
     // The agent's own answers carry their length and the reason.
     let (head, body) = h2_request(&mut h2, "GET", "http://nowhere.test/", None).await;
