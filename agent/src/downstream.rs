@@ -4,11 +4,12 @@
 //! Why not hyper's HTTP/2 server: it spawns a task per stream, so every gRPC call crossed
 //! the connection's task, the stream's task and the upstream connection's task, with a
 //! wake-up at each hand-off, and each hand-off waited in the run queue behind other calls'
-//! work — the largest part of the gap between weir's and nginx's p50 at the same CPU. Here a
-//! connection's streams are futures polled by the connection's own task (as nginx handles a
-//! connection's streams in its event loop): a call crosses the client's connection and the
-//! upstream's, nothing else. Frames the streams queue are written by the same poll, so the
-//! answers of all calls that finished together leave in one write.
+//! work. Here a connection's streams are futures polled by the connection's own task (as
+//! nginx handles a connection's streams in its event loop): a call crosses the client's
+//! connection and the upstream's, nothing else. Frames the streams queue are written by the
+//! connection's next poll, so the answers of calls that finished together leave in one
+//! write. With the two write fixes in `h2c.rs`, weir's p50 went from 1.15–1.26× nginx's to
+//! 0.85–1.08× (`tests/bench/CACHE_AND_GRPC.md`, session 4).
 //!
 //! HTTP/1.1 connections still go to hyper, over [`Rewind`] so that it sees the bytes read
 //! for the protocol check.
@@ -182,10 +183,10 @@ pub async fn serve_h2(io: Rewind, worker: Arc<Worker>, peer: HeaderValue) {
     let served = poll_fn(|cx| {
         wake.task.register(cx.waker());
         // The connection is polled only when it asked to be (its socket is ready, or a
-        // stream queued frames), not whenever a stream is woken: a connection polled at each
-        // wake-up read and wrote in smaller pieces (twice the syscalls per call at
-        // saturation on one connection), and frames queued by the streams below are better
-        // written after the worker's other ready tasks ran, in one write.
+        // stream queued frames), not whenever a stream is woken; frames the streams queue
+        // below are written by its next poll. Polling it at every wake-up measured the same
+        // in a short A/B but 6–8 % more CPU per call in a 5-round grpc_bench.py run
+        // (session 4, tests/bench/CACHE_AND_GRPC.md), so the own waker stays.
         if wake.woken.swap(false, Ordering::AcqRel) {
             let mut ccx = Context::from_waker(&conn_waker);
             loop {
@@ -206,9 +207,9 @@ pub async fn serve_h2(io: Rewind, worker: Arc<Worker>, peer: HeaderValue) {
         }
         // FuturesUnordered hands back control after polling 32 futures (it wakes the task
         // and returns Pending). With more streams ready than that, the upstream connections
-        // would then write the first 32 calls, and the rest in a write of their own: at 64
-        // calls in flight on one connection that doubled the writes per call. So it gets
-        // one more turn per 32 streams, which still bounds the work of one poll.
+        // would write the first 32 calls, and the rest in a write of their own (64 calls in
+        // flight on one connection: 0.64 → 0.56 writes per call). So it gets one more turn
+        // per 32 streams, which still bounds the work of one poll.
         let mut turns = (streams.len() / 32).min(8);
         loop {
             match streams.poll_next_unpin(cx) {
