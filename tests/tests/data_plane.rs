@@ -37,6 +37,13 @@ async fn start(dir: &Path) -> (Controller, Agent) {
     (controller, agent)
 }
 
+/// Route `web.test` over the in-process backends of `group` (policy lines `spec`), then a
+/// controller and an agent on it.
+async fn web_agent(dir: &Path, group: &[Backend], spec: &str) -> (Controller, Agent) {
+    setup(dir, "web.test", &addrs(group), group[0].addr.port(), spec);
+    start(dir).await
+}
+
 /// The `/config` entry of endpoint `addr` in route default/web.
 fn endpoint<'a>(cfg: &'a serde_json::Value, addr: &str) -> Option<&'a serde_json::Value> {
     cfg["routes"][0]["rules"][0]["backends"]
@@ -113,14 +120,7 @@ async fn a_backend_that_never_answers_is_ejected_and_costs_clients_nothing() {
         .await
         .expect("backends");
     group[1].set_mode(Mode::Hang);
-    setup(
-        dir.path(),
-        "web.test",
-        &addrs(&group),
-        group[0].addr.port(),
-        "  timeout: 5s\n  retry: {attempts: 2, on: [timeout, connect-failure, reset], perTryTimeout: 200ms}\n  outlierDetection: {consecutiveErrors: 2, baseEjectionTime: 60s, maxEjectionPercent: 50}\n",
-    );
-    let (_c, agent) = start(dir.path()).await;
+    let (_c, agent) = web_agent(dir.path(), &group, "  timeout: 5s\n  retry: {attempts: 2, on: [timeout, connect-failure, reset], perTryTimeout: 200ms}\n  outlierDetection: {consecutiveErrors: 2, baseEjectionTime: 60s, maxEjectionPercent: 50}\n").await;
     let client = http_client();
     let hanging = group[1].addr.to_string();
     for _ in 0..40 {
@@ -148,14 +148,7 @@ async fn a_failing_backend_is_ejected_and_readmitted_after_it_recovers() {
         .await
         .expect("backends");
     group[1].set_mode(Mode::Status(503));
-    setup(
-        dir.path(),
-        "web.test",
-        &addrs(&group),
-        group[0].addr.port(),
-        "  retry: {attempts: 1, on: [\"503\"]}\n  outlierDetection: {consecutiveErrors: 3, baseEjectionTime: 1s, maxEjectionPercent: 50}\n",
-    );
-    let (_c, agent) = start(dir.path()).await;
+    let (_c, agent) = web_agent(dir.path(), &group, "  retry: {attempts: 1, on: [\"503\"]}\n  outlierDetection: {consecutiveErrors: 3, baseEjectionTime: 1s, maxEjectionPercent: 50}\n").await;
     let client = http_client();
     let failing = group[1].addr.to_string();
     for _ in 0..30 {
@@ -191,14 +184,7 @@ async fn active_health_checks_take_a_sick_endpoint_out_and_bring_it_back() {
     let group = start_group(&["127.0.13.11", "127.0.13.12"], "web")
         .await
         .expect("backends");
-    setup(
-        dir.path(),
-        "web.test",
-        &addrs(&group),
-        group[0].addr.port(),
-        "  healthCheck: {path: /healthz, interval: 100ms, timeout: 500ms, healthyThreshold: 1, unhealthyThreshold: 2}\n",
-    );
-    let (_c, agent) = start(dir.path()).await;
+    let (_c, agent) = web_agent(dir.path(), &group, "  healthCheck: {path: /healthz, interval: 100ms, timeout: 500ms, healthyThreshold: 1, unhealthyThreshold: 2}\n").await;
     let sick = group[1].addr.to_string();
     group[1].set_mode(Mode::Status(500));
     wait_for("active check verdict", || async {
@@ -279,14 +265,12 @@ async fn peak_ewma_sends_less_to_a_slow_endpoint() {
         .await
         .expect("backends");
     group[1].set_mode(Mode::Delay(50));
-    setup(
+    let (_c, agent) = web_agent(
         dir.path(),
-        "web.test",
-        &addrs(&group),
-        group[0].addr.port(),
+        &group,
         "  loadBalancer: {algorithm: PeakEwma}\n",
-    );
-    let (_c, agent) = start(dir.path()).await;
+    )
+    .await;
     let counts = spread(agent.listen, "web.test", 400, 4, None).await;
     let slow = counts.get(&group[1].addr.to_string()).copied().unwrap_or(0);
     assert!(
@@ -301,14 +285,12 @@ async fn ring_hash_keeps_a_key_on_one_endpoint() {
     let group = start_group(&["127.0.15.11", "127.0.15.12", "127.0.15.13"], "web")
         .await
         .expect("backends");
-    setup(
+    let (_c, agent) = web_agent(
         dir.path(),
-        "web.test",
-        &addrs(&group),
-        group[0].addr.port(),
+        &group,
         "  loadBalancer: {algorithm: RingHash, hashOn: {header: x-user-id}}\n",
-    );
-    let (_c, agent) = start(dir.path()).await;
+    )
+    .await;
     let mut owners = BTreeMap::new();
     for user in 0..30 {
         let counts = spread(
@@ -333,14 +315,12 @@ async fn the_circuit_opens_when_an_endpoint_has_too_many_requests_in_flight() {
         .await
         .expect("backends");
     group[0].set_mode(Mode::Delay(300));
-    setup(
+    let (_c, agent) = web_agent(
         dir.path(),
-        "web.test",
-        &addrs(&group),
-        group[0].addr.port(),
+        &group,
         "  circuitBreaker: {maxRequestsPerEndpoint: 2}\n",
-    );
-    let (_c, agent) = start(dir.path()).await;
+    )
+    .await;
     let mut tasks = Vec::new();
     for _ in 0..8 {
         let listen = agent.listen;
@@ -389,14 +369,7 @@ async fn hostile_clients_get_clear_answers_and_nothing_is_smuggled() {
     let group = start_group(&["127.0.17.11"], "web")
         .await
         .expect("backends");
-    setup(
-        dir.path(),
-        "web.test",
-        &addrs(&group),
-        group[0].addr.port(),
-        "",
-    );
-    let (_c, agent) = start(dir.path()).await;
+    let (_c, agent) = web_agent(dir.path(), &group, "").await;
 
     // Oversized request head: 431, never forwarded.
     let big = format!(
@@ -471,14 +444,7 @@ async fn plain_http2_clients_reach_http1_backends() {
     let group = start_group(&["127.0.17.21"], "web")
         .await
         .expect("backends");
-    setup(
-        dir.path(),
-        "web.test",
-        &addrs(&group),
-        group[0].addr.port(),
-        "",
-    );
-    let (_c, agent) = start(dir.path()).await;
+    let (_c, agent) = web_agent(dir.path(), &group, "").await;
     let tcp = tokio::net::TcpStream::connect(agent.listen)
         .await
         .expect("connect");
