@@ -14,7 +14,7 @@
 //! HTTP/1.1 connections still go to hyper, over [`Rewind`] so that it sees the bytes read
 //! for the protocol check.
 
-use crate::h2c::{H2Body, Pipe};
+use crate::h2c::{self, H2Body, Pipe};
 use crate::proxy::{self, Worker};
 use bytes::Bytes;
 use futures::stream::{FuturesUnordered, StreamExt};
@@ -161,19 +161,7 @@ pub async fn serve_h2(io: Rewind, worker: Arc<Worker>, peer: HeaderValue) {
             return;
         }
     };
-    let mut ping = conn.ping_pong();
-    let keepalive = async {
-        let Some(ping) = ping.as_mut() else {
-            return std::future::pending().await;
-        };
-        loop {
-            tokio::time::sleep(PING_INTERVAL).await;
-            match tokio::time::timeout(PING_TIMEOUT, ping.ping(h2::Ping::opaque())).await {
-                Ok(Ok(_)) => {}
-                _ => return,
-            }
-        }
-    };
+    let keepalive = h2c::keepalive(conn.ping_pong(), PING_INTERVAL, PING_TIMEOUT);
     let mut streams = FuturesUnordered::new();
     let wake = Arc::new(ConnWake {
         woken: AtomicBool::new(true),

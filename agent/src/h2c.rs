@@ -21,6 +21,7 @@ use http_body::{Body, Frame, SizeHint};
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 /// Sends `req` on `send` (which must have been polled ready) and waits for the response head
 /// while piping the request body.
@@ -47,6 +48,22 @@ pub async fn exchange(
         tokio::spawn(p);
     }
     Ok(head.map(H2Body::new))
+}
+
+/// Keeps an HTTP/2 connection alive from our side: a PING every `interval`, busy or not.
+/// Returns when one goes unanswered for `timeout` (the peer is gone or stuck); never if the
+/// connection gave no `PingPong`.
+pub async fn keepalive(ping: Option<h2::PingPong>, interval: Duration, timeout: Duration) {
+    let Some(mut ping) = ping else {
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::time::sleep(interval).await;
+        match tokio::time::timeout(timeout, ping.ping(h2::Ping::opaque())).await {
+            Ok(Ok(_)) => {}
+            _ => return,
+        }
+    }
 }
 
 /// Streams a body into an HTTP/2 stream, honouring the stream's flow control (the same steps

@@ -286,7 +286,7 @@ impl Drop for DownBody {
 
 impl Body for DownBody {
     type Data = Bytes;
-    type Error = Box<dyn std::error::Error + Send + Sync>;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,

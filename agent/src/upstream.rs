@@ -434,21 +434,8 @@ impl Pool {
             .map_err(std::io::Error::other)?;
         let closed = Arc::new(AtomicBool::new(false));
         let ended = closed.clone();
-        let mut ping = conn.ping_pong();
+        let keepalive = h2c::keepalive(conn.ping_pong(), H2_PING_INTERVAL, H2_PING_TIMEOUT);
         tokio::spawn(async move {
-            let keepalive = async {
-                let Some(ping) = ping.as_mut() else {
-                    return std::future::pending().await;
-                };
-                loop {
-                    tokio::time::sleep(H2_PING_INTERVAL).await;
-                    match tokio::time::timeout(H2_PING_TIMEOUT, ping.ping(h2::Ping::opaque())).await
-                    {
-                        Ok(Ok(_)) => {}
-                        _ => return,
-                    }
-                }
-            };
             tokio::select! {
                 r = &mut conn => {
                     if let Err(e) = r {
