@@ -12,6 +12,7 @@ pub mod cache;
 pub mod checks;
 pub mod client;
 pub mod downstream;
+pub mod h1c;
 pub mod h2c;
 pub mod health;
 pub mod metrics;

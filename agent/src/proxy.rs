@@ -613,7 +613,7 @@ impl Drop for Active<'_> {
 }
 
 /// Methods RFC 9110 §9.2.2 calls idempotent: safe to send twice.
-fn is_idempotent(m: &Method) -> bool {
+pub(crate) fn is_idempotent(m: &Method) -> bool {
     matches!(
         *m,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE

@@ -24,7 +24,7 @@ use std::task::{Context, Poll};
 /// A client's request body: from hyper's HTTP/1.1 server, or from an h2c stream.
 pub type ReqBody = http_body_util::Either<Incoming, H2Body>;
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 #[derive(Debug)]
 struct Source {

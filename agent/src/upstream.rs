@@ -1,6 +1,6 @@
-//! Upstream connections: one pool per worker, keyed by endpoint address — HTTP/1.1 on
-//! hyper's connection API (`hyper::client::conn::http1`), HTTP/2 on the `h2` crate directly
-//! (see [`crate::h2c`] for why not hyper's HTTP/2 client).
+//! Upstream connections: one pool per worker, keyed by endpoint address — HTTP/1.1 driven
+//! by the request's own task (see [`crate::h1c`] for why not hyper's HTTP/1.1 client),
+//! HTTP/2 on the `h2` crate directly (see [`crate::h2c`] for why not hyper's HTTP/2 client).
 //!
 //! Why not hyper-util's `legacy::Client`: its pool is built for many threads sharing one
 //! client — a mutex over a SipHash map keyed by cloned scheme + authority, a boxed race
@@ -12,9 +12,10 @@
 //! - **HTTP/1.1**: a LIFO stack of idle keep-alive connections per endpoint (the most recently
 //!   used connection is the one least likely to have been closed by the server). A request
 //!   takes one or opens a new one; the response body hands the connection back when it has
-//!   been read to the end (`Lease`), so no task is spawned per request. A connection that
-//!   turns out to be closed before the request was written gives the request back and the
-//!   request goes to another connection, invisibly to the client.
+//!   been read to the end, so no task runs per connection or per request. A connection
+//!   found closed when taken is dropped; one whose close raced an idempotent request without
+//!   a body gives the request back and it goes to another connection, invisibly to the
+//!   client.
 //! - **HTTP/2 (h2c)**: a few multiplexed connections per endpoint. A call goes to the
 //!   connection with the fewest streams in flight that is below the peer's
 //!   `SETTINGS_MAX_CONCURRENT_STREAMS`; when every connection is full another one is opened
@@ -30,13 +31,11 @@
 //! [`H2_IDLE_TIMEOUT`] (they are kept alive with PINGs meanwhile), by a sweep every few
 //! seconds ([`Pool::sweep`]).
 
+use crate::h1c::{self, H1Body, H1Error};
 use crate::h2c::{self, H2Body};
 use crate::replay::UpBody;
 use bytes::Bytes;
 use http::{Request, Response};
-use hyper::body::Incoming;
-use hyper::client::conn::http1;
-use hyper_util::rt::TokioIo;
 use parking_lot::Mutex;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -65,7 +64,7 @@ pub enum Error {
     /// written); the request was not sent and is given back.
     Connect(std::io::Error, Box<Request<UpBody>>),
     /// The HTTP/1.1 exchange failed (the request may have reached the endpoint).
-    Http(hyper::Error),
+    Http(H1Error),
     /// The HTTP/2 exchange failed (the request may have reached the endpoint, unless
     /// [`Error::never_processed`] says otherwise).
     H2(h2::Error),
@@ -99,32 +98,21 @@ impl std::fmt::Display for Error {
 
 /// A response body from an upstream, whichever protocol it came over: HTTP/1.1 (left) or
 /// HTTP/2 (right).
-pub type RespBody = http_body_util::Either<Incoming, H2Body>;
+pub type RespBody = http_body_util::Either<H1Body, H2Body>;
 
 /// What a response body gives back when it is done with its connection.
 #[derive(Debug, Default)]
 pub enum Lease {
+    /// Nothing to hand back (an HTTP/1.1 body hands its connection back itself).
     #[default]
     None,
-    /// An HTTP/1.1 connection, reusable once its response has been read to the end.
-    Http1 {
-        pool: Arc<Pool>,
-        addr: SocketAddr,
-        send: http1::SendRequest<UpBody>,
-    },
     /// A stream slot on an HTTP/2 connection.
     Http2(StreamSlot),
 }
 
 impl Lease {
-    /// The response was read to the end: the connection may carry another request.
-    pub fn release(self) {
-        if let Lease::Http1 { pool, addr, send } = self
-            && !send.is_closed()
-        {
-            pool.put_idle(addr, send);
-        }
-    }
+    /// The response was read to the end: the stream slot is free.
+    pub fn release(self) {}
 }
 
 /// Counts one stream in flight on an HTTP/2 connection until dropped.
@@ -139,7 +127,7 @@ impl Drop for StreamSlot {
 
 #[derive(Debug)]
 struct Idle {
-    send: http1::SendRequest<UpBody>,
+    conn: h1c::Conn,
     since: Instant,
 }
 
@@ -218,59 +206,49 @@ impl Pool {
         mut req: Request<UpBody>,
     ) -> Result<(Response<RespBody>, Lease), Error> {
         loop {
-            let (mut send, pooled) = match self.take_idle(addr) {
-                Some(s) => (s, true),
-                // Boxed: rare, and its future is large (TCP connect + handshake); inline it
-                // would be copied with every request's future.
-                None => match Box::pin(self.connect_h1(addr)).await {
-                    Ok(s) => (s, false),
+            let (conn, reused) = match self.take_idle(addr) {
+                Some(c) => (c, true),
+                // Boxed: rare, and its future is large; inline it would be copied with every
+                // request's future.
+                None => match Box::pin(self.tcp(addr)).await {
+                    Ok(io) => (h1c::Conn::new(io), false),
                     Err(e) => return Err(Error::Connect(e, Box::new(req))),
                 },
             };
-            if !send.is_ready() {
-                // Released as soon as its response was read; the connection task may not
-                // have caught up yet.
-                if send.ready().await.is_err() {
-                    continue;
-                }
-            }
-            match send.try_send_request(req).await {
-                Ok(resp) => {
-                    let lease = Lease::Http1 {
-                        pool: self,
-                        addr,
-                        send,
-                    };
-                    return Ok((resp.map(RespBody::Left), lease));
-                }
-                Err(mut e) => match e.take_message() {
-                    // Closed before the request was written: nothing was sent, so it goes
-                    // to another connection. A fresh connection that fails this way is a
-                    // real error, not a stale pool entry.
-                    Some(r) if pooled => req = r,
-                    _ => return Err(Error::Http(e.into_error())),
-                },
+            let home = h1c::Home {
+                pool: self.clone(),
+                addr,
+            };
+            match h1c::exchange(conn, req, reused, home).await {
+                Ok(resp) => return Ok((resp.map(RespBody::Left), Lease::None)),
+                // A pooled connection the server had closed: nothing was answered and the
+                // request may go again (see `h1c`). A fresh connection is never retried.
+                Err(h1c::Failed {
+                    request: Some(r), ..
+                }) => req = *r,
+                Err(f) => return Err(Error::Http(f.error)),
             }
         }
     }
 
-    fn take_idle(&self, addr: SocketAddr) -> Option<http1::SendRequest<UpBody>> {
+    fn take_idle(&self, addr: SocketAddr) -> Option<h1c::Conn> {
         let mut map = self.endpoints.lock();
         let ep = map.get_mut(&addr)?;
         while let Some(idle) = ep.idle.pop() {
-            if !idle.send.is_closed() {
-                return Some(idle.send);
+            if idle.conn.is_reusable() {
+                return Some(idle.conn);
             }
         }
         None
     }
 
-    fn put_idle(&self, addr: SocketAddr, send: http1::SendRequest<UpBody>) {
+    /// Takes back a connection whose response was read to the end.
+    pub(crate) fn put_idle(&self, addr: SocketAddr, conn: h1c::Conn) {
         let mut map = self.endpoints.lock();
         let ep = map.entry(addr).or_default();
         if ep.idle.len() < MAX_IDLE_PER_ENDPOINT {
             ep.idle.push(Idle {
-                send,
+                conn,
                 since: Instant::now(),
             });
         }
@@ -285,20 +263,6 @@ impl Pool {
                 })??;
         stream.set_nodelay(true)?;
         Ok(stream)
-    }
-
-    async fn connect_h1(&self, addr: SocketAddr) -> std::io::Result<http1::SendRequest<UpBody>> {
-        let io = self.tcp(addr).await?;
-        let (send, conn) = http1::Builder::new()
-            .handshake(TokioIo::new(io))
-            .await
-            .map_err(std::io::Error::other)?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::trace!(%addr, error = %e, "upstream connection ended with an error");
-            }
-        });
-        Ok(send)
     }
 
     async fn send_h2(
@@ -467,7 +431,7 @@ impl Pool {
         let mut map = self.endpoints.lock();
         map.retain(|_, ep| {
             ep.idle
-                .retain(|i| !i.send.is_closed() && now.duration_since(i.since) < IDLE_TIMEOUT);
+                .retain(|i| now.duration_since(i.since) < IDLE_TIMEOUT && i.conn.is_reusable());
             ep.h2.retain(|c| {
                 !c.is_closed()
                     && (c.streams.load(Ordering::Relaxed) > 0
@@ -524,7 +488,7 @@ mod tests {
                 )))
             });
             let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
                 .await;
         })
         .await
