@@ -874,3 +874,7 @@ impl Drop for H1Body {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "h1c_tests.rs"]
+mod tests;

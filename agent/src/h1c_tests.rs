@@ -1,0 +1,3 @@
+//! Tests of the upstream HTTP/1.1 exchange against scripted loopback origins.
+
+use super::*;
