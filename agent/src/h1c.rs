@@ -20,7 +20,8 @@
 //! - **Response framing** follows RFC 9112 §6.3: no body for HEAD, 1xx, 204 and 304;
 //!   chunked when it is the last transfer coding (decoded here, trailers passed on);
 //!   `Content-Length` when present (several must agree); otherwise the body runs to the
-//!   connection's end. A response with both `Transfer-Encoding` and `Content-Length` is
+//!   connection's end. Hop-by-hop fields (and those `Connection` names) are dropped here
+//!   and `Via` added, while the head is parsed, so the proxy does not go over it again. A response with both `Transfer-Encoding` and `Content-Length` is
 //!   refused: it is how response splitting is attempted.
 //! - **Reuse**: a connection goes back to the pool only when its response was read to the
 //!   end, nothing followed it, the request was sent whole, and neither side said
@@ -34,8 +35,11 @@
 //! the upload and is passed on; the connection is closed after it.
 
 use crate::replay::{BoxError, UpBody};
+use crate::upstream::Forwarded;
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use std::io::{self, IoSlice};
@@ -86,6 +90,8 @@ pub struct Conn {
     rbuf: BytesMut,
     /// The request head (and chunk framing) being written.
     wbuf: Vec<u8>,
+    /// Bytes read since the current exchange began (interim answers included).
+    seen: usize,
 }
 
 /// Where a response body hands its connection back.
@@ -101,6 +107,7 @@ impl Conn {
             io,
             rbuf: BytesMut::new(),
             wbuf: Vec::with_capacity(512),
+            seen: 0,
         }
     }
 
@@ -115,7 +122,13 @@ impl Conn {
         self.rbuf.reserve(READ_SPACE);
         // tokio's `poll_read` (unlike `try_read`) notes that a short read drained the socket,
         // so the next read waits for epoll instead of making a syscall that finds nothing.
-        tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.rbuf)
+        let n = ready!(tokio_util::io::poll_read_buf(
+            Pin::new(&mut self.io),
+            cx,
+            &mut self.rbuf
+        ))?;
+        self.seen += n;
+        Poll::Ready(Ok(n))
     }
 }
 
@@ -207,20 +220,60 @@ fn put_hex(buf: &mut Vec<u8>, mut n: u64) {
     buf.extend_from_slice(&digits[i..]);
 }
 
-fn encode_head(buf: &mut Vec<u8>, req: &Request<UpBody>, framing: ReqFraming) {
+fn encode_head(
+    buf: &mut Vec<u8>,
+    req: &Request<UpBody>,
+    framing: ReqFraming,
+    fwd: Option<&Forwarded>,
+) {
     buf.extend_from_slice(req.method().as_str().as_bytes());
     buf.push(b' ');
     let target = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
     buf.extend_from_slice(target.as_bytes());
     buf.extend_from_slice(b" HTTP/1.1\r\n");
+    // `X-Forwarded-For` values arrive one after another (the map iterates a name's values
+    // together): they are joined on one line and the client's address appended to it.
+    let mut in_xff = false;
+    let mut had_xff = false;
     for (name, value) in req.headers() {
         // The framing is ours; the downstream's own framing headers do not pass.
         if name == CONTENT_LENGTH || name == TRANSFER_ENCODING {
             continue;
         }
+        if let Some(fwd) = fwd {
+            if name == X_FORWARDED_FOR {
+                if in_xff {
+                    buf.truncate(buf.len() - 2);
+                    buf.extend_from_slice(b", ");
+                } else {
+                    buf.extend_from_slice(b"x-forwarded-for: ");
+                }
+                buf.extend_from_slice(value.as_bytes());
+                buf.extend_from_slice(b"\r\n");
+                in_xff = true;
+                had_xff = true;
+                continue;
+            }
+            if in_xff {
+                append_peer(buf, &fwd.peer);
+                in_xff = false;
+            }
+        }
         buf.extend_from_slice(name.as_str().as_bytes());
         buf.extend_from_slice(b": ");
         buf.extend_from_slice(value.as_bytes());
+        buf.extend_from_slice(b"\r\n");
+    }
+    if let Some(fwd) = fwd {
+        if in_xff {
+            append_peer(buf, &fwd.peer);
+        } else if !had_xff {
+            buf.extend_from_slice(b"x-forwarded-for: ");
+            buf.extend_from_slice(fwd.peer.as_bytes());
+            buf.extend_from_slice(b"\r\n");
+        }
+        buf.extend_from_slice(b"via: ");
+        buf.extend_from_slice(fwd.via.as_bytes());
         buf.extend_from_slice(b"\r\n");
     }
     match framing {
@@ -232,6 +285,14 @@ fn encode_head(buf: &mut Vec<u8>, req: &Request<UpBody>, framing: ReqFraming) {
         }
         ReqFraming::Chunked => buf.extend_from_slice(b"transfer-encoding: chunked\r\n"),
     }
+    buf.extend_from_slice(b"\r\n");
+}
+
+/// Ends the `X-Forwarded-For` line just written with the client's address.
+fn append_peer(buf: &mut Vec<u8>, peer: &HeaderValue) {
+    buf.truncate(buf.len() - 2);
+    buf.extend_from_slice(b", ");
+    buf.extend_from_slice(peer.as_bytes());
     buf.extend_from_slice(b"\r\n");
 }
 
@@ -434,8 +495,11 @@ fn parse_head(rbuf: &mut BytesMut, head_req: bool) -> Result<Option<Head>, H1Err
         let bytes = rbuf.split_to(len).freeze();
         let mut headers = HeaderMap::with_capacity(count);
         let mut length: Option<u64> = None;
+        let mut lengths = 0;
         let mut te: Option<bool> = None; // Some(last coding is chunked)
         let mut close = version == Version::HTTP_10;
+        // A `Connection` value naming more hop-by-hop fields than `close` / `keep-alive`.
+        let mut names_more: Option<HeaderValue> = None;
         for &(n, nl, v, vl) in &spans[..count] {
             let (n, nl, v, vl) = (n as usize, nl as usize, v as usize, vl as usize);
             let name = HeaderName::from_bytes(&bytes[n..n + nl])
@@ -448,6 +512,7 @@ fn parse_head(rbuf: &mut BytesMut, head_req: bool) -> Result<Option<Head>, H1Err
                     return Err(H1Error::Invalid("conflicting content-length"));
                 }
                 length = Some(n);
+                lengths += 1;
             } else if name == TRANSFER_ENCODING {
                 let last = value
                     .as_bytes()
@@ -460,15 +525,24 @@ fn parse_head(rbuf: &mut BytesMut, head_req: bool) -> Result<Option<Head>, H1Err
                     let token = token.trim_ascii();
                     if token.eq_ignore_ascii_case(b"close") {
                         close = true;
-                    } else if token.eq_ignore_ascii_case(b"keep-alive")
-                        && version == Version::HTTP_10
-                    {
-                        close = false;
+                    } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                        if version == Version::HTTP_10 {
+                            close = false;
+                        }
+                    } else if !token.is_empty() {
+                        names_more = Some(value.clone());
                     }
                 }
             }
-            headers.append(name, value);
+            // Hop-by-hop fields end here; the proxy passes the rest on.
+            if crate::proxy::hop_by_hop_index(&name).is_none() {
+                headers.append(name, value);
+            }
         }
+        if let Some(conn) = names_more {
+            crate::proxy::remove_connection_named(&mut headers, &conn);
+        }
+        headers.append(http::header::VIA, crate::proxy::VIA_11);
         let bodyless =
             head_req || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
         let framing = if bodyless {
@@ -491,7 +565,7 @@ fn parse_head(rbuf: &mut BytesMut, head_req: bool) -> Result<Option<Head>, H1Err
                     Framing::Eof
                 }
                 (None, Some(n)) => {
-                    if headers.get_all(CONTENT_LENGTH).iter().nth(1).is_some() {
+                    if lengths > 1 {
                         // Repeated (and equal): passed on once.
                         headers.insert(CONTENT_LENGTH, HeaderValue::from(n));
                     }
@@ -532,14 +606,26 @@ fn parse_length(v: &[u8]) -> Result<u64, H1Error> {
 /// hands the connection back to `home` when it is done. `reused`: the connection came from
 /// the pool (so a close before any answer may be a keep-alive race, see the module doc).
 pub async fn exchange(
-    mut conn: Conn,
+    conn: Conn,
     req: Request<UpBody>,
     reused: bool,
     home: Home,
 ) -> Result<Response<H1Body>, Failed> {
+    exchange_forwarded(conn, req, reused, home, None).await
+}
+
+/// [`exchange`], adding `fwd` to the head as it is encoded.
+pub async fn exchange_forwarded(
+    mut conn: Conn,
+    req: Request<UpBody>,
+    reused: bool,
+    home: Home,
+    fwd: Option<&Forwarded>,
+) -> Result<Response<H1Body>, Failed> {
     let mut req = req;
+    conn.seen = 0;
     let framing = request_framing(&req);
-    encode_head(&mut conn.wbuf, &req, framing);
+    encode_head(&mut conn.wbuf, &req, framing, fwd);
     let mut up = Upload {
         framing,
         left: match framing {
@@ -620,7 +706,7 @@ pub async fn exchange(
         }
         Err(error) => {
             let raced = reused
-                && conn.rbuf.is_empty()
+                && conn.seen == 0
                 && matches!(&error, H1Error::Closed | H1Error::Io(_))
                 && matches!(req.body(), UpBody::Empty)
                 && crate::proxy::is_idempotent(req.method());

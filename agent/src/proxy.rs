@@ -18,7 +18,7 @@ use crate::pick::InFlight;
 use crate::replay::{DownBody, ReplayBody, ReqBody, UpBody};
 use crate::state::Shared;
 use crate::table::{RouteRt, RuleRt, Target, upstream_uri};
-use crate::upstream::{self, Pool};
+use crate::upstream::{self, Forwarded, Pool};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
@@ -57,7 +57,7 @@ static HOP_BY_HOP: [HeaderName; 9] = [
     header::UPGRADE,
 ];
 
-const VIA_11: HeaderValue = HeaderValue::from_static("1.1 weir");
+pub(crate) const VIA_11: HeaderValue = HeaderValue::from_static("1.1 weir");
 const VIA_2: HeaderValue = HeaderValue::from_static("2 weir");
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_WEIR_ERROR: HeaderName = HeaderName::from_static("x-weir-error");
@@ -319,15 +319,15 @@ impl Worker {
             .get(header::TE)
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
         strip_hop_by_hop(&mut parts.headers);
-        append_forwarded_for(&mut parts.headers, peer);
-        parts.headers.append(
-            header::VIA,
-            if downstream_version == Version::HTTP_2 {
+        // Added as each try is written (see `upstream::Forwarded`).
+        let fwd = Forwarded {
+            peer,
+            via: if downstream_version == Version::HTTP_2 {
                 VIA_2
             } else {
                 VIA_11
             },
-        );
+        };
 
         let mut tries = 0u32;
         let mut previous: Option<SocketAddr> = None;
@@ -418,10 +418,13 @@ impl Worker {
             let in_flight = InFlight::new(target.health.load.clone());
             target.health.counters.requests.inc();
             // `None`: the try timed out.
-            let result =
-                tokio::time::timeout(per_try, self.pool.send(target.addr, target.h2c, up, now))
-                    .await
-                    .ok();
+            let result = tokio::time::timeout(
+                per_try,
+                self.pool
+                    .send_forwarded(target.addr, target.h2c, up, now, Some(fwd.clone())),
+            )
+            .await
+            .ok();
             let done = Instant::now();
             let latency = done.saturating_duration_since(now);
             in_flight.finish(latency, nanos_at(done));
@@ -522,8 +525,12 @@ impl Worker {
             return match outcome {
                 Ok((resp, lease)) => {
                     let (mut rparts, rbody) = resp.into_parts();
-                    strip_hop_by_hop(&mut rparts.headers);
-                    rparts.headers.append(header::VIA, VIA_11);
+                    // An HTTP/1.1 head comes from `h1c` without hop-by-hop fields and with
+                    // `Via` already (it saw every field once while parsing).
+                    if target.h2c {
+                        strip_hop_by_hop(&mut rparts.headers);
+                        rparts.headers.append(header::VIA, VIA_11);
+                    }
                     route.counters.response(rparts.status);
                     // Counted now if the head carries the status (Trailers-Only), else by the
                     // body when the trailers pass.
@@ -784,22 +791,9 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         return;
     }
     if present & 1 != 0
-        && let Some(conn) = headers.get(header::CONNECTION)
+        && let Some(conn) = headers.get(header::CONNECTION).cloned()
     {
-        // Tokens other than the usual `close` / `keep-alive` name more headers to drop.
-        // Collected first: the names borrow the map we are about to change; rare enough to
-        // allocate.
-        let named: Vec<HeaderName> = conn
-            .to_str()
-            .unwrap_or("")
-            .split(',')
-            .map(str::trim)
-            .filter(|t| !t.eq_ignore_ascii_case("close") && !t.eq_ignore_ascii_case("keep-alive"))
-            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
-            .collect();
-        for n in named {
-            headers.remove(n);
-        }
+        remove_connection_named(headers, &conn);
     }
     for (i, n) in HOP_BY_HOP.iter().enumerate() {
         if present & (1 << i) != 0 {
@@ -808,9 +802,22 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// Removes the headers a `Connection` value names (tokens other than the usual `close` and
+/// `keep-alive`): they are hop-by-hop too (RFC 9110 §7.6.1).
+pub(crate) fn remove_connection_named(headers: &mut HeaderMap, conn: &HeaderValue) {
+    for t in conn.to_str().unwrap_or("").split(',').map(str::trim) {
+        if !t.eq_ignore_ascii_case("close")
+            && !t.eq_ignore_ascii_case("keep-alive")
+            && let Ok(n) = HeaderName::from_bytes(t.as_bytes())
+        {
+            headers.remove(n);
+        }
+    }
+}
+
 /// The index of `name` in [`HOP_BY_HOP`]: a `match` on the string compiles to a length
 /// switch and at most one comparison, cheaper than comparing with each name in turn.
-fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
+pub(crate) fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
     Some(match name.as_str() {
         "connection" => 0,
         "keep-alive" => 1,
@@ -825,7 +832,7 @@ fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
     })
 }
 
-fn append_forwarded_for(headers: &mut HeaderMap, peer: HeaderValue) {
+pub(crate) fn append_forwarded_for(headers: &mut HeaderMap, peer: HeaderValue) {
     match headers.get(&X_FORWARDED_FOR) {
         None => {
             headers.insert(X_FORWARDED_FOR, peer);

@@ -96,6 +96,23 @@ impl std::fmt::Display for Error {
     }
 }
 
+/// What the proxy adds to every request it forwards: the client's address to
+/// `X-Forwarded-For` and itself to `Via`. Added as the request is written, once per try
+/// (an HTTP/1.1 head gets them while it is encoded, without touching the header map), so a
+/// request given back unsent never carries them twice.
+#[derive(Debug, Clone)]
+pub struct Forwarded {
+    pub peer: http::HeaderValue,
+    pub via: http::HeaderValue,
+}
+
+impl Forwarded {
+    fn apply(self, headers: &mut http::HeaderMap) {
+        crate::proxy::append_forwarded_for(headers, self.peer);
+        headers.append(http::header::VIA, self.via);
+    }
+}
+
 /// A response body from an upstream, whichever protocol it came over: HTTP/1.1 (left) or
 /// HTTP/2 (right).
 pub type RespBody = http_body_util::Either<H1Body, H2Body>;
@@ -190,13 +207,25 @@ impl Pool {
         req: Request<UpBody>,
         now: Instant,
     ) -> impl Future<Output = Result<(Response<RespBody>, Lease), Error>> + Send + use<> {
+        self.send_forwarded(addr, h2c, req, now, None)
+    }
+
+    /// [`Pool::send`], adding `fwd` to the request as it is written.
+    pub fn send_forwarded(
+        self: &Arc<Self>,
+        addr: SocketAddr,
+        h2c: bool,
+        req: Request<UpBody>,
+        now: Instant,
+        fwd: Option<Forwarded>,
+    ) -> impl Future<Output = Result<(Response<RespBody>, Lease), Error>> + Send + use<> {
         // Not an `async fn` over the two: that would add a layer that copies the inner
         // future into its own state on every request.
         let me = self.clone();
         if h2c {
-            futures::future::Either::Left(me.send_h2(addr, req, now))
+            futures::future::Either::Left(me.send_h2(addr, req, now, fwd))
         } else {
-            futures::future::Either::Right(me.send_h1(addr, req))
+            futures::future::Either::Right(me.send_h1(addr, req, fwd))
         }
     }
 
@@ -204,6 +233,7 @@ impl Pool {
         self: Arc<Self>,
         addr: SocketAddr,
         mut req: Request<UpBody>,
+        fwd: Option<Forwarded>,
     ) -> Result<(Response<RespBody>, Lease), Error> {
         loop {
             let (conn, reused) = match self.take_idle(addr) {
@@ -219,7 +249,7 @@ impl Pool {
                 pool: self.clone(),
                 addr,
             };
-            match h1c::exchange(conn, req, reused, home).await {
+            match h1c::exchange_forwarded(conn, req, reused, home, fwd.as_ref()).await {
                 Ok(resp) => return Ok((resp.map(RespBody::Left), Lease::None)),
                 // A pooled connection the server had closed: nothing was answered and the
                 // request may go again (see `h1c`). A fresh connection is never retried.
@@ -268,8 +298,9 @@ impl Pool {
     async fn send_h2(
         self: Arc<Self>,
         addr: SocketAddr,
-        req: Request<UpBody>,
+        mut req: Request<UpBody>,
         now: Instant,
+        fwd: Option<Forwarded>,
     ) -> Result<(Response<RespBody>, Lease), Error> {
         // A connection found closed before the request went out keeps the request; it then
         // goes to another (or a new) connection. Bounded: a connection that keeps closing
@@ -314,6 +345,9 @@ impl Pool {
             {
                 closed.store(true, Ordering::Relaxed);
                 continue;
+            }
+            if let Some(fwd) = fwd {
+                fwd.apply(req.headers_mut());
             }
             return match h2c::exchange(&mut send, req).await {
                 Ok(resp) => Ok((resp.map(RespBody::Right), Lease::Http2(slot))),
