@@ -3,8 +3,9 @@
 //! [`client`] follows the controllers and hands each update to [`state::Shared::apply`], the
 //! single mutator, which builds a [`table::Table`] and swaps it in atomically; [`proxy`]
 //! workers (their client connections accepted by [`downstream`], which serves h2c itself and
-//! HTTP/1.1 through hyper) read the table lock-free and forward each request to an endpoint chosen by
-//! [`balance`] over [`upstream`] connection pools; [`admin`] and [`metrics`] show what the agent is doing.
+//! HTTP/1.1 through hyper) read the table lock-free and forward each request to an endpoint
+//! chosen by [`balance`] over [`upstream`] connection pools ([`h1c`] speaks HTTP/1.1 to
+//! upstreams, [`h2c`] HTTP/2); [`admin`] and [`metrics`] show what the agent is doing.
 
 pub mod admin;
 pub mod balance;

@@ -180,16 +180,18 @@ impl TypedMetric for Histogram {
 
 impl EncodeMetric for Histogram {
     fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
-        let mut cumulative = 0;
+        // The encoder takes counts per bucket and makes them cumulative itself (passing
+        // cumulative counts made every bucket past the first too large).
+        let mut count = 0;
         let mut buckets = Vec::with_capacity(BUCKETS.len() + 1);
         for (i, upper) in BUCKETS.iter().chain([f64::MAX].iter()).enumerate() {
-            cumulative += self.0.buckets[i].load(Ordering::Relaxed);
-            buckets.push((*upper, cumulative));
+            let n = self.0.buckets[i].load(Ordering::Relaxed);
+            count += n;
+            buckets.push((*upper, n));
         }
         let sum = self.0.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
-        encoder.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
-            sum, cumulative, &buckets, None,
-        )
+        encoder
+            .encode_histogram::<prometheus_client::encoding::NoLabelSet>(sum, count, &buckets, None)
     }
 
     fn metric_type(&self) -> MetricType {
@@ -468,5 +470,36 @@ impl Parts<'_> {
             in_flight: self.in_flight.get_or_create_owned(&l),
             latency: self.latency.get_or_create_owned(&l),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_cumulative_once() {
+        let h = Histogram::default();
+        for ms in [0.2, 0.7, 0.8, 3.0, 20_000.0] {
+            h.observe(Duration::from_secs_f64(ms / 1000.0));
+        }
+        let mut registry = prometheus_client::registry::Registry::default();
+        registry.register("t", "test", h);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
+        let bucket = |le: &str| -> u64 {
+            let key = format!("t_bucket{{le=\"{le}\"}} ");
+            let line = text
+                .lines()
+                .find(|l| l.starts_with(&key))
+                .unwrap_or_else(|| panic!("no {key} in {text}"));
+            line[key.len()..].parse().expect("count")
+        };
+        assert_eq!(bucket("0.0005"), 1, "{text}");
+        assert_eq!(bucket("0.001"), 3, "{text}");
+        assert_eq!(bucket("0.005"), 4, "{text}");
+        assert_eq!(bucket("10.0"), 4, "{text}");
+        assert_eq!(bucket("+Inf"), 5, "{text}");
+        assert!(text.contains("t_count 5"), "{text}");
     }
 }

@@ -409,6 +409,54 @@ async fn hostile_clients_get_clear_answers_and_nothing_is_smuggled() {
     assert_eq!(ok.status, 200);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_answer_with_two_framings_is_a_502_and_nothing_behind_it_passes() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ip = "127.0.17.21";
+    let port = weir_tests::free_port(ip);
+    let listener = tokio::net::TcpListener::bind((ip, port))
+        .await
+        .expect("bind");
+    let answered = Arc::new(AtomicUsize::new(0));
+    let count = answered.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let count = count.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let mut got = Vec::new();
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                // What a response splitter sends: two framings, and behind the chunked
+                // body a second response for whoever reads by Content-Length.
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nhidden")
+                    .await;
+                count.fetch_add(1, Ordering::SeqCst);
+                let _ = s.read(&mut buf).await;
+            });
+        }
+    });
+    setup(dir.path(), "web.test", &[ip.to_string()], port, "");
+    let (_c, agent) = start(dir.path()).await;
+    let got = get(&http_client(), agent.listen, "web.test", "/")
+        .await
+        .expect("request");
+    assert_eq!(got.status, 502, "{got:?}");
+    assert_eq!(got.headers["x-weir-error"], "upstream-error");
+    assert!(!got.body.contains("hidden"), "{got:?}");
+    assert_eq!(
+        answered.load(Ordering::SeqCst),
+        1,
+        "the upstream was reached once"
+    );
+}
+
 /// One request over an h2c connection (HTTP/2 with prior knowledge, as
 /// `curl --http2-prior-knowledge` sends it); returns the answer's head and body.
 async fn h2_request(
