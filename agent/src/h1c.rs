@@ -20,9 +20,11 @@
 //! - **Response framing** follows RFC 9112 §6.3: no body for HEAD, 1xx, 204 and 304;
 //!   chunked when it is the last transfer coding (decoded here, trailers passed on);
 //!   `Content-Length` when present (several must agree); otherwise the body runs to the
-//!   connection's end. Hop-by-hop fields (and those `Connection` names) are dropped here
-//!   and `Via` added, while the head is parsed, so the proxy does not go over it again. A response with both `Transfer-Encoding` and `Content-Length` is
+//!   connection's end. A response with both `Transfer-Encoding` and `Content-Length` is
 //!   refused: it is how response splitting is attempted.
+//! - **Proxy fields**: hop-by-hop fields of the response (and those its `Connection` names)
+//!   are dropped and `Via` added while the head is parsed; `X-Forwarded-For` and `Via` are
+//!   written into the request head as it is encoded. Each head is gone over once.
 //! - **Reuse**: a connection goes back to the pool only when its response was read to the
 //!   end, nothing followed it, the request was sent whole, and neither side said
 //!   `Connection: close` (HTTP/1.0 answers need `keep-alive`).
@@ -38,8 +40,6 @@ use crate::replay::{BoxError, UpBody};
 use crate::upstream::Forwarded;
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
-
-const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use std::io::{self, IoSlice};
@@ -50,6 +50,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
 /// Most header fields a response head (or a trailer section) may carry; hyper's default.
 pub const MAX_HEADERS: usize = 100;
