@@ -138,6 +138,7 @@ impl Conn {
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum ReqFraming {
     None,
+    /// Bytes of a `Content-Length` body still to read (never 0: that is `Done`).
     Length(u64),
     Chunked,
 }
@@ -383,25 +384,30 @@ impl Upload {
                 self.done = true;
                 return Poll::Ready(Ok(()));
             }
-            match ready!(Pin::new(&mut *body).poll_frame(cx)) {
-                Some(Ok(frame)) => {
-                    // Trailers of a request are dropped: HTTP/1.1 servers rarely read them.
-                    if let Ok(data) = frame.into_data()
-                        && !data.is_empty()
-                    {
-                        queue_chunk(
-                            &mut conn.wbuf,
-                            &mut self.out,
-                            self.framing,
-                            data,
-                            &mut self.left,
-                        )?;
-                    }
-                }
-                Some(Err(e)) => return Poll::Ready(Err(H1Error::RequestBody(e))),
-                None => self.finish(&mut conn.wbuf)?,
-            }
+            ready!(self.pull(&mut conn.wbuf, body, cx))?;
         }
+    }
+
+    /// Takes the body's next frame and queues it (or the body's end) for writing.
+    fn pull(
+        &mut self,
+        buf: &mut Vec<u8>,
+        body: &mut UpBody,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<(), H1Error>> {
+        match ready!(Pin::new(body).poll_frame(cx)) {
+            Some(Ok(frame)) => {
+                // Trailers of a request are dropped: HTTP/1.1 servers rarely read them.
+                if let Ok(data) = frame.into_data()
+                    && !data.is_empty()
+                {
+                    queue_chunk(buf, &mut self.out, self.framing, data, &mut self.left)?;
+                }
+            }
+            Some(Err(e)) => return Poll::Ready(Err(H1Error::RequestBody(e))),
+            None => self.finish(buf)?,
+        }
+        Poll::Ready(Ok(()))
     }
 
     fn finish(&mut self, buf: &mut Vec<u8>) -> Result<(), H1Error> {
@@ -571,7 +577,12 @@ fn parse_head(rbuf: &mut BytesMut, head_req: bool) -> Result<Option<Head>, H1Err
                         // Repeated (and equal): passed on once.
                         headers.insert(CONTENT_LENGTH, HeaderValue::from(n));
                     }
-                    Framing::Length(n)
+                    // A body still to read is never empty: `Length(0)` is not a state.
+                    if n == 0 {
+                        Framing::Done
+                    } else {
+                        Framing::Length(n)
+                    }
                 }
             }
         };
@@ -604,20 +615,11 @@ fn parse_length(v: &[u8]) -> Result<u64, H1Error> {
     result.ok_or(H1Error::Invalid("bad content-length"))
 }
 
-/// Sends `req` on `conn` and reads the response head; the returned body reads the rest and
-/// hands the connection back to `home` when it is done. `reused`: the connection came from
-/// the pool (so a close before any answer may be a keep-alive race, see the module doc).
+/// Sends `req` on `conn`, with `fwd` added to its head, and reads the response head; the
+/// returned body reads the rest and hands the connection back to `home` when it is done.
+/// `reused`: the connection came from the pool (so a close before any answer may be a
+/// keep-alive race, see the module doc).
 pub async fn exchange(
-    conn: Conn,
-    req: Request<UpBody>,
-    reused: bool,
-    home: Home,
-) -> Result<Response<H1Body>, Failed> {
-    exchange_forwarded(conn, req, reused, home, None).await
-}
-
-/// [`exchange`], adding `fwd` to the head as it is encoded.
-pub async fn exchange_forwarded(
     mut conn: Conn,
     req: Request<UpBody>,
     reused: bool,
@@ -644,30 +646,12 @@ pub async fn exchange_forwarded(
     let result = std::future::poll_fn(|cx| {
         if !up.done && write_error.is_none() {
             // The first chunk of a body that is already here goes out with the head.
-            if !up.head_sent && !up.body_done && up.out.data.is_empty() {
-                match Pin::new(req.body_mut()).poll_frame(cx) {
-                    Poll::Ready(Some(Ok(frame))) => {
-                        if let Ok(data) = frame.into_data()
-                            && !data.is_empty()
-                            && let Err(e) = queue_chunk(
-                                &mut conn.wbuf,
-                                &mut up.out,
-                                framing,
-                                data,
-                                &mut up.left,
-                            )
-                        {
-                            return Poll::Ready(Err(e));
-                        }
-                    }
-                    Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(H1Error::RequestBody(e))),
-                    Poll::Ready(None) => {
-                        if let Err(e) = up.finish(&mut conn.wbuf) {
-                            return Poll::Ready(Err(e));
-                        }
-                    }
-                    Poll::Pending => {}
-                }
+            if !up.head_sent
+                && !up.body_done
+                && up.out.data.is_empty()
+                && let Poll::Ready(Err(e)) = up.pull(&mut conn.wbuf, req.body_mut(), cx)
+            {
+                return Poll::Ready(Err(e));
             }
             match up.poll(&mut conn, req.body_mut(), cx) {
                 Poll::Ready(Err(H1Error::Io(e))) if up.head_sent => {
@@ -696,7 +680,7 @@ pub async fn exchange_forwarded(
                 conn: Some(conn),
                 framing: head.framing,
                 keep,
-                home: Some(home),
+                home,
             });
             *resp.status_mut() = head.status;
             *resp.version_mut() = head.version;
@@ -723,6 +707,7 @@ pub async fn exchange_forwarded(
 /// How the rest of a response body is delimited.
 #[derive(Debug, Clone, Copy)]
 enum Framing {
+    /// Bytes of a `Content-Length` body still to read (never 0: that is `Done`).
     Length(u64),
     Chunked(Chunk),
     /// Until the connection ends.
@@ -746,18 +731,18 @@ pub struct H1Body {
     framing: Framing,
     /// The connection may carry another request once this body is read to the end.
     keep: bool,
-    home: Option<Home>,
+    home: Home,
 }
 
 impl H1Body {
     /// The body is read to its end: the connection goes back to the pool if it may.
     fn finish(&mut self) {
         self.framing = Framing::Done;
-        if let (Some(conn), Some(home)) = (self.conn.take(), self.home.take())
+        if let Some(conn) = self.conn.take()
             && self.keep
             && conn.rbuf.is_empty()
         {
-            home.pool.put_idle(home.addr, conn);
+            self.home.pool.put_idle(self.home.addr, conn);
         }
     }
 
@@ -781,10 +766,6 @@ impl H1Body {
             };
             match self.framing {
                 Framing::Done => return Poll::Ready(None),
-                Framing::Length(0) => {
-                    self.finish();
-                    return Poll::Ready(None);
-                }
                 Framing::Length(left) => {
                     if conn.rbuf.is_empty() {
                         if left >= DIRECT_READ {
@@ -807,7 +788,8 @@ impl H1Body {
                     let rest = left - data.len() as u64;
                     self.framing = Framing::Length(rest);
                     if rest == 0 {
-                        // hyper stops polling a body whose length is reached.
+                        // hyper stops polling a body whose length is reached, so the
+                        // connection goes back with the last bytes, not at a later poll.
                         self.finish();
                     }
                     return Poll::Ready(Some(Ok(Frame::data(data))));
@@ -942,7 +924,7 @@ impl Body for H1Body {
     }
 
     fn is_end_stream(&self) -> bool {
-        matches!(self.framing, Framing::Done | Framing::Length(0))
+        matches!(self.framing, Framing::Done)
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -950,15 +932,6 @@ impl Body for H1Body {
             Framing::Done => SizeHint::with_exact(0),
             Framing::Length(n) => SizeHint::with_exact(n),
             _ => SizeHint::default(),
-        }
-    }
-}
-
-impl Drop for H1Body {
-    fn drop(&mut self) {
-        // hyper drops a body whose length it has written without polling it to `None`.
-        if matches!(self.framing, Framing::Length(0)) {
-            self.finish();
         }
     }
 }

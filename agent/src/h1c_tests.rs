@@ -208,7 +208,7 @@ async fn send(
         pool: pool.clone(),
         addr: origin.addr,
     };
-    within(exchange(Conn::new(io), req, reused, home)).await
+    within(exchange(Conn::new(io), req, reused, home, None)).await
 }
 
 /// Sends `req` through the pool (an idle connection if it has one).
@@ -217,7 +217,7 @@ async fn pooled(
     pool: &Arc<Pool>,
     req: Request<UpBody>,
 ) -> Result<Response<upstream::RespBody>, upstream::Error> {
-    within(pool.send(origin.addr, false, req, Instant::now()))
+    within(pool.send(origin.addr, false, req, Instant::now(), None))
         .await
         .map(|(resp, _lease)| resp)
 }
@@ -770,7 +770,7 @@ async fn a_streamed_body_of_unknown_length_goes_out_chunked() {
     let io = tokio::net::TcpStream::connect(o.addr)
         .await
         .expect("connect");
-    let exchanged = tokio::spawn(exchange(Conn::new(io), req, false, home));
+    let exchanged = tokio::spawn(exchange(Conn::new(io), req, false, home, None));
     // The rest of the body arrives after the exchange has started.
     client
         .write_all(b"4\r\ndefg\r\n0\r\n\r\n")
@@ -832,11 +832,10 @@ async fn the_client_address_joins_x_forwarded_for_and_via_is_added() {
         }
         req.headers_mut()
             .insert("x-after", HeaderValue::from_static("1"));
-        let resp =
-            within(pool.send_forwarded(o.addr, false, req, Instant::now(), Some(fwd.clone())))
-                .await
-                .expect("send")
-                .0;
+        let resp = within(pool.send(o.addr, false, req, Instant::now(), Some(fwd.clone())))
+            .await
+            .expect("send")
+            .0;
         // The answer carries Via, without the hop-by-hop fields of the upstream's head.
         assert_eq!(resp.headers()["via"], "1.1 weir");
         body(resp).await.expect("body");

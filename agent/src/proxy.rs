@@ -421,7 +421,7 @@ impl Worker {
             let result = tokio::time::timeout(
                 per_try,
                 self.pool
-                    .send_forwarded(target.addr, target.h2c, up, now, Some(fwd.clone())),
+                    .send(target.addr, target.h2c, up, now, Some(fwd.clone())),
             )
             .await
             .ok();
@@ -508,11 +508,6 @@ impl Worker {
                 && done < deadline
                 && route.try_begin_retry();
             if can_retry {
-                if let Ok((resp, lease)) = outcome
-                    && resp.body().is_end_stream()
-                {
-                    lease.release();
-                }
                 tries += 1;
                 route.counters.retries.inc();
                 previous = Some(target.addr);

@@ -212,9 +212,8 @@ impl Body for UpBody {
 pub struct DownBody {
     inner: RespBody,
     grpc: Option<GrpcTally>,
-    /// The upstream connection, handed back when the body has been read to the end.
-    lease: Lease,
-    ended: bool,
+    /// Held until the body is dropped (an HTTP/2 stream slot).
+    _lease: Lease,
 }
 
 /// Where a gRPC call's final status is counted: one per (route, endpoint), made on the
@@ -267,19 +266,7 @@ impl DownBody {
         Self {
             inner,
             grpc,
-            lease,
-            ended: false,
-        }
-    }
-}
-
-impl Drop for DownBody {
-    fn drop(&mut self) {
-        // hyper stops polling a body whose length says it is complete, so "ended" is also
-        // judged by the body's own bookkeeping. A body dropped half-read leaves its
-        // connection mid-response: the lease is dropped and the connection closed.
-        if self.ended || self.inner.is_end_stream() {
-            std::mem::take(&mut self.lease).release();
+            _lease: lease,
         }
     }
 }
@@ -294,9 +281,6 @@ impl Body for DownBody {
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        if let Poll::Ready(None) = polled {
-            this.ended = true;
-        }
         if let Some(tally) = &this.grpc {
             match &polled {
                 Poll::Ready(Some(Ok(frame))) => {

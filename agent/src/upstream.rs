@@ -117,20 +117,9 @@ impl Forwarded {
 /// HTTP/2 (right).
 pub type RespBody = http_body_util::Either<H1Body, H2Body>;
 
-/// What a response body gives back when it is done with its connection.
-#[derive(Debug, Default)]
-pub enum Lease {
-    /// Nothing to hand back (an HTTP/1.1 body hands its connection back itself).
-    #[default]
-    None,
-    /// A stream slot on an HTTP/2 connection.
-    Http2(StreamSlot),
-}
-
-impl Lease {
-    /// The response was read to the end: the stream slot is free.
-    pub fn release(self) {}
-}
+/// What a response holds on its connection until its body is dropped: a stream slot of an
+/// HTTP/2 connection (an HTTP/1.1 body hands its connection back itself).
+pub type Lease = Option<StreamSlot>;
 
 /// Counts one stream in flight on an HTTP/2 connection until dropped.
 #[derive(Debug)]
@@ -199,19 +188,8 @@ impl Pool {
     }
 
     /// Sends `req` (origin-form URI and a Host header for HTTP/1.1; absolute URI for
-    /// HTTP/2) to `addr`.
+    /// HTTP/2) to `addr`, adding `fwd` to it as it is written.
     pub fn send(
-        self: &Arc<Self>,
-        addr: SocketAddr,
-        h2c: bool,
-        req: Request<UpBody>,
-        now: Instant,
-    ) -> impl Future<Output = Result<(Response<RespBody>, Lease), Error>> + Send + use<> {
-        self.send_forwarded(addr, h2c, req, now, None)
-    }
-
-    /// [`Pool::send`], adding `fwd` to the request as it is written.
-    pub fn send_forwarded(
         self: &Arc<Self>,
         addr: SocketAddr,
         h2c: bool,
@@ -252,8 +230,8 @@ impl Pool {
                 pool: self.clone(),
                 addr,
             };
-            match h1c::exchange_forwarded(conn, req, reused, home, fwd.as_ref()).await {
-                Ok(resp) => return Ok((resp.map(RespBody::Left), Lease::None)),
+            match h1c::exchange(conn, req, reused, home, fwd.as_ref()).await {
+                Ok(resp) => return Ok((resp.map(RespBody::Left), None)),
                 // A pooled connection the server had closed: nothing was answered and the
                 // request may go again (see `h1c`). A fresh connection is never retried.
                 Err(h1c::Failed {
@@ -353,7 +331,7 @@ impl Pool {
                 fwd.apply(req.headers_mut());
             }
             return match h2c::exchange(&mut send, req).await {
-                Ok(resp) => Ok((resp.map(RespBody::Right), Lease::Http2(slot))),
+                Ok(resp) => Ok((resp.map(RespBody::Right), Some(slot))),
                 Err(e) => Err(Error::H2(e)),
             };
         }
@@ -581,13 +559,12 @@ mod tests {
         let (addr, accepted) = origin().await;
         let pool = Pool::new(Duration::from_secs(2));
         for _ in 0..20 {
-            let (resp, lease) = pool
-                .send(addr, false, get(addr), Instant::now())
+            let (resp, _lease) = pool
+                .send(addr, false, get(addr), Instant::now(), None)
                 .await
                 .expect("send");
             let body = resp.into_body().collect().await.expect("body").to_bytes();
             assert_eq!(&body[..], b"ok");
-            lease.release();
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
         assert_eq!(pool.counts(), (1, 0));
@@ -600,18 +577,17 @@ mod tests {
     async fn a_connection_whose_response_was_not_read_is_not_reused() {
         let (addr, accepted) = origin().await;
         let pool = Pool::new(Duration::from_secs(2));
-        let (_resp, lease) = pool
-            .send(addr, false, get(addr), Instant::now())
+        // Abandoned mid-response: the body still holds the connection, so it is not idle.
+        let (_resp, _lease) = pool
+            .send(addr, false, get(addr), Instant::now(), None)
             .await
             .expect("send");
-        drop(lease); // abandoned mid-response: not handed back
         assert_eq!(pool.counts(), (0, 0));
-        let (resp, lease) = pool
-            .send(addr, false, get(addr), Instant::now())
+        let (resp, _lease) = pool
+            .send(addr, false, get(addr), Instant::now(), None)
             .await
             .expect("send");
         resp.into_body().collect().await.expect("body");
-        lease.release();
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
 
@@ -620,7 +596,7 @@ mod tests {
         let (addr, accepted, close, mut closed) = origin_answering_once().await;
         let pool = Pool::new(Duration::from_secs(2));
         let (resp, lease) = pool
-            .send(addr, false, get(addr), Instant::now())
+            .send(addr, false, get(addr), Instant::now(), None)
             .await
             .expect("send");
         DownBody::new(resp.into_body(), None, lease)
@@ -637,7 +613,7 @@ mod tests {
             .await
             .expect("origin closed the first connection");
         let (resp, lease) = pool
-            .send(addr, false, get(addr), Instant::now())
+            .send(addr, false, get(addr), Instant::now(), None)
             .await
             .expect("send after the idle connection was closed");
         let body = DownBody::new(resp.into_body(), None, lease)
@@ -659,7 +635,7 @@ mod tests {
         let mut req = get(addr);
         req.headers_mut()
             .insert("x-kept", http::HeaderValue::from_static("1"));
-        match pool.send(addr, false, req, Instant::now()).await {
+        match pool.send(addr, false, req, Instant::now(), None).await {
             Err(Error::Connect(_, req)) => assert_eq!(req.headers()["x-kept"], "1"),
             other => panic!("expected a connect failure, got {other:?}"),
         }
