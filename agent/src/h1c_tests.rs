@@ -99,6 +99,15 @@ where
     }
 }
 
+/// A keep-alive answer with a 2-byte body, `ok`.
+const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+
+/// An origin that answers [`OK`], except that it closes the connection under the second
+/// request it reads without answering it (the keep-alive race).
+async fn closing_the_second_request() -> Origin {
+    origin(|_, nth| if nth == 1 { Act::Close } else { Act::Reply(OK) }).await
+}
+
 /// An origin giving every request the same keep-alive answer.
 async fn always(response: &'static [u8]) -> Origin {
     origin(move |_, _| Act::Reply(response)).await
@@ -274,7 +283,7 @@ async fn a_get_goes_out_in_origin_form_and_its_response_is_read_whole() {
 
 #[tokio::test]
 async fn keep_alive_responses_reuse_one_connection() {
-    let mut o = always(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
+    let mut o = always(OK).await;
     let pool = new_pool();
     for _ in 0..2 {
         let resp = pooled(&o, &pool, get("/")).await.expect("send");
@@ -421,7 +430,7 @@ async fn a_head_response_has_no_body_and_the_connection_is_reused() {
         if nth == 0 {
             Act::Reply(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n")
         } else {
-            Act::Reply(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            Act::Reply(OK)
         }
     })
     .await;
@@ -452,7 +461,7 @@ async fn no_content_and_not_modified_have_no_body() {
             if nth == 0 {
                 Act::Reply(response)
             } else {
-                Act::Reply(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                Act::Reply(OK)
             }
         })
         .await;
@@ -556,8 +565,7 @@ async fn content_lengths_must_agree() {
 
 #[tokio::test]
 async fn an_idle_connection_closed_after_its_answer_is_replaced() {
-    let mut o =
-        origin(|_, _| Act::ReplyClose(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")).await;
+    let mut o = origin(|_, _| Act::ReplyClose(OK)).await;
     let pool = new_pool();
     let resp = pooled(&o, &pool, get("/")).await.expect("send");
     assert_eq!(&body(resp).await.expect("body")[..], b"ok");
@@ -573,14 +581,7 @@ async fn an_idle_connection_closed_after_its_answer_is_replaced() {
 async fn a_pooled_connection_closed_under_a_get_is_retried_on_a_new_one() {
     // The second request reaches the pooled connection and the origin closes it unanswered
     // (the keep-alive race): the GET goes again on a new connection.
-    let mut o = origin(|_, nth| {
-        if nth == 1 {
-            Act::Close
-        } else {
-            Act::Reply(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-        }
-    })
-    .await;
+    let mut o = closing_the_second_request().await;
     let pool = new_pool();
     for _ in 0..2 {
         let resp = pooled(&o, &pool, get("/")).await.expect("send");
@@ -592,14 +593,7 @@ async fn a_pooled_connection_closed_under_a_get_is_retried_on_a_new_one() {
 
 #[tokio::test]
 async fn a_pooled_connection_closed_under_a_post_is_not_retried() {
-    let mut o = origin(|_, nth| {
-        if nth == 1 {
-            Act::Close
-        } else {
-            Act::Reply(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-        }
-    })
-    .await;
+    let mut o = closing_the_second_request().await;
     let pool = new_pool();
     let resp = pooled(&o, &pool, get("/")).await.expect("send");
     assert_eq!(&body(resp).await.expect("body")[..], b"ok");
@@ -754,7 +748,7 @@ fn forwarded(down: Request<hyper::body::Incoming>) -> Request<UpBody> {
 
 #[tokio::test]
 async fn a_streamed_body_of_unknown_length_goes_out_chunked() {
-    let mut o = always(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
+    let mut o = always(OK).await;
     let pool = new_pool();
     let (down, mut client) =
         incoming(b"POST /up HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n")
@@ -799,7 +793,7 @@ async fn a_streamed_body_of_unknown_length_goes_out_chunked() {
 
 #[tokio::test]
 async fn a_streamed_body_of_known_length_goes_out_with_content_length() {
-    let mut o = always(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
+    let mut o = always(OK).await;
     let pool = new_pool();
     let (down, _client) =
         incoming(b"PUT /up HTTP/1.1\r\nhost: x\r\ncontent-length: 6\r\n\r\nabcdef").await;
@@ -816,7 +810,7 @@ async fn a_streamed_body_of_known_length_goes_out_with_content_length() {
 
 #[tokio::test]
 async fn the_client_address_joins_x_forwarded_for_and_via_is_added() {
-    let mut o = always(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
+    let mut o = always(OK).await;
     let pool = new_pool();
     let fwd = Forwarded {
         peer: HeaderValue::from_static("10.0.0.9"),
