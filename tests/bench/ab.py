@@ -111,9 +111,7 @@ def main():
     tools = pb.BIN
     try:
         if args.mode == "http":
-            pb.start_origins(d, 1)
-            pb.weir_manifests(f"{d}/config", 1)
-            pb.Weir.start_controller(d, f"{d}/config")
+            pb.start_http_fixture(d)
         else:
             gb.start_endpoints(d)
             gb.Weir.manifests(f"{d}/config")

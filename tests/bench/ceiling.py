@@ -83,9 +83,7 @@ def main():
     classes = [("nginx", pb.Nginx), ("haproxy", pb.Haproxy), ("haproxy-tcp", HaproxyTcp), ("weir", pb.Weir)]
     rows = {n: [] for n, _ in classes}
     try:
-        origins = pb.start_origins(d, 1)
-        pb.weir_manifests(f"{d}/config", 1)
-        pb.Weir.controller = pb.Weir.start_controller(d, f"{d}/config")
+        origins = pb.start_http_fixture(d)
         for rnd in range(args.rounds):
             for name, cls in classes:
                 p = cls(d, 1)

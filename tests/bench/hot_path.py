@@ -97,9 +97,7 @@ def insn(args, d):
         pb.Weir.start_controller(d, f"{d}/config", grpc=gb.CTRL_GRPC, admin=gb.CTRL_ADMIN)
         agent = gb.Weir(d, 1)
     else:
-        pb.start_origins(d, 1)
-        pb.weir_manifests(f"{d}/config", 1)
-        pb.Weir.controller = pb.Weir.start_controller(d, f"{d}/config")
+        pb.start_http_fixture(d)
         agent = pb.Weir(d, 1)
     plain_start = pb.start
     pb.start = lambda cmd, logfile, **kw: plain_start(

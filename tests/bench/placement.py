@@ -72,9 +72,7 @@ def main():
     print("| round | proxy | placement | p50 (µs) | p99 (µs) | voluntary cs/req | involuntary cs/req | weir: heads ≤ 0.5 ms |")
     print("|---:|---|---|---:|---:|---:|---:|---:|")
     try:
-        origins = pb.start_origins(d, 1)
-        pb.weir_manifests(f"{d}/config", 1)
-        pb.Weir.controller = pb.Weir.start_controller(d, f"{d}/config")
+        origins = pb.start_http_fixture(d)
         for rnd in range(args.rounds):
             for name in ["nginx", "weir"]:
                 for placement in ["free", "pinned"]:

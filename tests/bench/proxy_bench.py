@@ -363,6 +363,15 @@ def start_origins(d, workers):
     return p
 
 
+def start_http_fixture(d):
+    """The origins, plus a local-mode weir-controller with one route over them (shared by
+    every weir run); returns the origins' process."""
+    origins = start_origins(d, 1)
+    weir_manifests(f"{d}/config", 1)
+    Weir.controller = Weir.start_controller(d, f"{d}/config")
+    return origins
+
+
 class Proxy:
     name = "?"
     port = 0
