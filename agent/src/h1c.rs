@@ -36,6 +36,7 @@
 //! An early answer (the upstream responds before it has read the whole request body) stops
 //! the upload and is passed on; the connection is closed after it.
 
+use crate::proxy::X_FORWARDED_FOR;
 use crate::replay::{BoxError, UpBody};
 use crate::upstream::Forwarded;
 use bytes::{Buf, Bytes, BytesMut};
@@ -50,8 +51,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
-
-const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
 /// Most header fields a response head (or a trailer section) may carry; hyper's default.
 pub const MAX_HEADERS: usize = 100;

@@ -59,7 +59,7 @@ static HOP_BY_HOP: [HeaderName; 9] = [
 
 pub(crate) const VIA_11: HeaderValue = HeaderValue::from_static("1.1 weir");
 const VIA_2: HeaderValue = HeaderValue::from_static("2 weir");
-const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub(crate) const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_WEIR_ERROR: HeaderName = HeaderName::from_static("x-weir-error");
 const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 const GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
