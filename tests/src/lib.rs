@@ -12,6 +12,7 @@ pub mod grpc;
 pub mod load;
 pub mod manifests;
 pub mod pki;
+pub mod sim;
 
 use anyhow::{Context, bail};
 use bytes::Bytes;
