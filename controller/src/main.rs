@@ -7,7 +7,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use weir_controller::{admin, hub::Hub, leader, local, nodeagent, server, status, stopping, tls};
+use weir_controller::k8s::{leader, nodeagent, status};
+use weir_controller::serve::{admin, hub::Hub, server, stopping, tls};
+use weir_controller::source::watch as local;
 use weir_proto::v1::routing_discovery_server::RoutingDiscoveryServer;
 
 #[derive(Parser, Debug)]
@@ -150,7 +152,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 leader_tx,
                 stop_rx.clone(),
             )));
-            let source = weir_controller::kube::Source::start(&client);
+            let source = weir_controller::source::kube::Source::start(&client);
             // Every replica writes the NodeAgents of its own agents.
             tokio::spawn(nodeagent::run_writer(
                 client.clone(),

@@ -7,11 +7,13 @@
 //! as strings, weights as signed integers) so that validation, not deserialisation, reports
 //! what is wrong with a clear message naming the object.
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::fmt;
+use weir_proto::v1 as pb;
 
 pub use k8s_openapi::api::core::v1::Service;
 pub use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -22,7 +24,64 @@ pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// The default `failover.minHealthyPercent`: Envoy's overprovisioning factor of 1.4, rounded.
 pub const DEFAULT_MIN_HEALTHY_PERCENT: u32 = 70;
 
-/// CRD schema patterns; `crate::validate` is the authority and these only let the API server
+// ---------------------------------------------------------------------------------------
+// The names a policy may use: validation checks against these tables and the CRD schema is
+// derived from them, so a name is written once.
+
+/// The load-balancing algorithms, by the exact name a policy uses.
+pub const ALGORITHMS: [(&str, pb::Algorithm); 7] = [
+    ("RoundRobin", pb::Algorithm::RoundRobin),
+    ("WeightedRoundRobin", pb::Algorithm::WeightedRoundRobin),
+    ("LeastRequest", pb::Algorithm::LeastRequest),
+    ("PeakEwma", pb::Algorithm::PeakEwma),
+    ("RingHash", pb::Algorithm::RingHash),
+    ("Maglev", pb::Algorithm::Maglev),
+    ("Random", pb::Algorithm::Random),
+];
+
+/// Cache eviction policies, by the exact name a policy uses.
+pub const EVICTIONS: [&str; 4] = ["Lru", "Lfu", "Fifo", "TinyLfu"];
+
+/// The eviction policy of a cache that names none.
+pub const DEFAULT_EVICTION: &str = "TinyLfu";
+
+/// Retry conditions besides 5xx status codes such as `"503"`.
+pub const RETRY_CONDITIONS: [&str; 11] = [
+    "connect-failure",
+    "reset",
+    "timeout",
+    "refused-stream",
+    "5xx",
+    "gateway-error",
+    "cancelled",
+    "deadline-exceeded",
+    "internal",
+    "resource-exhausted",
+    "unavailable",
+];
+
+/// The largest backendRef weight, as in Gateway API; it also keeps the weight arithmetic in
+/// the routing computation far from overflow.
+pub const MAX_WEIGHT: i64 = 1_000_000;
+
+/// The highest failover tier (`priority`).
+pub const MAX_PRIORITY: i64 = 15;
+
+/// The most retries a request may get.
+pub const MAX_RETRY_ATTEMPTS: i64 = 10;
+
+/// The algorithm names alone, for the CRD schema's `enum`.
+pub const ALGORITHM_NAMES: [&str; ALGORITHMS.len()] = {
+    let mut names = [""; ALGORITHMS.len()];
+    let mut i = 0;
+    while i < ALGORITHMS.len() {
+        names[i] = ALGORITHMS[i].0;
+        i += 1;
+    }
+    names
+};
+
+/// CRD schema patterns; validation is the authority and these only let the API server
 /// refuse the same mistakes at `kubectl apply` time. A host name: RFC 1123 labels, any case,
 /// no port, no wildcard.
 const HOST_PATTERN: &str = r"^[A-Za-z0-9]([-A-Za-z0-9]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([-A-Za-z0-9]{0,61}[A-Za-z0-9])?)*$";
@@ -34,7 +93,7 @@ const TOKEN_PATTERN: &str = r"^[-!#$%&'*+.^_`|~0-9A-Za-z]+$";
 const HEADER_VALUE_PATTERN: &str = r"^[^\x00-\x08\x0a-\x1f\x7f]*$";
 /// An absolute path without spaces or control characters.
 const PATH_PATTERN: &str = r"^/[^\x00-\x20\x7f]*$";
-/// A retry condition of `crate::validate::RETRY_CONDITIONS` or a 5xx status code.
+/// A retry condition of [`RETRY_CONDITIONS`] or a 5xx status code (a test keeps the two equal).
 const RETRY_ON_PATTERN: &str = "^(connect-failure|reset|timeout|refused-stream|5xx|gateway-error|cancelled|deadline-exceeded|internal|resource-exhausted|unavailable|5[0-9][0-9])$";
 
 /// Drops the `default` that `#[serde(default)]` puts in the schema of a field that must not be
@@ -148,7 +207,7 @@ pub struct LoadBalancer {
     /// RoundRobin | WeightedRoundRobin | LeastRequest | PeakEwma | RingHash | Maglev | Random.
     /// Kept as a string so an unknown name is a validation error naming the policy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(extend("enum" = ["RoundRobin", "WeightedRoundRobin", "LeastRequest", "PeakEwma", "RingHash", "Maglev", "Random"]))]
+    #[schemars(extend("enum" = ALGORITHM_NAMES))]
     pub algorithm: Option<String>,
     /// The consistent-hashing key for RingHash and Maglev.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -315,7 +374,7 @@ pub struct Cache {
     pub max_size: Option<String>,
     /// Lru | Lfu | Fifo | TinyLfu.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(extend("enum" = crate::validate::EVICTIONS))]
+    #[schemars(extend("enum" = EVICTIONS))]
     pub eviction: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stale_while_revalidate: Option<String>,
@@ -355,4 +414,95 @@ pub struct BackendStatus {
 pub struct AgentsStatus {
     pub synced: u32,
     pub total: u32,
+}
+
+// ---------------------------------------------------------------------------------------
+// NodeAgent: status only, written by the controller (see `k8s::nodeagent`).
+
+/// weir's agent on one node, as the controller sees it.
+#[derive(CustomResource, Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[kube(
+    group = "weir.dev",
+    version = "v1alpha1",
+    kind = "NodeAgent",
+    plural = "nodeagents",
+    shortname = "na",
+    category = "weir",
+    status = "NodeAgentStatus",
+    printcolumn = r#"{"name":"Connected","type":"boolean","jsonPath":".status.connected"}"#,
+    printcolumn = r#"{"name":"Zone","type":"string","jsonPath":".status.zone"}"#,
+    printcolumn = r#"{"name":"Applied","type":"integer","jsonPath":".status.appliedVersion","description":"Routing-table version in force on the agent"}"#,
+    printcolumn = r#"{"name":"Last ACK","type":"date","jsonPath":".status.lastAckTime"}"#,
+    printcolumn = r#"{"name":"Last NACK","type":"integer","jsonPath":".status.lastNack.version","description":"Last version the agent refused"}"#,
+    printcolumn = r#"{"name":"Cache Hit","type":"number","jsonPath":".status.cacheHitRatio","description":"Share of cacheable requests served from the agent's cache"}"#,
+    printcolumn = r#"{"name":"NACK Error","type":"string","jsonPath":".status.lastNack.error","priority":1}"#,
+    printcolumn = r#"{"name":"Controller","type":"string","jsonPath":".status.controller","priority":1}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+pub struct NodeAgentSpec {}
+
+/// What the controller knows of one agent.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeAgentStatus {
+    /// Whether the agent has a stream open to a controller right now.
+    #[serde(default)]
+    pub connected: bool,
+    /// The controller pod the agent's stream is connected to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub controller: Option<String>,
+    /// The node's zone (`topology.kubernetes.io/zone`), as the agent reported it or the Node
+    /// carries it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
+    /// The agent's software version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_version: Option<String>,
+    /// The routing-table version in force on the agent (its last ACK).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub applied_version: Option<u64>,
+    /// When the agent last acknowledged an update.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_ack_time: Option<Time>,
+    /// The last update the agent refused; the previous table stayed in force.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_nack: Option<NodeAgentNack>,
+    /// Cache hits ÷ cacheable requests over the agent's last load reports, from 0 to 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub cache_hit_ratio: Option<f64>,
+    /// The generation of each TrafficPolicy (`namespace/name`) whose current spec is in the
+    /// routing table the agent applied, as the writing controller knows it. Policies the
+    /// agent does not run at their current generation are absent.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub applied_generations: BTreeMap<String, i64>,
+}
+
+/// An update the agent refused, with its reason.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeAgentNack {
+    /// The version that was refused.
+    pub version: u64,
+    /// The agent's error message.
+    pub error: String,
+    /// When the NACK arrived.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time: Option<Time>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_schema_patterns_and_enums_follow_the_name_tables() {
+        let conditions = format!("^({}|5[0-9][0-9])$", RETRY_CONDITIONS.join("|"));
+        assert_eq!(RETRY_ON_PATTERN, conditions);
+        assert_eq!(
+            ALGORITHM_NAMES.to_vec(),
+            ALGORITHMS.iter().map(|(n, _)| *n).collect::<Vec<_>>()
+        );
+        assert!(EVICTIONS.contains(&DEFAULT_EVICTION));
+    }
 }

@@ -289,6 +289,8 @@ fn reduce_by_gcd(values: &mut [u128]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+    use std::collections::BTreeSet;
 
     fn backend(tier: u32, weight: u32, ready: &[bool]) -> pb::Backend {
         pb::Backend {
@@ -354,5 +356,152 @@ mod tests {
         assert!(all.iter().map(|w| u64::from(*w)).sum::<u64>() <= MAX_WEIGHT_SUM);
         let first = backend_share(&rule, "s0");
         assert!(first > 0.99, "{first}");
+    }
+
+    #[test]
+    fn a_rule_with_only_weight_0_backends_routes_nothing_and_is_not_panic() {
+        let mut rule = pb::Rule {
+            backends: vec![backend(0, 0, &[true, false])],
+            ..pb::Rule::default()
+        };
+        assign_weights(&mut rule, 70);
+        assert_eq!(endpoint_weight_list(&rule), [0, 0]);
+        assert!(!rule.panic);
+        assert_eq!(rule.active_tier, 0);
+    }
+
+    // --- properties -------------------------------------------------------------------------
+
+    fn arb_rule() -> impl Strategy<Value = (pb::Rule, u32)> {
+        let arb_backend = (
+            0u32..3,
+            prop_oneof![Just(0u32), 1u32..10, 1u32..1_000_000],
+            prop::collection::vec(any::<bool>(), 0..6),
+        );
+        (prop::collection::vec(arb_backend, 1..7), 1u32..=100).prop_map(|(backends, pct)| {
+            let rule = pb::Rule {
+                backends: backends
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, (tier, weight, ready))| pb::Backend {
+                        service: format!("s{i}"),
+                        ..backend(tier, weight, &ready)
+                    })
+                    .collect(),
+                ..pb::Rule::default()
+            };
+            (rule, pct)
+        })
+    }
+
+    fn tier_share(rule: &pb::Rule, tier: u32) -> f64 {
+        let total: u64 = endpoint_weight_list(rule)
+            .iter()
+            .map(|w| u64::from(*w))
+            .sum();
+        let in_tier: u64 = rule
+            .backends
+            .iter()
+            .filter(|b| b.tier == tier)
+            .flat_map(|b| &b.endpoints)
+            .map(|e| u64::from(e.weight))
+            .sum();
+        if total == 0 {
+            0.0
+        } else {
+            in_tier as f64 / total as f64
+        }
+    }
+
+    fn plan_share(plan: &TierPlan, tier: u32) -> f64 {
+        plan.loads
+            .iter()
+            .filter(|(t, _)| *t == tier)
+            .map(|(_, l)| l)
+            .sum()
+    }
+
+    proptest! {
+        #[test]
+        fn traffic_flows_exactly_when_a_weighted_backend_has_an_endpoint((mut rule, pct) in arb_rule()) {
+            let plan = plan_tiers(&rule.backends, pct);
+            assign_weights(&mut rule, pct);
+            let sum: u64 = endpoint_weight_list(&rule).iter().map(|w| u64::from(*w)).sum();
+            let reachable = rule.backends.iter().any(|b| b.weight > 0 && !b.endpoints.is_empty());
+            prop_assert_eq!(sum > 0, reachable);
+            prop_assert!(sum <= MAX_WEIGHT_SUM);
+            if reachable {
+                let loads: f64 = plan.loads.iter().map(|(_, l)| l).sum();
+                prop_assert!((loads - 1.0).abs() < 1e-9, "loads {:?}", plan.loads);
+            }
+        }
+
+        #[test]
+        fn a_weight_0_backend_gets_nothing((mut rule, pct) in arb_rule()) {
+            assign_weights(&mut rule, pct);
+            for b in rule.backends.iter().filter(|b| b.weight == 0) {
+                prop_assert!(b.endpoints.iter().all(|e| e.weight == 0));
+            }
+        }
+
+        #[test]
+        fn a_not_ready_endpoint_gets_nothing_unless_in_panic((mut rule, pct) in arb_rule()) {
+            assign_weights(&mut rule, pct);
+            if !rule.panic {
+                for e in rule.backends.iter().flat_map(|b| &b.endpoints).filter(|e| !e.ready) {
+                    prop_assert_eq!(e.weight, 0);
+                }
+            }
+        }
+
+        #[test]
+        fn the_serving_endpoints_of_one_service_get_equal_weights((mut rule, pct) in arb_rule()) {
+            assign_weights(&mut rule, pct);
+            for b in &rule.backends {
+                let serving: BTreeSet<u32> = b.endpoints.iter()
+                    .filter(|e| rule.panic || e.ready)
+                    .map(|e| e.weight)
+                    .collect();
+                prop_assert!(serving.len() <= 1, "{:?}", b);
+            }
+        }
+
+        #[test]
+        fn integer_weights_follow_the_tier_loads_and_service_weights((mut rule, pct) in arb_rule()) {
+            let plan = plan_tiers(&rule.backends, pct);
+            assign_weights(&mut rule, pct);
+            for b in &rule.backends {
+                let serving = |o: &pb::Backend| o.weight > 0 && o.endpoints.iter().any(|e| plan.panic || e.ready);
+                let tier_weight: f64 = rule.backends.iter()
+                    .filter(|o| o.tier == b.tier && serving(o))
+                    .map(|o| f64::from(o.weight))
+                    .sum();
+                let expected = if serving(b) {
+                    plan_share(&plan, b.tier) * f64::from(b.weight) / tier_weight
+                } else {
+                    0.0
+                };
+                let actual = backend_share(&rule, &b.service);
+                let actual = if actual.is_nan() { 0.0 } else { actual };
+                prop_assert!((actual - expected).abs() < 3e-3, "{} expected {} got {} in {:?}", b.service, expected, actual, rule);
+            }
+        }
+
+        #[test]
+        fn making_one_more_tier_0_endpoint_ready_never_lowers_tier_0_share((mut rule, pct) in arb_rule()) {
+            let flip = rule.backends.iter().enumerate()
+                .filter(|(_, b)| b.tier == 0)
+                .find_map(|(i, b)| b.endpoints.iter().position(|e| !e.ready).map(|k| (i, k)));
+            if let Some((i, k)) = flip {
+                let before_plan = plan_tiers(&rule.backends, pct);
+                let mut before = rule.clone();
+                assign_weights(&mut before, pct);
+                rule.backends[i].endpoints[k].ready = true;
+                let after_plan = plan_tiers(&rule.backends, pct);
+                assign_weights(&mut rule, pct);
+                prop_assert!(plan_share(&after_plan, 0) >= plan_share(&before_plan, 0) - 1e-12);
+                prop_assert!(tier_share(&rule, 0) >= tier_share(&before, 0) - 2e-3);
+            }
+        }
     }
 }

@@ -304,11 +304,11 @@ def test_broken_policies_are_refused_at_apply_time(case):
 
 
 def _validate_rs() -> str:
-    return (REPO / "controller/src/validate.rs").read_text()
+    return (REPO / "controller/src/model.rs").read_text()
 
 
 def test_schema_enums_and_bounds_match_the_controller_validation():
-    """The CRD only repeats what controller/src/validate.rs decides; they must agree."""
+    """The CRD only repeats the name tables and limits of controller/src/model.rs, which validation checks against; they must agree."""
     src = _validate_rs()
     algorithms = re.findall(r'\("(\w+)", pb::Algorithm::\w+\)', src)
     assert algorithms and schema_at(TP_SCHEMA, ".spec.loadBalancer.algorithm")["enum"] == algorithms

@@ -9,8 +9,8 @@
 
 use anyhow::{Context, ensure};
 use kube::CustomResourceExt;
+use weir_controller::model::NodeAgent;
 use weir_controller::model::TrafficPolicy;
-use weir_controller::nodeagent;
 
 const HEADER: &str = "\
 # weir's CustomResourceDefinitions, generated from the Rust types. Do not edit: run
@@ -19,7 +19,7 @@ const HEADER: &str = "\
 
 fn main() -> anyhow::Result<()> {
     let mut out = String::from(HEADER);
-    for crd in [TrafficPolicy::crd(), nodeagent::NodeAgent::crd()] {
+    for crd in [TrafficPolicy::crd(), NodeAgent::crd()] {
         let value = serde_json::to_value(&crd)?;
         let yaml = yaml11_safe(&serde_yaml::to_string(&value)?);
         let back: serde_json::Value =

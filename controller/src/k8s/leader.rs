@@ -91,7 +91,7 @@ pub async fn run(
         }
         tokio::select! {
             _ = tokio::time::sleep(config.renew_every) => {}
-            () = crate::stopping(shutdown.clone()) => {
+            () = crate::serve::stopping(shutdown.clone()) => {
                 // Stop writing status first, then give the Lease up.
                 if leader.send_replace(false) {
                     match release(&api, &identity).await {

@@ -2,7 +2,7 @@
 //! the API server (Kubernetes mode, leader only).
 //!
 //! `agents` counts the agents of every replica: each replica writes the NodeAgents of the
-//! agents connected to it ([`crate::nodeagent`]), and the leader sums them per policy
+//! agents connected to it ([`crate::k8s::nodeagent`]), and the leader sums them per policy
 //! ([`agents_for_policy`]): `total` is the connected NodeAgents, `synced` those whose
 //! `appliedGenerations` has the policy at its current generation or later.
 //!
@@ -20,10 +20,10 @@
 //! they carry. So a flapping endpoint costs at most one PATCH per policy per period, however
 //! fast it flaps.
 
-use crate::hub::Hub;
+use crate::model::NodeAgent;
 use crate::model::{AgentsStatus, ObjectKey, TrafficPolicy, TrafficPolicyStatus};
-use crate::nodeagent::NodeAgent;
 use crate::routing::{PolicyState, Reason};
+use crate::serve::hub::Hub;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
@@ -563,7 +563,7 @@ mod tests {
 
     #[test]
     fn agents_are_summed_over_connected_nodeagents_of_every_replica() {
-        use crate::nodeagent::{NodeAgentSpec, NodeAgentStatus};
+        use crate::model::{NodeAgentSpec, NodeAgentStatus};
         let na = |name: &str, controller: &str, connected: bool, generation: Option<i64>| {
             let mut n = NodeAgent::new(name, NodeAgentSpec {});
             n.status = Some(NodeAgentStatus {

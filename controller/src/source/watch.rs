@@ -6,8 +6,8 @@
 //! files are not parsed again. A periodic rescan backs up the watcher on filesystems where
 //! inotify misses changes (network mounts, some container volumes).
 
-use crate::hub::Hub;
-use crate::source::DirSource;
+use crate::serve::hub::Hub;
+use crate::source::dir::DirSource;
 use notify::{RecursiveMode, Watcher};
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -6,7 +6,7 @@
 //! slow agent is sent fewer, larger deltas and holds up nobody. Per-agent state is a version
 //! number and a pointer to the last table sent.
 
-use crate::hub::{Hub, Table};
+use crate::serve::hub::{Hub, Table};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::pin::Pin;
@@ -247,7 +247,7 @@ impl Session {
                     }
                     None => return,
                 },
-                () = crate::stopping(self.stop.clone()) => {
+                () = crate::serve::stopping(self.stop.clone()) => {
                     let _ = self
                         .tx
                         .send(Err(Status::unavailable(

@@ -1,6 +1,6 @@
-//! The `NodeAgent` custom resource (`weir.dev/v1alpha1`, cluster-scoped): one object per
-//! node, named after the agent's `--node-name` (Hello.node_name). It is status only: users
-//! read it with `kubectl get nodeagents` and never write it, so its spec is empty.
+//! Writing the `NodeAgent` objects ([`crate::model::NodeAgent`], cluster-scoped): one object
+//! per node, named after the agent's `--node-name` (Hello.node_name). They are status only:
+//! users read them with `kubectl get nodeagents` and never write them.
 //!
 //! Who writes what:
 //! - **every replica** creates and status-patches the NodeAgents of the agents connected to
@@ -14,7 +14,7 @@
 //!   another one meanwhile); the patch carries the resourceVersion it checked, so a racing
 //!   takeover wins with `409 Conflict`.
 //! - **the leader** reads all NodeAgents (a reflector) to count each policy's agents for
-//!   TrafficPolicy status ([`crate::status`]), and deletes NodeAgents whose Node has been
+//!   TrafficPolicy status ([`crate::k8s::status`]), and deletes NodeAgents whose Node has been
 //!   gone for [`Cleanup::grace`] ([`run_cleanup`]). The grace runs from the moment the leader
 //!   first sees the NodeAgent without its Node *after* the Node list synced, so an agent
 //!   that registers before its Node object is listed is not deleted.
@@ -25,16 +25,15 @@
 //! replica knows it. The last NACK keeps the agent's error text verbatim so that
 //! `kubectl get nodeagent NODE -o yaml` says why an update was refused.
 
-use crate::hub::{Carried, Hub};
-use crate::server::{AgentState, Agents};
+use crate::model::{NodeAgent, NodeAgentNack, NodeAgentSpec, NodeAgentStatus};
+use crate::serve::hub::{Carried, Hub};
+use crate::serve::server::{AgentState, Agents};
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::reflector::{ObjectRef, Store};
-use kube::{Api, Client, CustomResource, ResourceExt};
-use schemars::JsonSchema;
-use serde::{Deserialize, Serialize};
+use kube::{Api, Client, ResourceExt};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -46,78 +45,6 @@ pub const WRITE_EVERY: Duration = Duration::from_secs(1);
 
 /// The field manager named in NodeAgent writes.
 pub const FIELD_MANAGER: &str = "weir-controller";
-
-/// weir's agent on one node, as the controller sees it.
-#[derive(CustomResource, Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
-#[kube(
-    group = "weir.dev",
-    version = "v1alpha1",
-    kind = "NodeAgent",
-    plural = "nodeagents",
-    shortname = "na",
-    category = "weir",
-    status = "NodeAgentStatus",
-    printcolumn = r#"{"name":"Connected","type":"boolean","jsonPath":".status.connected"}"#,
-    printcolumn = r#"{"name":"Zone","type":"string","jsonPath":".status.zone"}"#,
-    printcolumn = r#"{"name":"Applied","type":"integer","jsonPath":".status.appliedVersion","description":"Routing-table version in force on the agent"}"#,
-    printcolumn = r#"{"name":"Last ACK","type":"date","jsonPath":".status.lastAckTime"}"#,
-    printcolumn = r#"{"name":"Last NACK","type":"integer","jsonPath":".status.lastNack.version","description":"Last version the agent refused"}"#,
-    printcolumn = r#"{"name":"Cache Hit","type":"number","jsonPath":".status.cacheHitRatio","description":"Share of cacheable requests served from the agent's cache"}"#,
-    printcolumn = r#"{"name":"NACK Error","type":"string","jsonPath":".status.lastNack.error","priority":1}"#,
-    printcolumn = r#"{"name":"Controller","type":"string","jsonPath":".status.controller","priority":1}"#,
-    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
-)]
-pub struct NodeAgentSpec {}
-
-/// What the controller knows of one agent.
-#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct NodeAgentStatus {
-    /// Whether the agent has a stream open to a controller right now.
-    #[serde(default)]
-    pub connected: bool,
-    /// The controller pod the agent's stream is connected to.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub controller: Option<String>,
-    /// The node's zone (`topology.kubernetes.io/zone`), as the agent reported it or the Node
-    /// carries it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub zone: Option<String>,
-    /// The agent's software version.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub agent_version: Option<String>,
-    /// The routing-table version in force on the agent (its last ACK).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub applied_version: Option<u64>,
-    /// When the agent last acknowledged an update.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_ack_time: Option<Time>,
-    /// The last update the agent refused; the previous table stayed in force.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_nack: Option<NodeAgentNack>,
-    /// Cache hits ÷ cacheable requests over the agent's last load reports, from 0 to 1.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 0.0, max = 1.0))]
-    pub cache_hit_ratio: Option<f64>,
-    /// The generation of each TrafficPolicy (`namespace/name`) whose current spec is in the
-    /// routing table the agent applied, as the writing controller knows it. Policies the
-    /// agent does not run at their current generation are absent.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub applied_generations: BTreeMap<String, i64>,
-}
-
-/// An update the agent refused, with its reason.
-#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct NodeAgentNack {
-    /// The version that was refused.
-    pub version: u64,
-    /// The agent's error message.
-    pub error: String,
-    /// When the NACK arrived.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub time: Option<Time>,
-}
 
 /// Unix milliseconds as a Kubernetes `Time`, truncated to whole seconds: `metav1.Time`
 /// travels with second precision, and a value that changes in the round trip would make
@@ -135,7 +62,7 @@ pub fn hit_ratio(hits: u64, misses: u64) -> Option<f64> {
 }
 
 /// The status the replica `controller` wants for the NodeAgent of `agent`, connected to it.
-/// `carried` is the hub's [`crate::hub::ConfigState::carried`]; `current` is the status the
+/// `carried` is the hub's [`crate::serve::hub::ConfigState::carried`]; `current` is the status the
 /// object has now. What this session has not learnt yet (no NACK, no load report, no ACK
 /// since the agent reconnected) keeps the object's current value rather than erasing it.
 pub fn desired_status(
@@ -440,7 +367,7 @@ pub async fn run_cleanup(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::server::{CacheTotals, NackState};
+    use crate::serve::server::{CacheTotals, NackState};
     use serde_json::json;
 
     fn agent(applied: u64) -> AgentState {

@@ -2,8 +2,8 @@
 //! `/state` (policies with their computed status and errors, manifest file problems, and the
 //! connected agents with their versions and last NACK, as JSON).
 
-use crate::hub::Hub;
-use crate::server::Agents;
+use crate::serve::hub::Hub;
+use crate::serve::server::Agents;
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
@@ -81,8 +81,8 @@ impl Metrics {
 #[serde(rename_all = "camelCase")]
 struct StateView<'a> {
     #[serde(flatten)]
-    config: crate::hub::ConfigState,
-    agents: &'a [crate::server::AgentState],
+    config: crate::serve::hub::ConfigState,
+    agents: &'a [crate::serve::server::AgentState],
 }
 
 pub struct Admin {

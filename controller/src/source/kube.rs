@@ -1,5 +1,5 @@
 //! Kubernetes mode's driver: follows TrafficPolicies, Services and EndpointSlices in all
-//! namespaces with kube-rs reflectors and feeds the hub, exactly as [`crate::local`] does
+//! namespaces with kube-rs reflectors and feeds the hub, exactly as [`crate::source::watch`] does
 //! for a folder. The hub and the routing computation do not know which source fed them.
 //!
 //! Every watch event only wakes the loop; the snapshot is rebuilt from the reflector stores
@@ -15,10 +15,10 @@
 //! (agent counts); the Node store serves the leader's NodeAgent cleanup. `/readyz` does not
 //! wait for them.
 
-use crate::hub::Hub;
+use crate::model::NodeAgent;
 use crate::model::{EndpointSlice, ObjectKey, Service, TrafficPolicy};
-use crate::nodeagent::NodeAgent;
 use crate::routing::{PolicyInput, Snapshot};
+use crate::serve::hub::Hub;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Node;
 use kube::runtime::reflector::{self, Store};

@@ -6,12 +6,21 @@
 //! Errors are logged once when they appear, and kept for `/state`.
 
 use crate::routing::{self, Computed, LastGood, PolicyState, Snapshot};
-use crate::source::FileReport;
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 use weir_proto::v1::Route;
+
+/// A problem with one manifest file, as shown in the admin API.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct FileReport {
+    pub path: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
+}
 
 /// One published routing table. Routes are shared by pointer between versions, so a session
 /// diffs two tables by comparing only the routes whose pointers differ.

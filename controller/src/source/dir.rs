@@ -10,7 +10,7 @@
 
 use crate::model::{EndpointSlice, ObjectKey, Service, TrafficPolicy};
 use crate::routing::{PolicyInput, Snapshot};
-use serde::Serialize;
+use crate::serve::hub::FileReport;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -32,16 +32,6 @@ struct FileState {
     error: Option<String>,
     /// Problems that did not stop the file from loading (unknown kinds, duplicates).
     warnings: Vec<String>,
-}
-
-/// A problem with one manifest file, as shown in the admin API.
-#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
-pub struct FileReport {
-    pub path: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub warnings: Vec<String>,
 }
 
 /// The folder's files and the objects each holds.

@@ -1,0 +1,14 @@
+//! Serving agents and operators: the [`hub`] publishes routing tables, the [`server`] streams
+//! them to agents over `weir.v1.RoutingDiscovery` (with [`tls`] in a cluster), and [`admin`]
+//! serves health, metrics and `/state`.
+
+pub mod admin;
+pub mod hub;
+pub mod server;
+pub mod tls;
+
+/// Resolves once `stop` is (or turns) true: the shutdown signal every long-running part of
+/// the controller (gRPC server, agent sessions, leader election) waits on.
+pub async fn stopping(mut stop: tokio::sync::watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
