@@ -18,7 +18,7 @@ use stats_alloc::{INSTRUMENTED_SYSTEM, Region, StatsAlloc};
 use std::alloc::System;
 use std::hash::{BuildHasher, Hasher};
 use std::time::{Duration, Instant, SystemTime};
-use weir_agent::cache::store::{AnyEvictor, EvictionPolicy, Evictor};
+use weir_agent::cache::evict::{AnyEvictor, EvictionPolicy, Evictor};
 use weir_agent::cache::{Cache, CacheConfig, FillAction, Lookup};
 
 #[global_allocator]

@@ -2,9 +2,9 @@
 //! force), `/metrics` (Prometheus text) and `/config` (the applied table with the weights in
 //! force, every endpoint's health and why, and the control connection, as JSON).
 
+use crate::control::state::Shared;
 use crate::health::now_ms;
-use crate::state::Shared;
-use crate::table::RuleRt;
+use crate::route::table::RuleRt;
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
@@ -53,14 +53,16 @@ fn handle(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                 Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, &format!("{e}\n")),
             }
         }
-        "/metrics" => match refresh_cache_metrics(shared).and_then(|()| shared.metrics.encode()) {
-            Ok(s) => with_type(
-                StatusCode::OK,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                s.into_bytes(),
-            ),
-            Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, &format!("{e}\n")),
-        },
+        "/metrics" => {
+            match refresh_cache_metrics(shared).and_then(|()| shared.routing.metrics.encode()) {
+                Ok(s) => with_type(
+                    StatusCode::OK,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    s.into_bytes(),
+                ),
+                Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, &format!("{e}\n")),
+            }
+        }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
 }
@@ -68,7 +70,7 @@ fn handle(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
 /// Copies every route cache's statistics into the metrics families before a scrape.
 fn refresh_cache_metrics(shared: &Shared) -> Result<(), std::fmt::Error> {
     use crate::metrics::CacheLabels;
-    let table = shared.table.load();
+    let table = shared.routing.table.load();
     for rt in table.routes() {
         let Some(cache) = &rt.cache else { continue };
         let st = cache.stats();
@@ -85,6 +87,7 @@ fn refresh_cache_metrics(shared: &Shared) -> Result<(), std::fmt::Error> {
         ];
         for (stat, v) in values {
             shared
+                .routing
                 .metrics
                 .cache
                 .get_or_create(&CacheLabels {
@@ -109,7 +112,7 @@ fn purge(shared: &Shared, query: &str) -> u64 {
             _ => {}
         }
     }
-    let table = shared.table.load();
+    let table = shared.routing.table.load();
     table
         .routes()
         .iter()
@@ -124,8 +127,8 @@ fn purge(shared: &Shared, query: &str) -> u64 {
 
 /// The applied table as JSON. Built from the protobuf routes kept in the table, so what is
 /// shown is exactly what was received.
-pub fn config_json(shared: &Shared) -> Value {
-    let table = shared.table.load();
+pub(crate) fn config_json(shared: &Shared) -> Value {
+    let table = shared.routing.table.load();
     let now = now_ms();
     let routes: Vec<Value> = table
         .routes()

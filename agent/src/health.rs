@@ -8,8 +8,8 @@
 //! with the new verdicts (weights, failover spill and panic recomputed by
 //! `weir_proto::weights`, exactly as the controller would).
 
+use crate::balance::EndpointLoad;
 use crate::metrics::{EndpointCounters, Metrics};
-use crate::pick::EndpointLoad;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -23,28 +23,28 @@ fn epoch() -> Instant {
 }
 
 /// Milliseconds on a monotonic clock private to this process (never 0).
-pub fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     ms_at(Instant::now())
 }
 
 /// [`now_ms`] at `t`, for a caller that already read the clock.
-pub fn ms_at(t: Instant) -> u64 {
+pub(crate) fn ms_at(t: Instant) -> u64 {
     t.saturating_duration_since(epoch()).as_millis() as u64 + 1
 }
 
 /// Nanoseconds on the same monotonic clock, for latency estimates.
-pub fn now_nanos() -> u64 {
+pub(crate) fn now_nanos() -> u64 {
     nanos_at(Instant::now())
 }
 
 /// [`now_nanos`] at `t`.
-pub fn nanos_at(t: Instant) -> u64 {
+pub(crate) fn nanos_at(t: Instant) -> u64 {
     t.saturating_duration_since(epoch()).as_nanos() as u64
 }
 
 /// What the control thread must react to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Event {
+pub(crate) enum Event {
     /// An endpoint's verdict changed: rebuild the table.
     Changed,
     /// An endpoint was ejected until this time (`now_ms` clock): rebuild, and again then.
@@ -53,7 +53,7 @@ pub enum Event {
 
 /// The outcome of one try against an endpoint, as passive outlier detection counts it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
+pub(crate) enum Outcome {
     Success,
     /// 5xx, connect failure, reset or timeout.
     Failure,
@@ -61,10 +61,10 @@ pub enum Outcome {
 
 /// Passive outlier detection settings of a route (from `outlierDetection`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct OutlierConfig {
-    pub consecutive_errors: u32,
-    pub base_ejection: Duration,
-    pub max_ejection_percent: u32,
+pub(crate) struct OutlierConfig {
+    pub(crate) consecutive_errors: u32,
+    pub(crate) base_ejection: Duration,
+    pub(crate) max_ejection_percent: u32,
 }
 
 impl Default for OutlierConfig {
@@ -81,10 +81,10 @@ impl Default for OutlierConfig {
 
 /// Health and load of one endpoint address.
 #[derive(Debug)]
-pub struct EndpointHealth {
-    pub addr: SocketAddr,
-    pub load: Arc<EndpointLoad>,
-    pub counters: EndpointCounters,
+pub(crate) struct EndpointHealth {
+    pub(crate) addr: SocketAddr,
+    pub(crate) load: Arc<EndpointLoad>,
+    pub(crate) counters: EndpointCounters,
     /// Verdict of the active health check; true until a check says otherwise.
     active_ok: AtomicBool,
     /// `now_ms` until which the endpoint is ejected; 0 when not ejected.
@@ -110,27 +110,27 @@ impl EndpointHealth {
     }
 
     /// Healthy as far as this agent knows (active check passing and not ejected).
-    pub fn is_healthy(&self, now_ms: u64) -> bool {
+    pub(crate) fn is_healthy(&self, now_ms: u64) -> bool {
         self.active_ok.load(Ordering::Relaxed) && !self.is_ejected(now_ms)
     }
 
-    pub fn is_ejected(&self, now_ms: u64) -> bool {
+    pub(crate) fn is_ejected(&self, now_ms: u64) -> bool {
         let until = self.ejected_until.load(Ordering::Relaxed);
         until != 0 && until > now_ms
     }
 
     /// When the current ejection ends, if ejected.
-    pub fn ejected_until(&self) -> Option<u64> {
+    pub(crate) fn ejected_until(&self) -> Option<u64> {
         let until = self.ejected_until.load(Ordering::Relaxed);
         (until != 0).then_some(until)
     }
 
-    pub fn ejections(&self) -> u32 {
+    pub(crate) fn ejections(&self) -> u32 {
         self.ejections.load(Ordering::Relaxed)
     }
 
     /// Why the endpoint is not healthy, or `None`.
-    pub fn reason(&self, now_ms: u64) -> Option<String> {
+    pub(crate) fn reason(&self, now_ms: u64) -> Option<String> {
         if self.is_healthy(now_ms) {
             return None;
         }
@@ -145,7 +145,7 @@ impl EndpointHealth {
     }
 
     /// Records an active check verdict; true if it changed.
-    pub fn set_active(&self, ok: bool, why: &str) -> bool {
+    pub(crate) fn set_active(&self, ok: bool, why: &str) -> bool {
         let changed = self.active_ok.swap(ok, Ordering::Relaxed) != ok;
         if changed && !ok {
             self.set_reason(format!("active health check failing: {why}"));
@@ -154,7 +154,7 @@ impl EndpointHealth {
     }
 
     /// Ends an ejection whose time is up. True if the endpoint was ejected.
-    pub fn readmit_if_due(&self, now_ms: u64) -> bool {
+    pub(crate) fn readmit_if_due(&self, now_ms: u64) -> bool {
         let until = self.ejected_until.load(Ordering::Relaxed);
         if until != 0 && until <= now_ms {
             self.ejected_until.store(0, Ordering::Relaxed);
@@ -166,7 +166,7 @@ impl EndpointHealth {
 
     /// Counts a try's outcome. Returns `Some(until)` when this failure ejects the endpoint;
     /// `may_eject` says whether the route's `maxEjectionPercent` leaves room for it.
-    pub fn record(
+    pub(crate) fn record(
         &self,
         outcome: Outcome,
         cfg: &OutlierConfig,
@@ -215,13 +215,13 @@ impl EndpointHealth {
 }
 
 /// Every endpoint the agent knows, by address. Written only when tables are built.
-pub struct Endpoints {
+pub(crate) struct Endpoints {
     map: Mutex<HashMap<SocketAddr, Arc<EndpointHealth>>>,
     events: mpsc::UnboundedSender<Event>,
 }
 
 impl Endpoints {
-    pub fn new(events: mpsc::UnboundedSender<Event>) -> Self {
+    pub(crate) fn new(events: mpsc::UnboundedSender<Event>) -> Self {
         Self {
             map: Mutex::new(HashMap::new()),
             events,
@@ -229,7 +229,7 @@ impl Endpoints {
     }
 
     /// The state of `addr`, created on first use.
-    pub fn get(&self, addr: SocketAddr, metrics: &Metrics) -> Arc<EndpointHealth> {
+    pub(crate) fn get(&self, addr: SocketAddr, metrics: &Metrics) -> Arc<EndpointHealth> {
         self.lock()
             .entry(addr)
             .or_insert_with(|| Arc::new(EndpointHealth::new(addr, metrics)))
@@ -237,7 +237,7 @@ impl Endpoints {
     }
 
     /// Forgets endpoints no table uses any more (their state would otherwise grow forever).
-    pub fn retain(&self, keep: impl Fn(&SocketAddr) -> bool, metrics: &Metrics) {
+    pub(crate) fn retain(&self, keep: impl Fn(&SocketAddr) -> bool, metrics: &Metrics) {
         self.lock().retain(|addr, _| {
             let kept = keep(addr);
             if !kept {
@@ -247,7 +247,7 @@ impl Endpoints {
         });
     }
 
-    pub fn all(&self) -> Vec<Arc<EndpointHealth>> {
+    pub(crate) fn all(&self) -> Vec<Arc<EndpointHealth>> {
         self.lock().values().cloned().collect()
     }
 
@@ -256,7 +256,7 @@ impl Endpoints {
     }
 
     /// Tells the control thread about a transition.
-    pub fn notify(&self, event: Event) {
+    pub(crate) fn notify(&self, event: Event) {
         let _ = self.events.send(event);
     }
 }

@@ -6,7 +6,8 @@ use clap::Parser;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use weir_agent::{admin, checks, client, proxy, state::Shared};
+use weir_agent::control::{checks, client, state::Shared};
+use weir_agent::{admin, listen};
 
 #[derive(Parser, Debug)]
 #[command(name = "weir-agent", version, about)]
@@ -71,7 +72,7 @@ fn main() -> anyhow::Result<()> {
                 key: key.clone(),
             };
             // Read once now so that a wrong path fails at start; each connect reads again.
-            files.load().map_err(anyhow::Error::msg)?;
+            files.load()?;
             Some(files)
         }
         _ => anyhow::bail!("--tls-ca, --tls-cert and --tls-key go together"),
@@ -94,13 +95,13 @@ fn main() -> anyhow::Result<()> {
                 .unwrap_or(1)
         })
         .max(1);
-    let listeners = proxy::bind_listeners(args.listen, workers)
+    let listeners = listen::bind_listeners(args.listen, workers)
         .with_context(|| format!("cannot listen on --listen {}", args.listen))?;
-    let limits = proxy::Limits {
+    let limits = listen::Limits {
         header_read_timeout: args.header_read_timeout,
     };
     for (i, listener) in listeners.into_iter().enumerate() {
-        let shared = shared.clone();
+        let routing = shared.routing();
         std::thread::Builder::new()
             .name(format!("weir-worker-{i}"))
             .spawn(move || {
@@ -114,7 +115,7 @@ fn main() -> anyhow::Result<()> {
                         std::process::exit(1);
                     }
                 };
-                if let Err(e) = rt.block_on(proxy::serve(listener, shared, limits)) {
+                if let Err(e) = rt.block_on(listen::serve(listener, routing, limits)) {
                     tracing::error!(error = %e, "worker stopped");
                     std::process::exit(1);
                 }

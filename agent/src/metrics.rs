@@ -16,128 +16,69 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
+use crate::http::reply::LocalReply;
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RouteClassLabels {
-    pub route: String,
-    pub code: &'static str,
+pub(crate) struct RouteClassLabels {
+    pub(crate) route: String,
+    pub(crate) code: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RouteLabels {
-    pub route: String,
+pub(crate) struct RouteLabels {
+    pub(crate) route: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct EndpointLabels {
-    pub endpoint: String,
+pub(crate) struct EndpointLabels {
+    pub(crate) endpoint: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct CacheLabels {
-    pub route: String,
+pub(crate) struct CacheLabels {
+    pub(crate) route: String,
     /// hits, misses, stale, coalesced, bypass, stores, evictions, bytes, entries.
-    pub stat: &'static str,
+    pub(crate) stat: &'static str,
 }
 
 /// gRPC calls by final status, route and endpoint.
-pub type GrpcCallsFamily = Family<GrpcLabels, Counter>;
+pub(crate) type GrpcCallsFamily = Family<GrpcLabels, Counter>;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct GrpcLabels {
-    pub route: String,
-    pub endpoint: String,
-    pub grpc_status: u32,
+pub(crate) struct GrpcLabels {
+    pub(crate) route: String,
+    pub(crate) endpoint: String,
+    pub(crate) grpc_status: u32,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ReplyLabels {
-    pub route: String,
-    pub reason: &'static str,
-}
-
-/// Why the agent answered a request itself instead of an upstream.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LocalReply {
-    NoRoute,
-    NoHealthyEndpoint,
-    UpstreamConnect,
-    UpstreamTimeout,
-    UpstreamError,
-    BadRequest,
-    CircuitOpen,
-}
-
-impl LocalReply {
-    pub const ALL: [LocalReply; 7] = [
-        LocalReply::NoRoute,
-        LocalReply::NoHealthyEndpoint,
-        LocalReply::UpstreamConnect,
-        LocalReply::UpstreamTimeout,
-        LocalReply::UpstreamError,
-        LocalReply::BadRequest,
-        LocalReply::CircuitOpen,
-    ];
-
-    /// The value of the `x-weir-error` header and the metric label.
-    pub fn code(self) -> &'static str {
-        match self {
-            LocalReply::NoRoute => "no-route",
-            LocalReply::NoHealthyEndpoint => "no-healthy-endpoint",
-            LocalReply::UpstreamConnect => "upstream-connect-failed",
-            LocalReply::UpstreamTimeout => "upstream-timeout",
-            LocalReply::UpstreamError => "upstream-error",
-            LocalReply::BadRequest => "bad-request",
-            LocalReply::CircuitOpen => "circuit-open",
-        }
-    }
-
-    /// The gRPC status a gRPC client gets for this reply.
-    pub fn grpc_status(self) -> u32 {
-        match self {
-            LocalReply::NoRoute => 12,        // UNIMPLEMENTED
-            LocalReply::UpstreamTimeout => 4, // DEADLINE_EXCEEDED
-            LocalReply::BadRequest => 13,     // INTERNAL
-            LocalReply::UpstreamError => 14,  // UNAVAILABLE
-            LocalReply::NoHealthyEndpoint
-            | LocalReply::UpstreamConnect
-            | LocalReply::CircuitOpen => 14,
-        }
-    }
-
-    pub fn status(self) -> http::StatusCode {
-        use http::StatusCode as S;
-        match self {
-            LocalReply::NoRoute => S::NOT_FOUND,
-            LocalReply::NoHealthyEndpoint | LocalReply::CircuitOpen => S::SERVICE_UNAVAILABLE,
-            LocalReply::UpstreamConnect | LocalReply::UpstreamError => S::BAD_GATEWAY,
-            LocalReply::UpstreamTimeout => S::GATEWAY_TIMEOUT,
-            LocalReply::BadRequest => S::BAD_REQUEST,
-        }
-    }
+pub(crate) struct ReplyLabels {
+    pub(crate) route: String,
+    pub(crate) reason: &'static str,
 }
 
 const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
 /// Counter handles of one route.
 #[derive(Debug, Clone)]
-pub struct RouteCounters {
+pub(crate) struct RouteCounters {
     by_class: [Counter; 5],
     replies: [Counter; LocalReply::ALL.len()],
-    pub retries: Counter,
-    pub in_flight: Gauge<i64, AtomicI64>,
-    pub latency: Histogram,
+    pub(crate) retries: Counter,
+    pub(crate) in_flight: Gauge<i64, AtomicI64>,
+    pub(crate) latency: Histogram,
 }
 
 /// Counter handles of one endpoint.
 #[derive(Debug, Clone)]
-pub struct EndpointCounters {
-    pub requests: Counter,
-    pub failures: Counter,
+pub(crate) struct EndpointCounters {
+    pub(crate) requests: Counter,
+    pub(crate) failures: Counter,
     ejections: Counter,
 }
 
 impl EndpointCounters {
-    pub fn ejected(&self) {
+    pub(crate) fn ejected(&self) {
         self.ejections.inc();
     }
 }
@@ -150,7 +91,7 @@ const BUCKETS: [f64; 14] = [
 /// A latency histogram of plain atomics: prometheus-client's own takes a lock per
 /// observation, which the request path cannot afford.
 #[derive(Debug, Clone, Default)]
-pub struct Histogram(Arc<HistogramInner>);
+pub(crate) struct Histogram(Arc<HistogramInner>);
 
 #[derive(Debug, Default)]
 struct HistogramInner {
@@ -161,7 +102,7 @@ struct HistogramInner {
 
 impl Histogram {
     #[inline]
-    pub fn observe(&self, d: Duration) {
+    pub(crate) fn observe(&self, d: Duration) {
         let secs = d.as_secs_f64();
         let i = BUCKETS
             .iter()
@@ -202,14 +143,14 @@ impl EncodeMetric for Histogram {
 impl RouteCounters {
     /// Counts an upstream response by status class.
     #[inline]
-    pub fn response(&self, status: http::StatusCode) {
+    pub(crate) fn response(&self, status: http::StatusCode) {
         let class = (status.as_u16() / 100).clamp(1, 5) as usize - 1;
         self.by_class[class].inc();
     }
 
     /// Counts an answer the agent gave itself.
     #[inline]
-    pub fn reply(&self, reply: LocalReply) {
+    pub(crate) fn reply(&self, reply: LocalReply) {
         let i = LocalReply::ALL
             .iter()
             .position(|r| *r == reply)
@@ -219,8 +160,8 @@ impl RouteCounters {
     }
 }
 
-pub struct Metrics {
-    pub registry: Registry,
+pub(crate) struct Metrics {
+    pub(crate) registry: Registry,
     requests: Family<RouteClassLabels, Counter>,
     replies: Family<ReplyLabels, Counter>,
     retries: Family<RouteLabels, Counter>,
@@ -230,21 +171,21 @@ pub struct Metrics {
     endpoint_failures: Family<EndpointLabels, Counter>,
     endpoint_ejections: Family<EndpointLabels, Counter>,
     /// Response cache counters and sizes, by route; refreshed when scraped.
-    pub cache: Family<CacheLabels, Gauge<i64, AtomicI64>>,
+    pub(crate) cache: Family<CacheLabels, Gauge<i64, AtomicI64>>,
     /// gRPC calls by final status, route and endpoint.
-    pub grpc_calls: GrpcCallsFamily,
+    pub(crate) grpc_calls: GrpcCallsFamily,
     /// 1 healthy, 0 not (EndpointSlice ∧ active ∧ passive); refreshed on every table build.
-    pub endpoint_healthy: Family<EndpointLabels, Gauge<i64, AtomicI64>>,
-    pub table_version: Gauge<i64, AtomicI64>,
-    pub controller_connected: Gauge<i64, AtomicI64>,
-    pub updates_applied: Counter,
-    pub updates_rejected: Counter,
+    pub(crate) endpoint_healthy: Family<EndpointLabels, Gauge<i64, AtomicI64>>,
+    pub(crate) table_version: Gauge<i64, AtomicI64>,
+    pub(crate) controller_connected: Gauge<i64, AtomicI64>,
+    pub(crate) updates_applied: Counter,
+    pub(crate) updates_rejected: Counter,
     /// Counters for requests that matched no route.
-    pub unrouted: RouteCounters,
+    pub(crate) unrouted: RouteCounters,
 }
 
 impl Metrics {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let mut registry = Registry::with_prefix("weir_agent");
         let requests = Family::<RouteClassLabels, Counter>::default();
         let replies = Family::<ReplyLabels, Counter>::default();
@@ -362,7 +303,7 @@ impl Metrics {
     }
 
     /// The counter handles of `route`, created on first use.
-    pub fn route_counters(&self, route: &str) -> RouteCounters {
+    pub(crate) fn route_counters(&self, route: &str) -> RouteCounters {
         Parts {
             requests: &self.requests,
             replies: &self.replies,
@@ -374,7 +315,7 @@ impl Metrics {
     }
 
     /// The counter handles of endpoint `addr`, created on first use.
-    pub fn endpoint_counters(&self, addr: SocketAddr) -> EndpointCounters {
+    pub(crate) fn endpoint_counters(&self, addr: SocketAddr) -> EndpointCounters {
         let l = EndpointLabels {
             endpoint: addr.to_string(),
         };
@@ -385,7 +326,7 @@ impl Metrics {
         }
     }
 
-    pub fn set_endpoint_healthy(&self, addr: SocketAddr, healthy: bool) {
+    pub(crate) fn set_endpoint_healthy(&self, addr: SocketAddr, healthy: bool) {
         self.endpoint_healthy
             .get_or_create(&EndpointLabels {
                 endpoint: addr.to_string(),
@@ -394,7 +335,7 @@ impl Metrics {
     }
 
     /// Drops the series of an endpoint no table uses any more.
-    pub fn forget_endpoint(&self, addr: SocketAddr) {
+    pub(crate) fn forget_endpoint(&self, addr: SocketAddr) {
         let l = EndpointLabels {
             endpoint: addr.to_string(),
         };
@@ -405,7 +346,7 @@ impl Metrics {
     }
 
     /// Drops the series of routes that no longer exist, so `/metrics` does not grow forever.
-    pub fn forget_route(&self, route: &str) {
+    pub(crate) fn forget_route(&self, route: &str) {
         for code in CLASSES {
             self.requests.remove(&RouteClassLabels {
                 route: route.to_string(),
@@ -426,7 +367,7 @@ impl Metrics {
         self.latency.remove(&l);
     }
 
-    pub fn encode(&self) -> Result<String, std::fmt::Error> {
+    pub(crate) fn encode(&self) -> Result<String, std::fmt::Error> {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
         Ok(out)
@@ -470,6 +411,55 @@ impl Parts<'_> {
             in_flight: self.in_flight.get_or_create_owned(&l),
             latency: self.latency.get_or_create_owned(&l),
         }
+    }
+}
+
+/// Where a gRPC call's final status is counted: one per (route, endpoint), made on the
+/// endpoint's first call and kept in its [`crate::route::table::Target`].
+pub(crate) type GrpcTally = Arc<GrpcCalls>;
+
+/// The `grpc_calls` counters of one route and endpoint. The counter of each status is looked
+/// up in the family once and kept, because a lookup renders both labels to strings and
+/// hashes them — per call, that was the largest cost of counting.
+#[derive(Debug)]
+pub(crate) struct GrpcCalls {
+    family: GrpcCallsFamily,
+    route: Arc<str>,
+    endpoint: std::net::SocketAddr,
+    /// Statuses 0..=16, the codes gRPC defines; others go through the family each time.
+    by_status: [std::sync::OnceLock<Counter>; 17],
+}
+
+impl GrpcCalls {
+    pub(crate) fn new(
+        family: GrpcCallsFamily,
+        route: Arc<str>,
+        endpoint: std::net::SocketAddr,
+    ) -> Self {
+        Self {
+            family,
+            route,
+            endpoint,
+            by_status: Default::default(),
+        }
+    }
+
+    fn lookup(&self, status: u32) -> Counter {
+        self.family
+            .get_or_create(&GrpcLabels {
+                route: self.route.to_string(),
+                endpoint: self.endpoint.to_string(),
+                grpc_status: status,
+            })
+            .clone()
+    }
+
+    /// Counts the call as finished with `status`.
+    pub(crate) fn count(&self, status: u32) {
+        match self.by_status.get(status as usize) {
+            Some(slot) => slot.get_or_init(|| self.lookup(status)).inc(),
+            None => self.lookup(status).inc(),
+        };
     }
 }
 

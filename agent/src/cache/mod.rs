@@ -2,8 +2,8 @@
 //! coalescing and the stale-while-revalidate / stale-if-error windows of `spec.cache`.
 //!
 //! Layout, after pingora-cache: [`policy`] holds the RFC decisions as plain functions;
-//! [`store`] the byte-bounded storage behind the [`store::Storage`] trait and the eviction
-//! policies; [`entry`] the compact stored form; [`coalesce`] the in-flight fills that
+//! [`storage`] the thread-safe store behind the [`Storage`] trait, over [`evict`], the
+//! byte-bounded eviction policies; [`entry`] the compact stored form; [`coalesce`] the in-flight fills that
 //! concurrent misses share; [`body`] the body wrapper that fills the cache while the
 //! response streams to the client. [`Cache`] ties them together for the proxy.
 //!
@@ -31,16 +31,18 @@
 //!
 //! Bodies are `bytes::Bytes`: stored once, and every hit clones the handle, not the data.
 
-pub mod body;
-pub mod coalesce;
-pub mod entry;
-pub mod policy;
-pub mod store;
+pub(crate) mod body;
+pub(crate) mod coalesce;
+pub(crate) mod entry;
+pub mod evict;
+pub(crate) mod policy;
+pub(crate) mod storage;
 
 pub use body::TeeBody;
 pub use coalesce::{Collector, Fill, FillAction, Waiter};
 pub use entry::{Entry, Key, KeyRef, Variant, X_CACHE, XCache};
-pub use store::{EvictionPolicy, MemoryStorage, Storage};
+pub use evict::EvictionPolicy;
+pub use storage::{MemoryStorage, Storage};
 
 use bytes::Bytes;
 use http::header::HeaderMap;

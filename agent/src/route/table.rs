@@ -11,12 +11,13 @@
 //! Conversion is where a bad update is caught: any route that cannot be used makes the whole
 //! update fail, and the error becomes the NACK, so the previous table stays in force.
 
+use super::matcher::{MatchError, MatchRt};
+use super::retry::RetryRt;
+use crate::balance::{EndpointLoad, Picker, Placement, endpoint_id, zone_aware_weights};
 use crate::health::{EndpointHealth, Endpoints, OutlierConfig};
-use crate::metrics::{Metrics, RouteCounters};
-use crate::pick::{EndpointLoad, Picker, Placement, endpoint_id, zone_aware_weights};
-use crate::replay::{GrpcCalls, GrpcTally};
-use http::uri::{Authority, PathAndQuery};
-use http::{HeaderName, HeaderValue, Method};
+use crate::metrics::{GrpcCalls, GrpcTally, Metrics, RouteCounters};
+use http::uri::Authority;
+use http::{HeaderName, Method};
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -26,7 +27,7 @@ use weir_proto::v1::{self as pb, Algorithm};
 
 /// Why an update was rejected.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum TableError {
+pub(crate) enum TableError {
     #[error("route {route}: {msg}")]
     Route { route: String, msg: String },
     #[error("host {host:?} is claimed by both route {first} and route {second}")]
@@ -37,179 +38,108 @@ pub enum TableError {
     },
 }
 
+/// Why a rule cannot be used (inside a [`TableError::Route`]).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum RuleError {
+    #[error(transparent)]
+    Match(#[from] MatchError),
+    #[error("backend {service}: bad endpoint address {address:?}: {source}")]
+    Address {
+        service: String,
+        address: String,
+        source: std::net::AddrParseError,
+    },
+    #[error("endpoint {addr}: {source}")]
+    Authority {
+        addr: SocketAddr,
+        source: http::uri::InvalidUri,
+    },
+}
+
 /// Requests in flight to one endpoint before the circuit opens, when the policy sets none.
-pub const DEFAULT_MAX_PER_ENDPOINT: u32 = 1024;
+pub(crate) const DEFAULT_MAX_PER_ENDPOINT: u32 = 1024;
 /// Retries in flight a route may always have, whatever its budget: enough that one dead
 /// endpoint under a few concurrent callers is retried around, few enough that retries
 /// cannot multiply an outage (Linkerd's budgets also keep a floor of 10 per second).
-pub const MIN_RETRY_CONCURRENCY: u32 = 10;
+pub(crate) const MIN_RETRY_CONCURRENCY: u32 = 10;
 /// Share of a zone's even share of the weight that keeps traffic in the zone.
-pub const LOCALITY_MIN_PERCENT: u32 = 70;
+pub(crate) const LOCALITY_MIN_PERCENT: u32 = 70;
 
 /// What a table is built with besides the routes.
-pub struct BuildCtx<'a> {
+pub(crate) struct BuildCtx<'a> {
     /// The table in force, whose response caches carry over to routes whose cache settings
     /// did not change.
-    pub previous: Option<&'a Table>,
-    pub metrics: &'a Metrics,
-    pub endpoints: &'a Endpoints,
+    pub(crate) previous: Option<&'a Table>,
+    pub(crate) metrics: &'a Metrics,
+    pub(crate) endpoints: &'a Endpoints,
     /// The agent's zone; empty disables locality.
-    pub zone: &'a str,
-    pub now_ms: u64,
+    pub(crate) zone: &'a str,
+    pub(crate) now_ms: u64,
 }
 
 /// An immutable routing table; swapped whole on every update and health transition.
 #[derive(Debug, Default)]
-pub struct Table {
-    pub version: u64,
+pub(crate) struct Table {
+    pub(crate) version: u64,
     /// The protobuf routes it was built from, kept for deltas, rebuilds, `/config` and
     /// persistence; shared between the tables of one version.
-    pub source: Arc<BTreeMap<String, pb::Route>>,
+    pub(crate) source: Arc<BTreeMap<String, pb::Route>>,
     routes: Vec<Arc<RouteRt>>,
     by_host: HashMap<Box<str>, usize>,
 }
 
 #[derive(Debug)]
-pub struct RouteRt {
-    pub name: Box<str>,
+pub(crate) struct RouteRt {
+    pub(crate) name: Box<str>,
     /// The name again, shareable with bodies that outlive the request handler.
-    pub shared_name: Arc<str>,
-    pub rules: Box<[RuleRt]>,
-    pub counters: RouteCounters,
+    pub(crate) shared_name: Arc<str>,
+    pub(crate) rules: Box<[RuleRt]>,
+    pub(crate) counters: RouteCounters,
     /// Anything about the route the operator should know (shown in `/config`).
-    pub note: Option<String>,
+    pub(crate) note: Option<String>,
     /// Time allowed for the whole exchange up to the upstream's response head (all tries).
-    pub timeout: Option<Duration>,
-    pub retry: RetryRt,
-    pub outlier: OutlierConfig,
-    pub max_per_endpoint: u32,
-    pub hash_on: Option<HashOnRt>,
+    pub(crate) timeout: Option<Duration>,
+    pub(crate) retry: RetryRt,
+    pub(crate) outlier: OutlierConfig,
+    pub(crate) max_per_endpoint: u32,
+    pub(crate) hash_on: Option<HashOnRt>,
     /// The route's response cache, if `spec.cache` enables one.
-    pub cache: Option<crate::cache::Cache>,
+    pub(crate) cache: Option<crate::cache::Cache>,
     /// Live requests and retries, for the retry budget.
-    pub active: AtomicU32,
-    pub active_retries: AtomicU32,
+    pub(crate) active: AtomicU32,
+    pub(crate) active_retries: AtomicU32,
 }
 
 /// The consistent-hashing key of a request.
 #[derive(Debug, Clone)]
-pub enum HashOnRt {
+pub(crate) enum HashOnRt {
     Header(HeaderName),
     Cookie(Box<str>),
     Path,
 }
 
-/// Retry settings, parsed once.
-#[derive(Debug, Clone, Default)]
-pub struct RetryRt {
-    /// Extra tries after the first.
-    pub attempts: u32,
-    pub on_connect_failure: bool,
-    pub on_reset: bool,
-    pub on_timeout: bool,
-    pub on_5xx: bool,
-    pub on_gateway_error: bool,
-    /// Specific statuses, e.g. 503.
-    pub on_status: Box<[u16]>,
-    /// gRPC status codes (numbers) that may be retried.
-    pub on_grpc: Box<[u32]>,
-    pub per_try_timeout: Option<Duration>,
-    pub budget_percent: u32,
-}
-
-impl RetryRt {
-    /// With no policy: one more try when the connection could not even be opened, which is
-    /// safe for any request because nothing reached the upstream.
-    fn default_policy() -> Self {
-        Self {
-            attempts: 1,
-            on_connect_failure: true,
-            budget_percent: 20,
-            ..Self::default()
-        }
-    }
-
-    fn from_proto(r: &pb::RetryPolicy) -> Self {
-        let mut out = Self {
-            attempts: r.attempts,
-            per_try_timeout: (r.per_try_timeout_ms > 0)
-                .then(|| Duration::from_millis(r.per_try_timeout_ms)),
-            budget_percent: if r.budget_percent == 0 {
-                20
-            } else {
-                r.budget_percent
-            },
-            ..Self::default()
-        };
-        let mut status = Vec::new();
-        let mut grpc = Vec::new();
-        for on in &r.on {
-            match on.as_str() {
-                "connect-failure" => out.on_connect_failure = true,
-                "reset" | "refused-stream" => out.on_reset = true,
-                "timeout" => out.on_timeout = true,
-                "5xx" => out.on_5xx = true,
-                "gateway-error" => out.on_gateway_error = true,
-                "cancelled" => grpc.push(1),
-                "deadline-exceeded" => grpc.push(4),
-                "resource-exhausted" => grpc.push(8),
-                "internal" => grpc.push(13),
-                "unavailable" => grpc.push(14),
-                other => {
-                    if let Ok(code) = other.parse::<u16>() {
-                        status.push(code);
-                    }
-                }
-            }
-        }
-        out.on_status = status.into_boxed_slice();
-        out.on_grpc = grpc.into_boxed_slice();
-        out
-    }
-
-    /// Whether an upstream answer with `status` may be retried.
-    pub fn retry_status(&self, status: u16) -> bool {
-        (self.on_5xx && status >= 500)
-            || (self.on_gateway_error && matches!(status, 502..=504))
-            || self.on_status.contains(&status)
-    }
-
-    /// Whether a retry may be wanted after the request was handed to a connection (so its
-    /// head must be kept). Connect failures are not among these: the pool gives such a
-    /// request back untouched.
-    pub fn resends_after_send(&self, idempotent: bool, grpc: bool) -> bool {
-        (self.on_reset && (idempotent || grpc))
-            || (idempotent
-                && (self.on_timeout
-                    || self.on_5xx
-                    || self.on_gateway_error
-                    || !self.on_status.is_empty()))
-            || (grpc && !self.on_grpc.is_empty())
-    }
-}
-
 #[derive(Debug)]
-pub struct RuleRt {
+pub(crate) struct RuleRt {
     matches: Box<[MatchRt]>,
     /// Endpoints with a positive weight, in the order the picker indexes.
-    pub targets: Box<[Target]>,
+    pub(crate) targets: Box<[Target]>,
     loads: Box<[Arc<EndpointLoad>]>,
     picker: Picker,
     /// Every endpoint of the rule, whatever its weight (for the ejection limit).
-    pub members: Box<[Arc<EndpointHealth>]>,
+    pub(crate) members: Box<[Arc<EndpointHealth>]>,
     /// The rule with the weights in force (after local health), for `/config`.
-    pub effective: pb::Rule,
+    pub(crate) effective: pb::Rule,
 }
 
 #[derive(Debug)]
-pub struct Target {
-    pub addr: SocketAddr,
+pub(crate) struct Target {
+    pub(crate) addr: SocketAddr,
     /// The upstream speaks HTTP/2 with prior knowledge (Service port `appProtocol:
     /// kubernetes.io/h2c`); otherwise HTTP/1.1.
-    pub h2c: bool,
+    pub(crate) h2c: bool,
     /// `ip:port`, ready to be put in an upstream URI without re-parsing.
-    pub authority: Authority,
-    pub health: Arc<EndpointHealth>,
+    pub(crate) authority: Authority,
+    pub(crate) health: Arc<EndpointHealth>,
     /// This route's `grpc_calls` counters for the endpoint, made on its first gRPC call
     /// (a pointer until then, so 1,000 plain HTTP routes pay nothing for it).
     grpc_calls: OnceLock<GrpcTally>,
@@ -217,7 +147,7 @@ pub struct Target {
 
 impl Target {
     /// The counters a gRPC call to this target is counted in.
-    pub fn grpc_calls(
+    pub(crate) fn grpc_calls(
         &self,
         family: &crate::metrics::GrpcCallsFamily,
         route: &Arc<str>,
@@ -228,22 +158,9 @@ impl Target {
     }
 }
 
-#[derive(Debug)]
-struct MatchRt {
-    method: Option<Method>,
-    path: Option<PathRt>,
-    headers: Box<[(HeaderName, HeaderValue)]>,
-}
-
-#[derive(Debug)]
-enum PathRt {
-    Exact(Box<str>),
-    Prefix(Box<str>),
-}
-
 impl Table {
     /// Builds a table from routes and the agent's health view.
-    pub fn build(
+    pub(crate) fn build(
         version: u64,
         source: Arc<BTreeMap<String, pb::Route>>,
         ctx: &BuildCtx<'_>,
@@ -276,11 +193,11 @@ impl Table {
 
     /// The route serving `host` (already lower-case, without port).
     #[inline]
-    pub fn route(&self, host: &str) -> Option<&Arc<RouteRt>> {
+    pub(crate) fn route(&self, host: &str) -> Option<&Arc<RouteRt>> {
         self.by_host.get(host).map(|&i| &self.routes[i])
     }
 
-    pub fn routes(&self) -> &[Arc<RouteRt>] {
+    pub(crate) fn routes(&self) -> &[Arc<RouteRt>] {
         &self.routes
     }
 }
@@ -401,16 +318,10 @@ impl RouteRt {
         })
     }
 
-    /// The first rule matching the request, if any.
-    #[inline]
-    pub fn rule(&self, method: &Method, path: &str, headers: &http::HeaderMap) -> Option<&RuleRt> {
-        self.rules.iter().find(|r| r.matches(method, path, headers))
-    }
-
     /// Whether one more retry fits the budget: retries in flight stay below
     /// `budgetPercent` of the requests in flight (never fewer than [`MIN_RETRY_CONCURRENCY`], so a quiet route can
     /// still retry), as Envoy's retry budgets do.
-    pub fn try_begin_retry(&self) -> bool {
+    pub(crate) fn try_begin_retry(&self) -> bool {
         let active = self.active.load(Ordering::Relaxed);
         let allowed = (active * self.retry.budget_percent / 100).max(MIN_RETRY_CONCURRENCY);
         if self.active_retries.fetch_add(1, Ordering::Relaxed) < allowed {
@@ -421,12 +332,12 @@ impl RouteRt {
         }
     }
 
-    pub fn end_retry(&self) {
+    pub(crate) fn end_retry(&self) {
         self.active_retries.fetch_sub(1, Ordering::Relaxed);
     }
 
     /// The hashing key of a request, hashed.
-    pub fn request_hash(&self, path: &str, headers: &http::HeaderMap) -> Option<u64> {
+    pub(crate) fn request_hash(&self, path: &str, headers: &http::HeaderMap) -> Option<u64> {
         let key: &[u8] = match self.hash_on.as_ref()? {
             HashOnRt::Path => path.as_bytes(),
             HashOnRt::Header(h) => headers.get(h)?.as_bytes(),
@@ -441,7 +352,7 @@ impl RouteRt {
                 })?
                 .as_bytes(),
         };
-        Some(crate::pick::hash_key(key))
+        Some(crate::balance::hash_key(key))
     }
 }
 
@@ -451,7 +362,7 @@ impl RuleRt {
         algorithm: Algorithm,
         min_healthy: u32,
         ctx: &BuildCtx<'_>,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, RuleError> {
         let mut matches = Vec::with_capacity(rule.matches.len());
         for m in &rule.matches {
             matches.push(MatchRt::build(m)?);
@@ -462,11 +373,10 @@ impl RuleRt {
         let mut local_differs = false;
         for b in &mut effective.backends {
             for ep in &mut b.endpoints {
-                let addr: SocketAddr = ep.address.parse().map_err(|e| {
-                    format!(
-                        "backend {}: bad endpoint address {:?}: {e}",
-                        b.service, ep.address
-                    )
+                let addr: SocketAddr = ep.address.parse().map_err(|source| RuleError::Address {
+                    service: b.service.clone(),
+                    address: ep.address.clone(),
+                    source,
                 })?;
                 let health = ctx.endpoints.get(addr, ctx.metrics);
                 if ep.ready && !health.is_healthy(ctx.now_ms) {
@@ -491,8 +401,13 @@ impl RuleRt {
                 if ep.weight == 0 {
                     continue;
                 }
-                let authority = Authority::try_from(health.addr.to_string().as_str())
-                    .map_err(|e| format!("endpoint {}: {e}", health.addr))?;
+                let authority =
+                    Authority::try_from(health.addr.to_string().as_str()).map_err(|source| {
+                        RuleError::Authority {
+                            addr: health.addr,
+                            source,
+                        }
+                    })?;
                 zones.push((ep.zone.as_str(), group as u32));
                 ids.push(endpoint_id(&ep.address));
                 weights.push(ep.weight);
@@ -538,7 +453,7 @@ impl RuleRt {
     }
 
     #[inline]
-    pub fn matches(&self, method: &Method, path: &str, headers: &http::HeaderMap) -> bool {
+    pub(crate) fn matches(&self, method: &Method, path: &str, headers: &http::HeaderMap) -> bool {
         self.matches.is_empty()
             || self
                 .matches
@@ -548,7 +463,7 @@ impl RuleRt {
 
     /// The endpoint for the next request, or `None` when no endpoint may receive traffic.
     #[inline]
-    pub fn pick(&self, hash: Option<u64>) -> Option<&Target> {
+    pub(crate) fn pick(&self, hash: Option<u64>) -> Option<&Target> {
         let i = self.picker.pick(
             hash,
             &self.loads,
@@ -559,92 +474,11 @@ impl RuleRt {
     }
 
     /// Whether ejecting one more member keeps the rule within `max_percent` ejected.
-    pub fn may_eject(&self, max_percent: u32, now_ms: u64) -> bool {
+    pub(crate) fn may_eject(&self, max_percent: u32, now_ms: u64) -> bool {
         let total = self.members.len() as u64;
         let ejected = self.members.iter().filter(|m| m.is_ejected(now_ms)).count() as u64;
         (ejected + 1) * 100 <= u64::from(max_percent) * total
     }
-}
-
-impl MatchRt {
-    fn build(m: &pb::Match) -> Result<Self, String> {
-        let method = if m.method.is_empty() {
-            None
-        } else {
-            Some(
-                Method::from_bytes(m.method.as_bytes())
-                    .map_err(|_| format!("bad method {:?}", m.method))?,
-            )
-        };
-        let path = match &m.path {
-            None => None,
-            Some(p) => {
-                if !p.value.starts_with('/') {
-                    return Err(format!("path {:?} does not start with /", p.value));
-                }
-                Some(match pb::path_match::Kind::try_from(p.kind) {
-                    Ok(pb::path_match::Kind::Exact) => PathRt::Exact(p.value.as_str().into()),
-                    Ok(pb::path_match::Kind::Prefix) => {
-                        // "/api/" and "/api" mean the same prefix.
-                        let v = p.value.trim_end_matches('/');
-                        PathRt::Prefix(v.into())
-                    }
-                    Err(_) => return Err(format!("unknown path match kind {}", p.kind)),
-                })
-            }
-        };
-        let mut headers = Vec::with_capacity(m.headers.len());
-        for h in &m.headers {
-            let name = HeaderName::from_bytes(h.name.as_bytes())
-                .map_err(|_| format!("bad header name {:?}", h.name))?;
-            let value = HeaderValue::from_str(&h.value)
-                .map_err(|_| format!("bad header value for {:?}", h.name))?;
-            headers.push((name, value));
-        }
-        Ok(Self {
-            method,
-            path,
-            headers: headers.into_boxed_slice(),
-        })
-    }
-
-    fn matches(&self, method: &Method, path: &str, headers: &http::HeaderMap) -> bool {
-        if self.method.as_ref().is_some_and(|m| m != method) {
-            return false;
-        }
-        let path_ok = match &self.path {
-            None => true,
-            Some(PathRt::Exact(p)) => path == &**p,
-            // Gateway API prefix semantics: whole path segments only, so /api matches /api
-            // and /api/x but not /apix.
-            Some(PathRt::Prefix(p)) => {
-                path.starts_with(&**p) && matches!(path.as_bytes().get(p.len()), None | Some(b'/'))
-            }
-        };
-        if !path_ok {
-            return false;
-        }
-        self.headers
-            .iter()
-            .all(|(n, v)| headers.get_all(n).iter().any(|x| x == v))
-    }
-}
-
-/// Builds the upstream URI for the request's path and query: absolute (scheme and the
-/// endpoint's authority) when `authority` is given, as HTTP/2 needs; origin form otherwise,
-/// which is what an HTTP/1.1 connection to the endpoint sends.
-#[inline]
-pub fn upstream_uri(
-    authority: Option<&Authority>,
-    pq: Option<PathAndQuery>,
-) -> Result<http::Uri, http::Error> {
-    let mut parts = http::uri::Parts::default();
-    if let Some(authority) = authority {
-        parts.scheme = Some(http::uri::Scheme::HTTP);
-        parts.authority = Some(authority.clone());
-    }
-    parts.path_and_query = Some(pq.unwrap_or_else(|| PathAndQuery::from_static("/")));
-    Ok(http::Uri::from_parts(parts)?)
 }
 
 #[cfg(test)]

@@ -9,22 +9,19 @@
 //! the request simply is not retried (the idea of linkerd2-proxy's `ReplayBody`, written here
 //! because it has to fit hyper 1's `Body` and our retry loop).
 
-use crate::h2c::H2Body;
-use crate::metrics::GrpcCallsFamily;
-use crate::upstream::{Lease, RespBody};
+use super::h2::H2Body;
 use bytes::Bytes;
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use prometheus_client::metrics::counter::Counter;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 /// A client's request body: from hyper's HTTP/1.1 server, or from an h2c stream.
-pub type ReqBody = http_body_util::Either<Incoming, H2Body>;
+pub(crate) type ReqBody = http_body_util::Either<Incoming, H2Body>;
 
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 #[derive(Debug)]
 struct Source {
@@ -40,7 +37,7 @@ struct Source {
 
 /// One try's view of a replayable request body.
 #[derive(Debug)]
-pub struct ReplayBody {
+pub(crate) struct ReplayBody {
     source: Arc<Mutex<Source>>,
     limit: usize,
     /// Chunks of `source.chunks` this replica has sent.
@@ -49,7 +46,7 @@ pub struct ReplayBody {
 }
 
 impl ReplayBody {
-    pub fn new(body: ReqBody, limit: usize) -> Self {
+    pub(crate) fn new(body: ReqBody, limit: usize) -> Self {
         let ended = body.is_end_stream();
         Self {
             source: Arc::new(Mutex::new(Source {
@@ -67,7 +64,7 @@ impl ReplayBody {
     }
 
     /// A fresh replica for a retry, or `None` once the body outgrew the replay limit.
-    pub fn replica(&self) -> Option<Self> {
+    pub(crate) fn replica(&self) -> Option<Self> {
         let src = self.source.lock().unwrap_or_else(|e| e.into_inner());
         if src.overflow {
             return None;
@@ -81,7 +78,7 @@ impl ReplayBody {
     }
 
     /// Whether a retry could still replay this body.
-    pub fn replayable(&self) -> bool {
+    pub(crate) fn replayable(&self) -> bool {
         !self
             .source
             .lock()
@@ -166,7 +163,7 @@ impl Body for ReplayBody {
 
 /// An upstream request body.
 #[derive(Debug)]
-pub enum UpBody {
+pub(crate) enum UpBody {
     /// Streamed once: the request will not be retried.
     Stream(ReqBody),
     Replay(ReplayBody),
@@ -203,113 +200,5 @@ impl Body for UpBody {
             UpBody::Replay(b) => b.size_hint(),
             UpBody::Empty => SizeHint::with_exact(0),
         }
-    }
-}
-
-/// A response body from upstream; for gRPC calls it watches the trailers for `grpc-status`
-/// and counts the call by status when the body ends (without touching the data).
-#[derive(Debug)]
-pub struct DownBody {
-    inner: RespBody,
-    grpc: Option<GrpcTally>,
-    /// Held until the body is dropped (an HTTP/2 stream slot).
-    _lease: Lease,
-}
-
-/// Where a gRPC call's final status is counted: one per (route, endpoint), made on the
-/// endpoint's first call and kept in its [`crate::table::Target`].
-pub type GrpcTally = Arc<GrpcCalls>;
-
-/// The `grpc_calls` counters of one route and endpoint. The counter of each status is looked
-/// up in the family once and kept, because a lookup renders both labels to strings and
-/// hashes them — per call, that was the largest cost of counting.
-#[derive(Debug)]
-pub struct GrpcCalls {
-    family: GrpcCallsFamily,
-    route: Arc<str>,
-    endpoint: std::net::SocketAddr,
-    /// Statuses 0..=16, the codes gRPC defines; others go through the family each time.
-    by_status: [std::sync::OnceLock<Counter>; 17],
-}
-
-impl GrpcCalls {
-    pub fn new(family: GrpcCallsFamily, route: Arc<str>, endpoint: std::net::SocketAddr) -> Self {
-        Self {
-            family,
-            route,
-            endpoint,
-            by_status: Default::default(),
-        }
-    }
-
-    fn lookup(&self, status: u32) -> Counter {
-        self.family
-            .get_or_create(&crate::metrics::GrpcLabels {
-                route: self.route.to_string(),
-                endpoint: self.endpoint.to_string(),
-                grpc_status: status,
-            })
-            .clone()
-    }
-
-    /// Counts the call as finished with `status`.
-    pub fn count(&self, status: u32) {
-        match self.by_status.get(status as usize) {
-            Some(slot) => slot.get_or_init(|| self.lookup(status)).inc(),
-            None => self.lookup(status).inc(),
-        };
-    }
-}
-
-impl DownBody {
-    pub fn new(inner: RespBody, grpc: Option<GrpcTally>, lease: Lease) -> Self {
-        Self {
-            inner,
-            grpc,
-            _lease: lease,
-        }
-    }
-}
-
-impl Body for DownBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let this = self.get_mut();
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        if let Some(tally) = &this.grpc {
-            match &polled {
-                Poll::Ready(Some(Ok(frame))) => {
-                    if let Some(t) = frame.trailers_ref() {
-                        let status = t
-                            .get("grpc-status")
-                            .and_then(|v| v.to_str().ok())
-                            .and_then(|v| v.parse().ok())
-                            .unwrap_or(2); // UNKNOWN: trailers without a status
-                        tally.count(status);
-                        this.grpc = None;
-                    }
-                }
-                // The stream broke or ended without trailers: the client sees a failed call.
-                Poll::Ready(Some(Err(_))) | Poll::Ready(None) => {
-                    tally.count(2);
-                    this.grpc = None;
-                }
-                Poll::Pending => {}
-            }
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
     }
 }

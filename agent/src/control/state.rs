@@ -8,8 +8,8 @@
 
 use crate::health::{Endpoints, Event, now_ms};
 use crate::metrics::Metrics;
-use crate::table::{BuildCtx, Table};
-use arc_swap::ArcSwap;
+use crate::route::Routing;
+use crate::route::table::{BuildCtx, Table, TableError};
 use prost::Message;
 use serde::Serialize;
 use std::collections::{BTreeMap, HashSet};
@@ -20,12 +20,12 @@ use tokio::sync::mpsc;
 use weir_proto::v1::RoutingUpdate;
 
 /// File name of the persisted table inside `--state-dir`.
-pub const STATE_FILE: &str = "routing-table.pb";
+pub(crate) const STATE_FILE: &str = "routing-table.pb";
 
 /// Where the table in force came from.
 #[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "kebab-case")]
-pub enum TableSource {
+pub(crate) enum TableSource {
     #[default]
     None,
     Controller,
@@ -35,27 +35,44 @@ pub enum TableSource {
 /// What `/config` shows about the control connection.
 #[derive(Clone, Debug, Default, Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct ControlStatus {
-    pub table_source: TableSource,
+pub(crate) struct ControlStatus {
+    pub(crate) table_source: TableSource,
     /// The controller the stream is open to, if any.
-    pub connected_to: Option<String>,
-    pub last_error: Option<String>,
-    pub last_nack: Option<NackStatus>,
+    pub(crate) connected_to: Option<String>,
+    pub(crate) last_error: Option<String>,
+    pub(crate) last_nack: Option<NackStatus>,
 }
 
 #[derive(Clone, Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct NackStatus {
-    pub version: u64,
-    pub error: String,
+pub(crate) struct NackStatus {
+    pub(crate) version: u64,
+    pub(crate) error: String,
+}
+
+/// Why an update from the controller was not applied (what its NACK says).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ApplyError {
+    #[error("delta on top of version {base} but version {applied} is applied")]
+    BaseVersion { base: u64, applied: u64 },
+    #[error(transparent)]
+    Table(#[from] TableError),
+}
+
+/// Why the table persisted under `--state-dir` cannot be served.
+#[derive(Debug, thiserror::Error)]
+enum PersistedError {
+    #[error("cannot decode: {0}")]
+    Decode(#[from] prost::DecodeError),
+    #[error(transparent)]
+    Table(#[from] TableError),
 }
 
 pub struct Shared {
-    pub node_name: String,
-    pub zone: String,
-    pub table: ArcSwap<Table>,
-    pub metrics: Metrics,
-    pub endpoints: Endpoints,
+    pub(crate) node_name: String,
+    pub(crate) zone: String,
+    /// What the request path reads: the table in force, the counters, endpoint health.
+    pub(crate) routing: Arc<Routing>,
     ready: AtomicBool,
     status: Mutex<ControlStatus>,
     state_dir: Option<PathBuf>,
@@ -64,7 +81,7 @@ pub struct Shared {
     writer: Mutex<()>,
     events: Mutex<Option<mpsc::UnboundedReceiver<Event>>>,
     /// Woken when a controller update installs a new table.
-    pub table_changed: tokio::sync::Notify,
+    pub(crate) table_changed: tokio::sync::Notify,
 }
 
 impl Shared {
@@ -73,9 +90,7 @@ impl Shared {
         Self {
             node_name,
             zone,
-            table: ArcSwap::from_pointee(Table::default()),
-            metrics: Metrics::new(),
-            endpoints: Endpoints::new(tx),
+            routing: Arc::new(Routing::new(Metrics::new(), Endpoints::new(tx))),
             ready: AtomicBool::new(false),
             status: Mutex::new(ControlStatus::default()),
             state_dir,
@@ -85,8 +100,13 @@ impl Shared {
         }
     }
 
+    /// What the request path reads, for a listener's workers.
+    pub fn routing(&self) -> Arc<Routing> {
+        self.routing.clone()
+    }
+
     /// The health events channel, for the one task that reacts to them.
-    pub fn take_events(&self) -> Option<mpsc::UnboundedReceiver<Event>> {
+    pub(crate) fn take_events(&self) -> Option<mpsc::UnboundedReceiver<Event>> {
         self.events.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
 
@@ -94,29 +114,29 @@ impl Shared {
         &self,
         version: u64,
         source: Arc<BTreeMap<String, weir_proto::v1::Route>>,
-    ) -> Result<Table, String> {
-        let previous = self.table.load_full();
+    ) -> Result<Table, TableError> {
+        let previous = self.routing.table.load_full();
         let ctx = BuildCtx {
             previous: Some(&previous),
-            metrics: &self.metrics,
-            endpoints: &self.endpoints,
+            metrics: &self.routing.metrics,
+            endpoints: &self.routing.endpoints,
             zone: &self.zone,
             now_ms: now_ms(),
         };
-        Table::build(version, source, &ctx).map_err(|e| e.to_string())
+        Table::build(version, source, &ctx)
     }
 
     /// Rebuilds the table in force with the current health view (after a health
     /// transition). Cannot fail for a table that built before, but if it does the old one
     /// stays.
-    pub fn rebuild(&self) {
+    pub(crate) fn rebuild(&self) {
         let _w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-        let current = self.table.load_full();
+        let current = self.routing.table.load_full();
         if current.source.is_empty() && !self.is_ready() {
             return;
         }
         match self.build(current.version, current.source.clone()) {
-            Ok(t) => self.table.store(Arc::new(t)),
+            Ok(t) => self.routing.table.store(Arc::new(t)),
             Err(e) => {
                 tracing::error!(error = %e, "health rebuild failed; keeping the table in force")
             }
@@ -124,15 +144,15 @@ impl Shared {
     }
 
     /// Ready once any routing table is in force.
-    pub fn is_ready(&self) -> bool {
+    pub(crate) fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire)
     }
 
-    pub fn status(&self) -> ControlStatus {
+    pub(crate) fn status(&self) -> ControlStatus {
         self.lock_status().clone()
     }
 
-    pub fn set_status(&self, f: impl FnOnce(&mut ControlStatus)) {
+    pub(crate) fn set_status(&self, f: impl FnOnce(&mut ControlStatus)) {
         f(&mut self.lock_status());
     }
 
@@ -142,9 +162,9 @@ impl Shared {
 
     /// Applies an update from the controller. On error nothing changes and the message
     /// is what the NACK says.
-    pub fn apply(&self, update: RoutingUpdate) -> Result<Arc<Table>, String> {
+    pub(crate) fn apply(&self, update: RoutingUpdate) -> Result<Arc<Table>, ApplyError> {
         let _w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-        let current = self.table.load_full();
+        let current = self.routing.table.load_full();
         let source: BTreeMap<String, weir_proto::v1::Route> = if update.full {
             update
                 .upserted
@@ -153,10 +173,10 @@ impl Shared {
                 .collect()
         } else {
             if update.base_version != current.version {
-                return Err(format!(
-                    "delta on top of version {} but version {} is applied",
-                    update.base_version, current.version
-                ));
+                return Err(ApplyError::BaseVersion {
+                    base: update.base_version,
+                    applied: current.version,
+                });
             }
             let mut source = (*current.source).clone();
             for name in &update.removed {
@@ -170,7 +190,7 @@ impl Shared {
         let table = self.build(update.version, Arc::new(source))?;
         for name in current.source.keys() {
             if !table.source.contains_key(name) {
-                self.metrics.forget_route(name);
+                self.routing.metrics.forget_route(name);
             }
         }
         self.forget_unused_endpoints(&table);
@@ -186,18 +206,20 @@ impl Shared {
             .flat_map(|r| r.rules.iter())
             .flat_map(|rule| rule.members.iter().map(|m| m.addr))
             .collect();
-        self.endpoints.retain(|a| used.contains(a), &self.metrics);
+        self.routing
+            .endpoints
+            .retain(|a| used.contains(a), &self.routing.metrics);
     }
 
     fn install(&self, table: Arc<Table>, source: TableSource) {
-        self.metrics.table_version.set(table.version as i64);
+        self.routing.metrics.table_version.set(table.version as i64);
         tracing::info!(
             version = table.version,
             routes = table.source.len(),
             ?source,
             "routing table applied"
         );
-        self.table.store(table);
+        self.routing.table.store(table);
         self.ready.store(true, Ordering::Release);
         self.set_status(|s| s.table_source = source);
         self.table_changed.notify_one();
@@ -216,14 +238,14 @@ impl Shared {
             }
         };
         let built = RoutingUpdate::decode(bytes.as_slice())
-            .map_err(|e| e.to_string())
+            .map_err(PersistedError::from)
             .and_then(|u| {
                 let source = u
                     .upserted
                     .into_iter()
                     .map(|r| (r.name.clone(), r))
                     .collect();
-                self.build(u.version, Arc::new(source))
+                Ok(self.build(u.version, Arc::new(source))?)
             });
         match built {
             Ok(table) => {
@@ -238,7 +260,7 @@ impl Shared {
 
     /// Writes `table` to the state dir atomically (temp file, fsync, rename), so a crash
     /// mid-write never leaves a torn table behind.
-    pub async fn persist(&self, table: &Table) {
+    pub(crate) async fn persist(&self, table: &Table) {
         let Some(dir) = self.state_dir.clone() else {
             return;
         };
@@ -320,8 +342,8 @@ mod tests {
                 ..Default::default()
             })
             .expect_err("nack");
-        assert!(err.contains("version 1 is applied"), "{err}");
-        assert_eq!(s.table.load().version, 1);
+        assert!(err.to_string().contains("version 1 is applied"), "{err}");
+        assert_eq!(s.routing.table.load().version, 1);
     }
 
     #[test]
@@ -330,7 +352,7 @@ mod tests {
         s.apply(full(1, vec![route("a", "a")])).expect("full");
         s.apply(full(2, vec![route("x", "dup"), route("y", "dup")]))
             .expect_err("duplicate host");
-        assert_eq!(s.table.load().version, 1);
+        assert_eq!(s.routing.table.load().version, 1);
     }
 
     #[tokio::test]
@@ -343,7 +365,7 @@ mod tests {
         assert!(!restarted.is_ready());
         restarted.load_persisted();
         assert!(restarted.is_ready());
-        assert_eq!(restarted.table.load().version, 7);
+        assert_eq!(restarted.routing.table.load().version, 7);
         assert_eq!(restarted.status().table_source, TableSource::StateDir);
     }
 }

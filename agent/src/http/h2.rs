@@ -1,59 +1,21 @@
-//! One exchange on an upstream HTTP/2 connection, straight on the `h2` crate: the request
-//! head is handed to the connection by the calling task, the request body is piped from that
-//! same task while it waits for the response head, and the response body is read from the
-//! stream as the client's connection asks for it.
-//!
-//! Why not hyper's HTTP/2 client: it routes every request through a channel to its
-//! connection task and spawns two tasks per request (one to pipe the request body, one to
-//! wait for the response and send it back over a oneshot). For a unary gRPC call that was
-//! four extra task wake-ups between the client's stream and the endpoint's, and the relay
-//! cost ~12k of ~92k instructions per call (callgrind, `tests/bench/hot_path.py grpc-insn`).
-//! Here the task that handles the
-//! client's stream drives the upstream stream itself; only a request body still streaming
-//! when the response head arrives (client or bidirectional streaming) is handed to a task of
-//! its own, so it keeps flowing while the response streams back (full duplex).
+//! HTTP/2 stream plumbing shared by the client side ([`crate::listen`]) and the upstream side
+//! ([`crate::upstream`]): a body read from a stream with flow control given back as it is
+//! passed on ([`H2Body`]), a body piped into a stream within its send capacity ([`Pipe`]),
+//! and a PING keepalive.
 
-use crate::replay::UpBody;
 use bytes::{Buf, Bytes};
 use h2::{RecvStream, SendStream};
-use http::{HeaderMap, Request, Response};
+use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-/// Sends `req` on `send` (which must have been polled ready) and waits for the response head
-/// while piping the request body.
-pub async fn exchange(
-    send: &mut h2::client::SendRequest<Bytes>,
-    req: Request<UpBody>,
-) -> Result<Response<H2Body>, h2::Error> {
-    let (parts, body) = req.into_parts();
-    let eos = body.is_end_stream();
-    let (mut response, stream) = send.send_request(Request::from_parts(parts, ()), eos)?;
-    let mut pipe = (!eos).then(|| Pipe::new(body, stream).eager());
-    let head = std::future::poll_fn(|cx| {
-        if let Some(p) = pipe.as_mut()
-            && Pin::new(p).poll(cx).is_ready()
-        {
-            pipe = None;
-        }
-        Pin::new(&mut response).poll(cx)
-    })
-    .await;
-    let head = head?;
-    if let Some(p) = pipe {
-        // The client is still sending while the endpoint answers (streaming calls).
-        tokio::spawn(p);
-    }
-    Ok(head.map(H2Body::new))
-}
-
 /// Keeps an HTTP/2 connection alive from our side: a PING every `interval`, busy or not.
 /// Returns when one goes unanswered for `timeout` (the peer is gone or stuck); never if the
 /// connection gave no `PingPong`.
-pub async fn keepalive(ping: Option<h2::PingPong>, interval: Duration, timeout: Duration) {
+pub(crate) async fn keepalive(ping: Option<h2::PingPong>, interval: Duration, timeout: Duration) {
     let Some(mut ping) = ping else {
         return std::future::pending().await;
     };
@@ -69,7 +31,7 @@ pub async fn keepalive(ping: Option<h2::PingPong>, interval: Duration, timeout: 
 /// Streams a body into an HTTP/2 stream, honouring the stream's flow control (the same steps
 /// as hyper's own pipe: take a frame, claim send capacity for it, send). Used for request
 /// bodies to endpoints and response bodies to clients.
-pub struct Pipe<B> {
+pub(crate) struct Pipe<B> {
     body: B,
     stream: SendStream<Bytes>,
     /// A chunk waiting for send capacity, and whether it ends the body.
@@ -79,7 +41,7 @@ pub struct Pipe<B> {
 }
 
 impl<B> Pipe<B> {
-    pub fn new(body: B, stream: SendStream<Bytes>) -> Self {
+    pub(crate) fn new(body: B, stream: SendStream<Bytes>) -> Self {
         Self {
             body,
             stream,
@@ -94,7 +56,7 @@ impl<B> Pipe<B> {
     /// 0.46 syscalls per call at saturation); h2 holds the chunk until the stream's window
     /// (64 KiB unless the peer says less) lets it go, so flow control still holds. Responses
     /// do not need it: a client's stream is open, and capacity is granted at once.
-    pub fn eager(mut self) -> Self {
+    pub(crate) fn eager(mut self) -> Self {
         self.eager = true;
         self
     }
@@ -171,7 +133,7 @@ impl<B: Body<Data = Bytes> + Unpin> Future for Pipe<B> {
 /// client); received data is given back to the flow-control window as it is passed on, so
 /// the sender sends only as fast as the other side reads.
 #[derive(Debug)]
-pub struct H2Body {
+pub(crate) struct H2Body {
     recv: RecvStream,
     data_done: bool,
     done: bool,
@@ -180,12 +142,12 @@ pub struct H2Body {
 }
 
 impl H2Body {
-    fn new(recv: RecvStream) -> Self {
+    pub(crate) fn new(recv: RecvStream) -> Self {
         Self::request(recv, None)
     }
 
     /// A client's request body; `len` is its `Content-Length`, if any.
-    pub fn request(recv: RecvStream, len: Option<u64>) -> Self {
+    pub(crate) fn request(recv: RecvStream, len: Option<u64>) -> Self {
         let done = recv.is_end_stream();
         Self {
             recv,

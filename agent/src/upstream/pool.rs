@@ -1,39 +1,10 @@
-//! Upstream connections: one pool per worker, keyed by endpoint address — HTTP/1.1 driven
-//! by the request's own task (see [`crate::h1c`] for why not hyper's HTTP/1.1 client),
-//! HTTP/2 on the `h2` crate directly (see [`crate::h2c`] for why not hyper's HTTP/2 client).
-//!
-//! Why not hyper-util's `legacy::Client`: its pool is built for many threads sharing one
-//! client — a mutex over a SipHash map keyed by cloned scheme + authority, a boxed race
-//! between checkout and a lazy connect on every request, and a spawned task per HTTP/1
-//! request to wait for the connection to become idle again. A worker here owns its pool and
-//! never shares it across threads, so all of that is overhead on the hot path (it was the
-//! largest single item of weir's own cost in the proxy profile). What this pool does:
-//!
-//! - **HTTP/1.1**: a LIFO stack of idle keep-alive connections per endpoint (the most recently
-//!   used connection is the one least likely to have been closed by the server). A request
-//!   takes one or opens a new one; the response body hands the connection back when it has
-//!   been read to the end, so no task runs per connection or per request. A connection
-//!   found closed when taken is dropped; one whose close raced an idempotent request without
-//!   a body gives the request back and it goes to another connection, invisibly to the
-//!   client.
-//! - **HTTP/2 (h2c)**: a few multiplexed connections per endpoint. A call goes to the
-//!   connection with the fewest streams in flight that is below the peer's
-//!   `SETTINGS_MAX_CONCURRENT_STREAMS`; when every connection is full another one is opened
-//!   (up to [`H2_MAX_CONNECTIONS`]), so a server with a low stream limit does not make calls
-//!   queue behind each other. Connects to one endpoint are serialized, so a burst of calls
-//!   opens one connection, not one per call. A connection that received GOAWAY takes no
-//!   new calls (they go to a fresh one) while its open streams finish; every connection is
-//!   PINGed every [`H2_PING_INTERVAL`] and dropped when a PING goes unanswered.
-//! - A connect failure returns the request untouched ([`Error::Connect`]), so retrying it
-//!   costs no copy of its head.
-//!
-//! Idle HTTP/1.1 connections are closed after [`IDLE_TIMEOUT`], idle HTTP/2 connections after
-//! [`H2_IDLE_TIMEOUT`] (they are kept alive with PINGs meanwhile), by a sweep every few
-//! seconds ([`Pool::sweep`]).
+//! One worker's upstream connections, keyed by endpoint address: idle HTTP/1.1 keep-alive
+//! connections and multiplexed HTTP/2 connections (see the [module doc](super) for how each is
+//! reused), swept of idle ones every few seconds.
 
-use crate::h1c::{self, H1Body, H1Error};
-use crate::h2c::{self, H2Body};
-use crate::replay::UpBody;
+use super::h1;
+use super::{Error, Forwarded, Lease, RespBody, StreamSlot};
+use crate::http::body::UpBody;
 use bytes::Bytes;
 use http::{Request, Response};
 use parking_lot::Mutex;
@@ -45,95 +16,21 @@ use std::time::{Duration, Instant};
 
 /// Idle HTTP/1.1 connections are closed after this long (below the 75 s nginx and most
 /// servers use, so the server rarely closes one under us).
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Idle HTTP/2 connections are closed after this long.
-pub const H2_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+pub(crate) const H2_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// Most HTTP/2 connections one worker opens to one endpoint.
-pub const H2_MAX_CONNECTIONS: usize = 16;
+pub(crate) const H2_MAX_CONNECTIONS: usize = 16;
 /// Most idle HTTP/1.1 connections one worker keeps per endpoint (nginx's `keepalive`).
-pub const MAX_IDLE_PER_ENDPOINT: usize = 256;
+pub(crate) const MAX_IDLE_PER_ENDPOINT: usize = 256;
 /// An HTTP/2 connection is PINGed this often, idle or not, and closed when a PING goes
 /// unanswered for [`H2_PING_TIMEOUT`] (a half-dead peer is found before calls hang on it).
-pub const H2_PING_INTERVAL: Duration = Duration::from_secs(30);
-pub const H2_PING_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Why a request could not be sent.
-#[derive(Debug)]
-pub enum Error {
-    /// No connection could be opened (or every one tried closed before the request was
-    /// written); the request was not sent and is given back.
-    Connect(std::io::Error, Box<Request<UpBody>>),
-    /// The HTTP/1.1 exchange failed (the request may have reached the endpoint).
-    Http(H1Error),
-    /// The HTTP/2 exchange failed (the request may have reached the endpoint, unless
-    /// [`Error::never_processed`] says otherwise).
-    H2(h2::Error),
-}
-
-impl Error {
-    /// The endpoint refused the stream, or a graceful GOAWAY cut it off before the endpoint
-    /// saw it (its id was above the GOAWAY's last-stream-id): as safe to send again as a
-    /// connect failure.
-    pub fn never_processed(&self) -> bool {
-        match self {
-            Error::Connect(..) => true,
-            Error::Http(_) => false,
-            Error::H2(e) => {
-                e.reason() == Some(h2::Reason::REFUSED_STREAM)
-                    || (e.is_go_away() && e.reason() == Some(h2::Reason::NO_ERROR))
-            }
-        }
-    }
-}
-
-impl std::fmt::Display for Error {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Error::Connect(e, _) => e.fmt(f),
-            Error::Http(e) => e.fmt(f),
-            Error::H2(e) => e.fmt(f),
-        }
-    }
-}
-
-/// What the proxy adds to every request it forwards: the client's address to
-/// `X-Forwarded-For` and itself to `Via`. Added as the request is written, once per try
-/// (an HTTP/1.1 head gets them while it is encoded, without touching the header map), so a
-/// request given back unsent never carries them twice.
-#[derive(Debug, Clone)]
-pub struct Forwarded {
-    pub peer: http::HeaderValue,
-    pub via: http::HeaderValue,
-}
-
-impl Forwarded {
-    fn apply(self, headers: &mut http::HeaderMap) {
-        crate::proxy::append_forwarded_for(headers, self.peer);
-        headers.append(http::header::VIA, self.via);
-    }
-}
-
-/// A response body from an upstream, whichever protocol it came over: HTTP/1.1 (left) or
-/// HTTP/2 (right).
-pub type RespBody = http_body_util::Either<H1Body, H2Body>;
-
-/// What a response holds on its connection until its body is dropped: a stream slot of an
-/// HTTP/2 connection (an HTTP/1.1 body hands its connection back itself).
-pub type Lease = Option<StreamSlot>;
-
-/// Counts one stream in flight on an HTTP/2 connection until dropped.
-#[derive(Debug)]
-pub struct StreamSlot(Arc<AtomicUsize>);
-
-impl Drop for StreamSlot {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
+pub(crate) const H2_PING_INTERVAL: Duration = Duration::from_secs(30);
+pub(crate) const H2_PING_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug)]
 struct Idle {
-    conn: h1c::Conn,
+    conn: h1::Conn,
     since: Instant,
 }
 
@@ -172,7 +69,7 @@ struct Endpoint {
 
 /// One worker's upstream connections.
 #[derive(Debug)]
-pub struct Pool {
+pub(crate) struct Pool {
     /// Only this worker's thread uses the map, so the lock is never contended; it exists
     /// because hyper's connection futures must be `Send`.
     endpoints: Mutex<hashbrown::HashMap<SocketAddr, Endpoint>>,
@@ -180,7 +77,7 @@ pub struct Pool {
 }
 
 impl Pool {
-    pub fn new(connect_timeout: Duration) -> Arc<Self> {
+    pub(crate) fn new(connect_timeout: Duration) -> Arc<Self> {
         Arc::new(Self {
             endpoints: Mutex::new(hashbrown::HashMap::new()),
             connect_timeout,
@@ -189,7 +86,7 @@ impl Pool {
 
     /// Sends `req` (origin-form URI and a Host header for HTTP/1.1; absolute URI for
     /// HTTP/2) to `addr`, adding `fwd` to it as it is written.
-    pub fn send(
+    pub(crate) fn send(
         self: &Arc<Self>,
         addr: SocketAddr,
         h2c: bool,
@@ -222,19 +119,19 @@ impl Pool {
                 // Boxed: rare, and its future is large; inline it would be copied with every
                 // request's future.
                 None => match Box::pin(self.tcp(addr)).await {
-                    Ok(io) => (h1c::Conn::new(io), false),
+                    Ok(io) => (h1::Conn::new(io), false),
                     Err(e) => return Err(Error::Connect(e, Box::new(req))),
                 },
             };
-            let home = h1c::Home {
+            let home = h1::Home {
                 pool: self.clone(),
                 addr,
             };
-            match h1c::exchange(conn, req, reused, home, fwd.as_ref()).await {
+            match h1::exchange(conn, req, reused, home, fwd.as_ref()).await {
                 Ok(resp) => return Ok((resp.map(RespBody::Left), None)),
                 // A pooled connection the server had closed: nothing was answered and the
-                // request may go again (see `h1c`). A fresh connection is never retried.
-                Err(h1c::Failed {
+                // request may go again (see `h1`). A fresh connection is never retried.
+                Err(h1::Failed {
                     request: Some(r), ..
                 }) => req = *r,
                 Err(f) => return Err(Error::Http(f.error)),
@@ -242,7 +139,7 @@ impl Pool {
         }
     }
 
-    fn take_idle(&self, addr: SocketAddr) -> Option<h1c::Conn> {
+    fn take_idle(&self, addr: SocketAddr) -> Option<h1::Conn> {
         let mut map = self.endpoints.lock();
         let ep = map.get_mut(&addr)?;
         while let Some(idle) = ep.idle.pop() {
@@ -254,7 +151,7 @@ impl Pool {
     }
 
     /// Takes back a connection whose response was read to the end.
-    pub(crate) fn put_idle(&self, addr: SocketAddr, conn: h1c::Conn) {
+    pub(crate) fn put_idle(&self, addr: SocketAddr, conn: h1::Conn) {
         let mut map = self.endpoints.lock();
         let ep = map.entry(addr).or_default();
         if ep.idle.len() < MAX_IDLE_PER_ENDPOINT {
@@ -330,7 +227,7 @@ impl Pool {
             if let Some(fwd) = fwd {
                 fwd.apply(req.headers_mut());
             }
-            return match h2c::exchange(&mut send, req).await {
+            return match super::h2::exchange(&mut send, req).await {
                 Ok(resp) => Ok((resp.map(RespBody::Right), Some(slot))),
                 Err(e) => Err(Error::H2(e)),
             };
@@ -413,7 +310,8 @@ impl Pool {
             .map_err(std::io::Error::other)?;
         let closed = Arc::new(AtomicBool::new(false));
         let ended = closed.clone();
-        let keepalive = h2c::keepalive(conn.ping_pong(), H2_PING_INTERVAL, H2_PING_TIMEOUT);
+        let keepalive =
+            crate::http::h2::keepalive(conn.ping_pong(), H2_PING_INTERVAL, H2_PING_TIMEOUT);
         tokio::spawn(async move {
             tokio::select! {
                 r = &mut conn => {
@@ -442,7 +340,7 @@ impl Pool {
     }
 
     /// Closes connections idle for too long and forgets endpoints with none left.
-    pub fn sweep(&self, now: Instant) {
+    pub(crate) fn sweep(&self, now: Instant) {
         let mut map = self.endpoints.lock();
         map.retain(|_, ep| {
             ep.idle
@@ -468,7 +366,7 @@ impl Pool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::replay::DownBody;
+    use crate::upstream::DownBody;
     use http_body_util::BodyExt;
     use std::sync::atomic::AtomicUsize;
 

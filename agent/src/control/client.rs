@@ -12,7 +12,7 @@
 //! The `--tls-*` files are read again at every (re)connect, so a client certificate that
 //! cert-manager rotated in place is used from the next connection on, without a restart.
 
-use crate::state::{NackStatus, Shared};
+use crate::control::state::{NackStatus, Shared};
 use rand::Rng;
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,7 +29,7 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// The controller pings every 15 s.
 const SILENCE_LIMIT: Duration = Duration::from_secs(45);
 /// How often the agent reports its load (cache counters) to the controller.
-pub const LOAD_REPORT_EVERY: Duration = Duration::from_secs(10);
+pub(crate) const LOAD_REPORT_EVERY: Duration = Duration::from_secs(10);
 
 /// The `--tls-*` files, read at every connect.
 #[derive(Clone, Debug)]
@@ -39,11 +39,24 @@ pub struct TlsFiles {
     pub key: std::path::PathBuf,
 }
 
+/// A TLS file that could not be read, named by its flag.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot read {flag} {}: {source}", path.display())]
+pub struct TlsReadError {
+    flag: &'static str,
+    path: std::path::PathBuf,
+    source: std::io::Error,
+}
+
 impl TlsFiles {
     /// Reads the files now, with an error naming the flag and file that failed.
-    pub fn load(&self) -> Result<Tls, String> {
-        let read = |flag: &str, path: &std::path::Path| {
-            std::fs::read(path).map_err(|e| format!("cannot read {flag} {}: {e}", path.display()))
+    pub fn load(&self) -> Result<Tls, TlsReadError> {
+        let read = |flag: &'static str, path: &std::path::Path| {
+            std::fs::read(path).map_err(|source| TlsReadError {
+                flag,
+                path: path.to_path_buf(),
+                source,
+            })
         };
         Ok(Tls {
             ca_pem: read("--tls-ca", &self.ca)?,
@@ -54,8 +67,8 @@ impl TlsFiles {
 }
 
 /// The cache totals of every route's cache: hits (fresh and stale answers) and misses.
-pub fn cache_totals(shared: &Shared) -> (u64, u64) {
-    let table = shared.table.load();
+pub(crate) fn cache_totals(shared: &Shared) -> (u64, u64) {
+    let table = shared.routing.table.load();
     table
         .routes()
         .iter()
@@ -68,9 +81,9 @@ pub fn cache_totals(shared: &Shared) -> (u64, u64) {
 /// chain to, and this agent's client certificate (mTLS).
 #[derive(Clone)]
 pub struct Tls {
-    pub ca_pem: Vec<u8>,
-    pub cert_pem: Vec<u8>,
-    pub key_pem: Vec<u8>,
+    pub(crate) ca_pem: Vec<u8>,
+    pub(crate) cert_pem: Vec<u8>,
+    pub(crate) key_pem: Vec<u8>,
 }
 
 impl Tls {
@@ -99,7 +112,7 @@ pub async fn run(controllers: Vec<String>, shared: Arc<Shared>, tls: Option<TlsF
                 got
             }
         };
-        shared.metrics.controller_connected.set(0);
+        shared.routing.metrics.controller_connected.set(0);
         shared.set_status(|s| s.connected_to = None);
         failures = if got_update {
             0
@@ -134,7 +147,7 @@ async fn session(
             ));
         };
         // Read now, not at start: the files may have been rotated since.
-        let tls = tls.load().map_err(|e| (false, e))?;
+        let tls = tls.load().map_err(|e| (false, e.to_string()))?;
         endpoint = endpoint
             .tls_config(tls.config())
             .map_err(|e| (false, format!("TLS settings: {e}")))?;
@@ -151,7 +164,7 @@ async fn session(
             zone: shared.zone.clone(),
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
             capabilities: vec!["delta".into()],
-            applied_version: shared.table.load().version,
+            applied_version: shared.routing.table.load().version,
         })),
     };
     tx.send(hello)
@@ -163,7 +176,7 @@ async fn session(
         .map_err(|e| (false, format!("open stream: {e}")))?
         .into_inner();
     tracing::info!(controller = %url, "controller stream open");
-    shared.metrics.controller_connected.set(1);
+    shared.routing.metrics.controller_connected.set(1);
     shared.set_status(|s| {
         s.connected_to = Some(url.to_string());
         s.last_error = None;
@@ -210,13 +223,14 @@ async fn session(
         let version = update.version;
         let reply = match shared.apply(update) {
             Ok(table) => {
-                shared.metrics.updates_applied.inc();
+                shared.routing.metrics.updates_applied.inc();
                 shared.persist(&table).await;
                 agent_message::Kind::Ack(Ack { version })
             }
             Err(error) => {
-                shared.metrics.updates_rejected.inc();
-                let applied = shared.table.load().version;
+                let error = error.to_string();
+                shared.routing.metrics.updates_rejected.inc();
+                let applied = shared.routing.table.load().version;
                 tracing::error!(version, applied, %error, "routing update rejected; keeping the table in force");
                 shared.set_status(|s| {
                     s.last_nack = Some(NackStatus {

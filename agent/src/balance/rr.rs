@@ -1,4 +1,5 @@
-//! Endpoint pickers: pure functions of (weights, a request counter) with no I/O.
+//! Smooth weighted round robin (`ROUND_ROBIN`, `WEIGHTED_ROUND_ROBIN`): pure functions of (weights,
+//! a request counter) with no I/O.
 //!
 //! `RoundRobin` and `WeightedRoundRobin` both honour the weights the controller computed,
 //! because those weights carry the policy's split between Services (a 90/10 canary must stay
@@ -7,14 +8,18 @@
 //! a pick is one atomic increment and one array read, shared by all worker threads. Any
 //! window of `sum(weights)` consecutive picks then holds each endpoint exactly `weight` times,
 //! and heavy endpoints are interleaved with light ones rather than picked in bursts.
+//!
+//! [`RoundRobin`] is the picker over a [`Schedule`]; one shared counter.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// Longest schedule kept per rule; larger weight sums are scaled down to fit (at most 32 KiB
 /// of `u32` per rule, so a thousand routes stay cheap).
-pub const MAX_SCHEDULE: u64 = 8192;
+pub(crate) const MAX_SCHEDULE: u64 = 8192;
 
 /// A weighted cyclic order over `n` targets.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Schedule {
+pub(crate) enum Schedule {
     /// No target has weight: every pick fails.
     Empty,
     /// All weights equal: `counter % n`.
@@ -26,7 +31,7 @@ pub enum Schedule {
 impl Schedule {
     /// Builds the schedule for `weights` (one per target; targets of weight 0 are never
     /// picked and should have been left out by the caller, but are tolerated).
-    pub fn new(weights: &[u32]) -> Self {
+    pub(crate) fn new(weights: &[u32]) -> Self {
         let positive: Vec<u64> = weights.iter().map(|&w| u64::from(w)).collect();
         let first = positive.iter().copied().find(|&w| w > 0);
         let Some(first) = first else {
@@ -67,7 +72,7 @@ impl Schedule {
 
     /// The target for the `counter`-th request.
     #[inline]
-    pub fn pick(&self, counter: usize) -> Option<usize> {
+    pub(crate) fn pick(&self, counter: usize) -> Option<usize> {
         match self {
             Schedule::Empty => None,
             Schedule::Uniform(n) => Some(counter % *n as usize),
@@ -75,8 +80,9 @@ impl Schedule {
         }
     }
 
+    #[cfg(test)]
     /// Length of one full cycle.
-    pub fn period(&self) -> usize {
+    pub(crate) fn period(&self) -> usize {
         match self {
             Schedule::Empty => 0,
             Schedule::Uniform(n) => *n as usize,
@@ -85,8 +91,31 @@ impl Schedule {
     }
 }
 
-fn gcd(a: u64, b: u64) -> u64 {
+pub(super) fn gcd(a: u64, b: u64) -> u64 {
     if b == 0 { a } else { gcd(b, a % b) }
+}
+
+/// Smooth weighted round robin over a precomputed schedule; one shared counter.
+#[derive(Debug)]
+pub(crate) struct RoundRobin {
+    pub(super) schedule: Schedule,
+    /// Shared by all worker threads so proportions hold across them.
+    pub(super) next: AtomicUsize,
+}
+
+impl RoundRobin {
+    pub(super) fn new(weights: &[u32]) -> Self {
+        Self {
+            schedule: Schedule::new(weights),
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    #[inline]
+    pub(super) fn pick(&self) -> Option<usize> {
+        self.schedule
+            .pick(self.next.fetch_add(1, Ordering::Relaxed))
+    }
 }
 
 #[cfg(test)]

@@ -7,9 +7,9 @@
 //! a row. An endpoint starts healthy: the EndpointSlice already said it is ready, and failing
 //! closed on start-up would blackhole a fresh agent's traffic for a whole interval.
 
+use crate::control::state::Shared;
 use crate::health::{EndpointHealth, Event, now_ms};
-use crate::state::Shared;
-use crate::table::Table;
+use crate::route::table::Table;
 use bytes::Bytes;
 use http::{HeaderValue, Request, header};
 use http_body_util::Empty;
@@ -25,20 +25,20 @@ use tokio::task::JoinHandle;
 
 /// Settings of one active check, as the policy gives them (defaults filled in).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct CheckSpec {
-    pub addr: SocketAddr,
-    pub path: String,
-    pub host: String,
-    pub interval: Duration,
-    pub timeout: Duration,
-    pub healthy_threshold: u32,
-    pub unhealthy_threshold: u32,
+pub(crate) struct CheckSpec {
+    pub(crate) addr: SocketAddr,
+    pub(crate) path: String,
+    pub(crate) host: String,
+    pub(crate) interval: Duration,
+    pub(crate) timeout: Duration,
+    pub(crate) healthy_threshold: u32,
+    pub(crate) unhealthy_threshold: u32,
     /// Probe with `grpc.health.v1.Health/Check` for this service name instead of a GET.
-    pub grpc_service: Option<String>,
+    pub(crate) grpc_service: Option<String>,
 }
 
 /// The desired checks of a table.
-pub fn desired(table: &Table) -> HashMap<CheckSpec, Arc<EndpointHealth>> {
+pub(crate) fn desired(table: &Table) -> HashMap<CheckSpec, Arc<EndpointHealth>> {
     let mut out = HashMap::new();
     for rt in table.routes() {
         let Some(route) = table.source.get(&*rt.name) else {
@@ -75,14 +75,14 @@ fn ms_or(ms: u64, default: u64) -> Duration {
 
 /// The running checks.
 #[derive(Default)]
-pub struct Checks {
+pub(crate) struct Checks {
     running: HashMap<CheckSpec, (Arc<EndpointHealth>, JoinHandle<()>)>,
 }
 
 impl Checks {
     /// Starts the checks `table` wants and stops the others. An endpoint whose check is
     /// stopped is healthy again as far as active checking goes.
-    pub fn reconcile(&mut self, table: &Table, shared: &Arc<Shared>) {
+    pub(crate) fn reconcile(&mut self, table: &Table, shared: &Arc<Shared>) {
         let want = desired(table);
         let mut changed = false;
         self.running.retain(|spec, (health, task)| {
@@ -101,7 +101,7 @@ impl Checks {
             self.running.insert(spec, (health, task));
         }
         if changed {
-            shared.endpoints.notify(Event::Changed);
+            shared.routing.endpoints.notify(Event::Changed);
         }
     }
 }
@@ -126,7 +126,7 @@ async fn probe_loop(spec: CheckSpec, health: Arc<EndpointHealth>, shared: Arc<Sh
                 fail_run = 0;
                 if ok_run >= spec.healthy_threshold && health.set_active(true, "") {
                     tracing::info!(endpoint = %spec.addr, path = %spec.path, "active health check passing again");
-                    shared.endpoints.notify(Event::Changed);
+                    shared.routing.endpoints.notify(Event::Changed);
                 }
             }
             Err(why) => {
@@ -134,7 +134,7 @@ async fn probe_loop(spec: CheckSpec, health: Arc<EndpointHealth>, shared: Arc<Sh
                 ok_run = 0;
                 if fail_run >= spec.unhealthy_threshold && health.set_active(false, &why) {
                     tracing::warn!(endpoint = %spec.addr, path = %spec.path, %why, "active health check failing; endpoint taken out");
-                    shared.endpoints.notify(Event::Changed);
+                    shared.routing.endpoints.notify(Event::Changed);
                 }
             }
         }
@@ -201,12 +201,13 @@ pub async fn run(shared: Arc<Shared>) {
     let mut checks = Checks::default();
     let mut seen: Option<Arc<Table>> = None;
     loop {
-        let current = shared.table.load_full();
+        let current = shared.routing.table.load_full();
         if seen.as_ref().is_none_or(|s| !Arc::ptr_eq(s, &current)) {
             checks.reconcile(&current, &shared);
             seen = Some(current);
         }
         let next_readmission = shared
+            .routing
             .endpoints
             .all()
             .iter()
@@ -227,7 +228,7 @@ pub async fn run(shared: Arc<Shared>) {
             _ = tokio::time::sleep(wait) => {
                 let now = now_ms();
                 let mut any = false;
-                for e in shared.endpoints.all() {
+                for e in shared.routing.endpoints.all() {
                     if e.readmit_if_due(now) {
                         tracing::info!(endpoint = %e.addr, "ejection over; endpoint readmitted");
                         any = true;

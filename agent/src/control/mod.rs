@@ -1,0 +1,7 @@
+//! What changes the agent's state: the controller client ([`client`]), the single mutator that
+//! builds and swaps routing tables and persists them ([`state`]), and the active health checks
+//! whose transitions trigger a rebuild ([`checks`]).
+
+pub mod checks;
+pub mod client;
+pub mod state;

@@ -1,0 +1,87 @@
+//! The listener: binds the `SO_REUSEPORT` sockets ([`bind`]), tells each connection's protocol
+//! by its first bytes ([`detect`]) and serves it — HTTP/1.1 through hyper ([`h1`]), h2c on the
+//! `h2` crate ([`h2`]) — handing every request to a [`route::Worker`](crate::route).
+//!
+//! Threading: one current-thread tokio runtime per worker, each with its own `SO_REUSEPORT`
+//! listener and its own upstream pool. The kernel spreads connections over workers, a request
+//! never crosses threads, and the only state shared between workers is the routing table
+//! (read through `ArcSwap`, no lock) and atomic counters. This is the layout that measured
+//! best on these machines (see DESIGN.md, performance notes).
+
+mod bind;
+mod detect;
+mod h1;
+mod h2;
+
+pub use bind::bind_listeners;
+
+use crate::http::headers::peer_header;
+use crate::route::{Routing, Worker};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Time a client has to send a complete request head (slowloris guard).
+pub(crate) const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Limits that protect the listener from slow or greedy clients.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// A request head must arrive within this time, or the connection is closed.
+    pub header_read_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            header_read_timeout: HEADER_READ_TIMEOUT,
+        }
+    }
+}
+
+/// Accepts and serves connections on `listener` until the runtime stops.
+pub async fn serve(
+    listener: std::net::TcpListener,
+    routing: Arc<Routing>,
+    limits: Limits,
+) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    let worker = Arc::new(Worker::new(routing));
+    let pool = Arc::downgrade(worker.pool());
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(pool) = pool.upgrade() else { return };
+            pool.sweep(Instant::now());
+        }
+    });
+    let http1 = Arc::new(h1::builder(limits));
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let worker = worker.clone();
+        let http1 = http1.clone();
+        let first_bytes = limits.header_read_timeout;
+        tokio::spawn(async move {
+            let peer = peer_header(peer.ip());
+            // A client that never sends its first bytes is a slowloris too.
+            let Ok(Some(proto)) = tokio::time::timeout(first_bytes, detect::detect(stream)).await
+            else {
+                return;
+            };
+            match proto {
+                detect::Protocol::H2(io) => h2::serve_h2(io, worker, peer).await,
+                detect::Protocol::Http1(io) => h1::serve_h1(&http1, io, worker, peer).await,
+            }
+        });
+    }
+}

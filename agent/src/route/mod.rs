@@ -1,0 +1,213 @@
+//! Routing one request: the host picks a route of the table in force and the request picks a
+//! rule ([`Worker::handle`]); then either the cached path ([`cached`]) or straight to the try
+//! loop ([`forward`]), which asks [`retry`] what each try's result means and [`outcome`] to
+//! record it and build the answer.
+//!
+//! Each request is handled on its own: the table is loaded once per request, so a request in
+//! flight keeps the route it started with while new requests see a new table at once.
+
+mod cached;
+mod forward;
+pub(crate) mod matcher;
+mod outcome;
+pub(crate) mod retry;
+pub(crate) mod table;
+
+use crate::cache::TeeBody;
+use crate::health::Endpoints;
+use crate::http::body::{ReqBody, UpBody};
+use crate::http::grpc::is_grpc;
+use crate::http::headers::normalize_host;
+use crate::http::reply::{self, LocalReply};
+use crate::metrics::{Metrics, RouteCounters};
+use crate::upstream::{DownBody, Pool};
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response};
+use http_body_util::{Either, Full};
+use hyper::body::Body as _;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+use table::{RouteRt, Table};
+
+/// The body of a response: streamed from upstream, or a short local reply.
+pub(crate) type Body = Either<Either<DownBody, TeeBody<DownBody>>, Full<Bytes>>;
+
+/// Route timeout when the policy sets none (Envoy's default).
+pub(crate) const DEFAULT_TIMEOUT: Duration = Duration::from_secs(15);
+/// Upstream TCP connect timeout.
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What the request path reads, shared by all workers: the table in force (swapped whole by
+/// the control side, read here without a lock), the counters, and endpoint health (to which
+/// an ejection is announced).
+pub struct Routing {
+    pub(crate) table: ArcSwap<Table>,
+    pub(crate) metrics: Metrics,
+    pub(crate) endpoints: Endpoints,
+}
+
+impl Routing {
+    pub(crate) fn new(metrics: Metrics, endpoints: Endpoints) -> Self {
+        Self {
+            table: ArcSwap::from_pointee(Table::default()),
+            metrics,
+            endpoints,
+        }
+    }
+}
+
+/// One worker's request handler: what all workers share plus this worker's upstream pool.
+pub(crate) struct Worker {
+    routing: Arc<Routing>,
+    pool: Arc<Pool>,
+}
+
+/// Where a request goes and who sent it: what [`Worker::handle`] decided, carried through
+/// the cached path and the try loop.
+#[derive(Clone)]
+struct Routed {
+    route: Arc<RouteRt>,
+    rule_idx: usize,
+    /// The authority came from the request-target (absolute form, or HTTP/2's `:authority`)
+    /// rather than from `Host`.
+    host_from_uri: bool,
+    /// The client's IP, pre-rendered for `X-Forwarded-For`.
+    peer: HeaderValue,
+    grpc: bool,
+}
+
+impl Worker {
+    pub(crate) fn new(routing: Arc<Routing>) -> Self {
+        Self {
+            routing,
+            pool: Pool::new(CONNECT_TIMEOUT),
+        }
+    }
+
+    /// This worker's upstream pool (for the listener's idle sweep).
+    pub(crate) fn pool(&self) -> &Arc<Pool> {
+        &self.pool
+    }
+
+    /// Handles one request from `peer` (its IP pre-rendered as a header value).
+    pub(crate) async fn handle(
+        self: Arc<Self>,
+        req: Request<ReqBody>,
+        peer: HeaderValue,
+    ) -> Result<Response<Body>, Infallible> {
+        let grpc = is_grpc(req.headers());
+        if req.method() == Method::CONNECT {
+            // weir is never a tunnel: CONNECT is refused whatever the authority.
+            return Ok(local_reply(
+                grpc,
+                &self.routing.metrics.unrouted,
+                LocalReply::BadRequest,
+                "CONNECT is not supported",
+            ));
+        }
+        // RFC 9112 §3.2.2: the request-target's authority wins over Host. For HTTP/2 the
+        // URI holds :authority.
+        let from_uri = req.uri().authority().is_some();
+        let host_bytes: &[u8] = match req.uri().authority() {
+            Some(a) => {
+                if req.uri().scheme() != Some(&http::uri::Scheme::HTTP) {
+                    return Ok(local_reply(
+                        grpc,
+                        &self.routing.metrics.unrouted,
+                        LocalReply::BadRequest,
+                        "only http:// absolute-form targets are accepted",
+                    ));
+                }
+                a.as_str().as_bytes()
+            }
+            None => match req.headers().get(header::HOST) {
+                Some(h) => h.as_bytes(),
+                None => {
+                    return Ok(local_reply(
+                        grpc,
+                        &self.routing.metrics.unrouted,
+                        LocalReply::BadRequest,
+                        "request has no Host",
+                    ));
+                }
+            },
+        };
+        let mut buf = [0u8; 256];
+        let Some(host) = normalize_host(host_bytes, &mut buf) else {
+            return Ok(local_reply(
+                grpc,
+                &self.routing.metrics.unrouted,
+                LocalReply::BadRequest,
+                "malformed Host",
+            ));
+        };
+
+        let (route, rule_idx) = {
+            let table = self.routing.table.load();
+            let Some(route) = table.route(host) else {
+                let msg = format!("no route for host {host:?}");
+                return Ok(local_reply(
+                    grpc,
+                    &self.routing.metrics.unrouted,
+                    LocalReply::NoRoute,
+                    &msg,
+                ));
+            };
+            let method = req.method();
+            let (path, headers) = (req.uri().path(), req.headers());
+            let Some(idx) = route
+                .rules
+                .iter()
+                .position(|r| r.matches(method, path, headers))
+            else {
+                return Ok(local_reply(
+                    grpc,
+                    &route.counters,
+                    LocalReply::NoRoute,
+                    "no rule of the route matches this request",
+                ));
+            };
+            (route.clone(), idx)
+        };
+        let (parts, body) = req.into_parts();
+        let routed = Routed {
+            route,
+            rule_idx,
+            host_from_uri: from_uri,
+            peer,
+            grpc,
+        };
+        let Some(cache) = routed.route.cache.clone() else {
+            let body = up_body(body);
+            return Ok(self.forward(parts, body, routed, None).await);
+        };
+        let host = host.to_string();
+        // Boxed: the cache path's future is large, and keeping it inline would make every
+        // request's future (which hyper moves into place) that large too.
+        Ok(Box::pin(self.cached(cache, host, parts, body, routed)).await)
+    }
+}
+
+/// A local reply, counted on the route (or on the unrouted counters).
+pub(crate) fn local_reply(
+    grpc: bool,
+    counters: &RouteCounters,
+    kind: LocalReply,
+    msg: &str,
+) -> Response<Body> {
+    counters.reply(kind);
+    reply::local_reply(grpc, kind, msg).map(Either::Right)
+}
+
+/// The upstream body for a client's request body. Most requests have none: nothing to
+/// stream, nothing to keep for a retry.
+fn up_body(body: ReqBody) -> UpBody {
+    if body.is_end_stream() {
+        UpBody::Empty
+    } else {
+        UpBody::Stream(body)
+    }
+}
