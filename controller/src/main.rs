@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use weir_controller::k8s::{leader, nodeagent, status};
 use weir_controller::serve::{admin, hub::Hub, server, stopping, tls};
 use weir_controller::source::watch as local;
-use weir_proto::v1::routing_discovery_server::RoutingDiscoveryServer;
+use weir_proto::encoded::routing_discovery_server::RoutingDiscoveryServer;
 
 #[derive(Parser, Debug)]
 #[command(name = "weir-controller", version, about)]

@@ -24,17 +24,21 @@
 //! the agent, which recomputes them when its own health checks change an endpoint's state).
 
 mod decide;
+mod incremental;
 mod resolve;
 #[cfg(test)]
 mod tests;
 
+pub use incremental::{Changes, Routing};
 pub use resolve::H2C_APP_PROTOCOL;
+use resolve::{SliceIndex, index_slices};
 
 use crate::model::{BackendStatus, EndpointSlice, ObjectKey, Service, TrafficPolicySpec};
 use decide::{Candidate, Serve, conflict_errors, decide};
 use resolve::Cluster;
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use weir_proto::v1 as pb;
 
 /// One TrafficPolicy as the sources saw it.
@@ -50,16 +54,18 @@ pub struct PolicyInput {
     pub spec: Result<TrafficPolicySpec, String>,
 }
 
-/// Everything the computation looks at.
+/// Everything the computation looks at. Objects are shared, not copied: a source hands the
+/// same `Arc` again for an object that did not change, which is how [`Routing::update`] tells
+/// an endpoint change from a policy change without comparing whole objects.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Snapshot {
     /// Precedence order for host conflicts (creationTimestamp, then namespace/name): earlier
     /// wins. A key listed twice is only read the first time.
-    pub policies: Vec<PolicyInput>,
+    pub policies: Vec<Arc<PolicyInput>>,
     /// Services by their own key.
-    pub services: BTreeMap<ObjectKey, Service>,
+    pub services: BTreeMap<ObjectKey, Arc<Service>>,
     /// EndpointSlices by the slice's own key (not the Service's).
-    pub slices: BTreeMap<ObjectKey, EndpointSlice>,
+    pub slices: BTreeMap<ObjectKey, Arc<EndpointSlice>>,
 }
 
 /// The spec each policy last served while acceptable; carried from one computation to the
@@ -125,7 +131,12 @@ pub struct PolicyState {
 /// Computes every route and policy state of `snapshot`; `last_good` is the previous call's
 /// [`Computed::last_good`] (empty at start).
 pub fn compute(snapshot: &Snapshot, last_good: &LastGood) -> Computed {
-    let cluster = Cluster::new(snapshot);
+    compute_indexed(snapshot, &index_slices(&snapshot.slices), last_good)
+}
+
+/// [`compute`] with the snapshot's slices already indexed.
+fn compute_indexed(snapshot: &Snapshot, index: &SliceIndex, last_good: &LastGood) -> Computed {
+    let cluster = Cluster::new(snapshot, index);
     let mut seen = BTreeSet::new();
     let candidates: Vec<Candidate<'_>> = snapshot
         .policies

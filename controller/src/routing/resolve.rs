@@ -9,16 +9,40 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use weir_proto::v1 as pb;
 
 /// The Service port `appProtocol` that selects HTTP/2 cleartext upstream.
 pub const H2C_APP_PROTOCOL: &str = "kubernetes.io/h2c";
 
-/// The Kubernetes objects, indexed once per computation.
+/// (namespace, Service name) → the keys of its EndpointSlices, in slice-key order. Kept up to
+/// date across computations by [`super::Routing`], so an endpoint change does not re-index
+/// every slice.
+pub type SliceIndex = BTreeMap<(String, String), BTreeSet<ObjectKey>>;
+
+/// The Service an EndpointSlice belongs to (its `kubernetes.io/service-name` label), as a
+/// [`SliceIndex`] key.
+pub fn slice_owner(key: &ObjectKey, slice: &EndpointSlice) -> Option<(String, String)> {
+    let service = slice.metadata.labels.as_ref()?.get(SERVICE_NAME_LABEL)?;
+    Some((key.namespace.clone(), service.clone()))
+}
+
+/// Indexes every slice of `slices` by its Service.
+pub fn index_slices(slices: &BTreeMap<ObjectKey, Arc<EndpointSlice>>) -> SliceIndex {
+    let mut index = SliceIndex::new();
+    for (key, slice) in slices {
+        if let Some(owner) = slice_owner(key, slice) {
+            index.entry(owner).or_default().insert(key.clone());
+        }
+    }
+    index
+}
+
+/// The Kubernetes objects a computation resolves against.
 pub(super) struct Cluster<'a> {
-    pub(super) services: &'a BTreeMap<ObjectKey, Service>,
-    /// (namespace, Service name) → its slices, in slice-key order.
-    pub(super) slices: BTreeMap<(&'a str, &'a str), Vec<&'a EndpointSlice>>,
+    pub(super) services: &'a BTreeMap<ObjectKey, Arc<Service>>,
+    pub(super) slices: &'a BTreeMap<ObjectKey, Arc<EndpointSlice>>,
+    pub(super) index: &'a SliceIndex,
 }
 
 /// Why a backendRef does not resolve; displayed after the backendRef's field path.
@@ -63,24 +87,11 @@ impl fmt::Display for UnresolvedMessage<'_> {
 }
 
 impl<'a> Cluster<'a> {
-    pub(super) fn new(snapshot: &'a Snapshot) -> Self {
-        let mut slices: BTreeMap<(&str, &str), Vec<&EndpointSlice>> = BTreeMap::new();
-        for (key, slice) in &snapshot.slices {
-            let service = slice
-                .metadata
-                .labels
-                .as_ref()
-                .and_then(|labels| labels.get(SERVICE_NAME_LABEL));
-            if let Some(service) = service {
-                slices
-                    .entry((key.namespace.as_str(), service.as_str()))
-                    .or_default()
-                    .push(slice);
-            }
-        }
+    pub(super) fn new(snapshot: &'a Snapshot, index: &'a SliceIndex) -> Self {
         Self {
             services: &snapshot.services,
-            slices,
+            slices: &snapshot.slices,
+            index,
         }
     }
 
@@ -159,9 +170,10 @@ impl<'a> Cluster<'a> {
         service: &str,
         port: &ServicePort,
     ) -> Vec<pb::Endpoint> {
-        let Some(slices) = self.slices.get(&(namespace, service)) else {
+        let Some(keys) = self.index.get(&(namespace.to_owned(), service.to_owned())) else {
             return Vec::new();
         };
+        let slices = keys.iter().filter_map(|k| self.slices.get(k));
         let mut endpoints = Vec::new();
         for slice in slices {
             // FQDN slices name hosts, not addresses the agent can dial.

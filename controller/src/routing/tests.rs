@@ -114,7 +114,7 @@ impl World {
         let port = service_port(Some("http"), 80, Some(8080));
         self.snapshot
             .services
-            .insert(key(name), service(name, vec![port]));
+            .insert(key(name), service(name, vec![port]).into());
         self
     }
 
@@ -127,7 +127,7 @@ impl World {
             .collect();
         self.snapshot.slices.insert(
             key(&format!("{name}-{subnet}")),
-            slice(name, "IPv4", &[(Some("http"), 8080)], endpoints),
+            slice(name, "IPv4", &[(Some("http"), 8080)], endpoints).into(),
         );
         self
     }
@@ -150,12 +150,15 @@ impl World {
 
     fn input(&mut self, name: &str, spec: Result<TrafficPolicySpec, String>) -> &mut Self {
         self.snapshot.policies.retain(|p| p.key != key(name));
-        self.snapshot.policies.push(PolicyInput {
-            key: key(name),
-            source: format!("{name}.yaml"),
-            generation: Some(1),
-            spec,
-        });
+        self.snapshot.policies.push(
+            PolicyInput {
+                key: key(name),
+                source: format!("{name}.yaml"),
+                generation: Some(1),
+                spec,
+            }
+            .into(),
+        );
         self
     }
 
@@ -429,7 +432,8 @@ fn an_incumbent_keeps_its_host_against_a_policy_earlier_in_snapshot_order() {
             source: "b.yaml".to_owned(),
             generation: None,
             spec: Ok(spec(&["shop"], &[("v1", 1, 0)])),
-        },
+        }
+        .into(),
     );
     let second = world.compute(&first.last_good);
     assert!(state(&second, "shop-a").accepted);
@@ -605,12 +609,15 @@ fn an_accepted_spec_becomes_the_last_good_and_removed_policies_drop_out() {
 fn resolve_one(mut snapshot: Snapshot, port: Option<i32>) -> (pb::Backend, PolicyState) {
     let mut policy = spec(&["shop"], &[("web", 1, 0)]);
     policy.rules[0].backend_refs[0].port = port;
-    snapshot.policies.push(PolicyInput {
-        key: key("shop"),
-        source: "kubernetes".to_owned(),
-        generation: None,
-        spec: Ok(policy),
-    });
+    snapshot.policies.push(
+        PolicyInput {
+            key: key("shop"),
+            source: "kubernetes".to_owned(),
+            generation: None,
+            spec: Ok(policy),
+        }
+        .into(),
+    );
     let mut computed = compute(&snapshot, &LastGood::new());
     let state = computed.policies.remove(&key("shop")).unwrap_or_default();
     let backend = computed
@@ -624,9 +631,9 @@ fn resolve_one(mut snapshot: Snapshot, port: Option<i32>) -> (pb::Backend, Polic
 
 fn snapshot_with(service: Service, slices: Vec<EndpointSlice>) -> Snapshot {
     let mut snapshot = Snapshot::default();
-    snapshot.services.insert(key("web"), service);
+    snapshot.services.insert(key("web"), service.into());
     for (i, s) in slices.into_iter().enumerate() {
-        snapshot.slices.insert(key(&format!("web-{i}")), s);
+        snapshot.slices.insert(key(&format!("web-{i}")), s.into());
     }
     snapshot
 }
@@ -836,11 +843,11 @@ fn slices_of_other_services_or_namespaces_are_ignored() {
     let port = [(Some("http"), 8080)];
     snapshot.slices.insert(
         ObjectKey::new("other", "web-x"),
-        slice("web", "IPv4", &port, vec![endpoint("10.0.0.1", None)]),
+        slice("web", "IPv4", &port, vec![endpoint("10.0.0.1", None)]).into(),
     );
     snapshot.slices.insert(
         key("api-x"),
-        slice("api", "IPv4", &port, vec![endpoint("10.0.0.2", None)]),
+        slice("api", "IPv4", &port, vec![endpoint("10.0.0.2", None)]).into(),
     );
     let (backend, _) = resolve_one(snapshot, Some(80));
     assert!(backend.endpoints.is_empty());
@@ -892,12 +899,15 @@ fn routes_are_sorted_by_name_and_the_same_input_gives_the_same_output() {
     world.service("v1").pods("v1", 2, 0).pods("v1", 1, 1);
     world.policy("b", spec(&["b"], &[("v1", 1, 0)]));
     world.policy("a", spec(&["a"], &[("v1", 1, 0)]));
-    world.snapshot.policies.push(PolicyInput {
-        key: ObjectKey::new("a-b", "z"),
-        source: "kubernetes".to_owned(),
-        generation: None,
-        spec: Ok(spec(&["z"], &[("v1", 1, 0)])),
-    });
+    world.snapshot.policies.push(
+        PolicyInput {
+            key: ObjectKey::new("a-b", "z"),
+            source: "kubernetes".to_owned(),
+            generation: None,
+            spec: Ok(spec(&["z"], &[("v1", 1, 0)])),
+        }
+        .into(),
+    );
     let first = world.compute(&LastGood::new());
     let names: Vec<&str> = first.routes.iter().map(|r| r.name.as_str()).collect();
     assert_eq!(names, ["a-b/z", "default/a", "default/b"]);
@@ -915,4 +925,237 @@ fn a_policy_listed_twice_is_read_once() {
     let computed = world.compute(&LastGood::new());
     assert_eq!(computed.routes.len(), 1);
     assert!(state(&computed, "a").accepted);
+}
+
+// --- incremental updates ------------------------------------------------------------------
+
+mod incremental {
+    use super::*;
+    use proptest::prelude::*;
+
+    const SERVICES: [&str; 4] = ["a", "b", "c", "d"];
+
+    /// One change to a cluster, as a source would see it.
+    #[derive(Clone, Debug)]
+    enum Op {
+        SetReady {
+            slice: usize,
+            ep: usize,
+            ready: bool,
+        },
+        AddEndpoint {
+            slice: usize,
+            addr: u8,
+            ready: bool,
+        },
+        RemoveSlice {
+            slice: usize,
+        },
+        AddSlice {
+            slice: usize,
+            service: usize,
+            eps: Vec<(u8, bool)>,
+        },
+        Relabel {
+            slice: usize,
+            service: usize,
+        },
+        ToggleService {
+            service: usize,
+        },
+        PolicyWeight {
+            weight: i64,
+        },
+    }
+
+    fn arb_op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            6 => (0..6usize, 0..4usize, any::<bool>())
+                .prop_map(|(slice, ep, ready)| Op::SetReady { slice, ep, ready }),
+            2 => (0..6usize, 0..12u8, any::<bool>())
+                .prop_map(|(slice, addr, ready)| Op::AddEndpoint { slice, addr, ready }),
+            1 => (0..6usize).prop_map(|slice| Op::RemoveSlice { slice }),
+            2 => (0..6usize, 0..4usize, prop::collection::vec((0..12u8, any::<bool>()), 0..4))
+                .prop_map(|(slice, service, eps)| Op::AddSlice { slice, service, eps }),
+            1 => (0..6usize, 0..4usize).prop_map(|(slice, service)| Op::Relabel { slice, service }),
+            1 => (0..4usize).prop_map(|service| Op::ToggleService { service }),
+            1 => (0..3i64).prop_map(|weight| Op::PolicyWeight { weight }),
+        ]
+    }
+
+    fn slice_key(i: usize) -> ObjectKey {
+        key(&format!("s{i}"))
+    }
+
+    fn new_slice(service: &str, eps: &[(u8, bool)]) -> Arc<EndpointSlice> {
+        let endpoints = eps
+            .iter()
+            .map(|(addr, ready)| endpoint(&format!("10.1.0.{addr}"), Some(*ready)))
+            .collect();
+        Arc::new(slice(service, "IPv4", &[(Some("http"), 8080)], endpoints))
+    }
+
+    fn policy(name: &str, spec: TrafficPolicySpec) -> Arc<PolicyInput> {
+        Arc::new(PolicyInput {
+            key: key(name),
+            source: format!("{name}.yaml"),
+            generation: Some(1),
+            spec: Ok(spec),
+        })
+    }
+
+    fn start() -> Snapshot {
+        let mut snap = Snapshot::default();
+        for name in &SERVICES[..3] {
+            let port = service_port(Some("http"), 80, Some(8080));
+            snap.services
+                .insert(key(name), Arc::new(service(name, vec![port])));
+        }
+        for (i, name) in SERVICES.iter().enumerate() {
+            snap.slices.insert(
+                slice_key(i),
+                new_slice(name, &[(i as u8, true), (i as u8 + 4, false)]),
+            );
+        }
+        snap.policies = vec![
+            policy(
+                "p1",
+                spec(&["p1"], &[("a", 3, 0), ("b", 1, 0), ("c", 1, 1)]),
+            ),
+            policy("p2", spec(&["p2"], &[("b", 1, 0)])),
+            policy("p3", spec(&["p3"], &[("c", 1, 0), ("d", 1, 0)])),
+            // Wants p1's host: loses it, and serves nothing.
+            policy("p4", spec(&["p1", "p4"], &[("a", 1, 0)])),
+        ];
+        snap
+    }
+
+    fn apply(snap: &mut Snapshot, op: &Op) {
+        match op {
+            Op::SetReady { slice, ep, ready } => {
+                if let Some(s) = snap.slices.get_mut(&slice_key(*slice)) {
+                    let mut s2 = (**s).clone();
+                    if let Some(e) = s2.endpoints.get_mut(*ep) {
+                        e.conditions = Some(EndpointConditions {
+                            ready: Some(*ready),
+                            ..EndpointConditions::default()
+                        });
+                        *s = Arc::new(s2);
+                    }
+                }
+            }
+            Op::AddEndpoint { slice, addr, ready } => {
+                if let Some(s) = snap.slices.get_mut(&slice_key(*slice)) {
+                    let mut s2 = (**s).clone();
+                    s2.endpoints
+                        .push(endpoint(&format!("10.1.0.{addr}"), Some(*ready)));
+                    *s = Arc::new(s2);
+                }
+            }
+            Op::RemoveSlice { slice } => {
+                snap.slices.remove(&slice_key(*slice));
+            }
+            Op::AddSlice {
+                slice,
+                service,
+                eps,
+            } => {
+                snap.slices
+                    .insert(slice_key(*slice), new_slice(SERVICES[*service], eps));
+            }
+            Op::Relabel { slice, service } => {
+                if let Some(s) = snap.slices.get_mut(&slice_key(*slice)) {
+                    let mut s2 = (**s).clone();
+                    s2.metadata.labels = Some(
+                        [(SERVICE_NAME_LABEL.to_owned(), SERVICES[*service].to_owned())]
+                            .into_iter()
+                            .collect(),
+                    );
+                    *s = Arc::new(s2);
+                }
+            }
+            Op::ToggleService { service: i } => {
+                let name = SERVICES[*i];
+                if snap.services.remove(&key(name)).is_none() {
+                    let port = service_port(Some("http"), 80, Some(8080));
+                    snap.services
+                        .insert(key(name), Arc::new(service(name, vec![port])));
+                }
+            }
+            Op::PolicyWeight { weight } => {
+                snap.policies[1] = policy("p2", spec(&["p2"], &[("b", *weight, 0), ("a", 1, 0)]));
+            }
+        }
+    }
+
+    fn values(routing: &Routing) -> Vec<pb::Route> {
+        routing.routes().values().map(|r| (**r).clone()).collect()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+
+        #[test]
+        fn incremental_updates_equal_the_full_computation(ops in prop::collection::vec(arb_op(), 1..25)) {
+            let mut snap = start();
+            let mut routing = Routing::new();
+            routing.update(snap.clone());
+            let mut expected = compute(&snap, &LastGood::new());
+            prop_assert_eq!(values(&routing), expected.routes.clone());
+            for op in &ops {
+                apply(&mut snap, op);
+                let before = routing.routes().clone();
+                expected = compute(&snap, &expected.last_good);
+                let changes = routing.update(snap.clone());
+                prop_assert_eq!(values(&routing), expected.routes.clone(), "after {:?}", op);
+                prop_assert_eq!(routing.policies(), &expected.policies, "after {:?}", op);
+                prop_assert_eq!(routing.last_good(), &expected.last_good);
+                // The changes name exactly the routes whose value changed.
+                let upserted: Vec<String> = routing.routes().iter()
+                    .filter(|(n, r)| before.get(*n).is_none_or(|b| b != *r))
+                    .map(|(n, _)| n.clone())
+                    .collect();
+                let removed: Vec<String> = before.keys()
+                    .filter(|n| !routing.routes().contains_key(*n))
+                    .cloned()
+                    .collect();
+                prop_assert_eq!(&changes.upserted, &upserted, "after {:?}", op);
+                prop_assert_eq!(&changes.removed, &removed);
+                // Unchanged routes keep their pointers.
+                for (n, r) in routing.routes() {
+                    if !upserted.contains(n) {
+                        prop_assert!(Arc::ptr_eq(r, &before[n]));
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_readiness_flip_updates_only_the_routes_of_its_service_without_a_full_computation() {
+        let mut snap = start();
+        let mut routing = Routing::new();
+        assert!(routing.update(snap.clone()).full);
+        // Slice s1 belongs to Service b, which p1 and p2 use.
+        apply(
+            &mut snap,
+            &Op::SetReady {
+                slice: 1,
+                ep: 1,
+                ready: true,
+            },
+        );
+        let changes = routing.update(snap.clone());
+        assert!(!changes.full, "endpoint changes take the incremental path");
+        assert_eq!(changes.upserted, ["default/p1", "default/p2"]);
+        assert!(changes.removed.is_empty());
+        assert_eq!(
+            values(&routing),
+            compute(&snap, routing.last_good()).routes,
+            "same result as the full computation"
+        );
+        assert_eq!(routing.policies()[&key("p2")].backends[0].ready, 2);
+        // Nothing changed: nothing to send.
+        assert!(routing.update(snap).is_empty());
+    }
 }

@@ -24,6 +24,7 @@ struct Metrics {
     version: Gauge<i64, AtomicI64>,
     agents: Gauge<i64, AtomicI64>,
     updates_sent: Gauge<i64, AtomicI64>,
+    update_bytes_sent: Gauge<i64, AtomicI64>,
     nacks: Gauge<i64, AtomicI64>,
     policies_rejected: Gauge<i64, AtomicI64>,
     files_broken: Gauge<i64, AtomicI64>,
@@ -37,6 +38,7 @@ impl Metrics {
             version: Gauge::default(),
             agents: Gauge::default(),
             updates_sent: Gauge::default(),
+            update_bytes_sent: Gauge::default(),
             nacks: Gauge::default(),
             policies_rejected: Gauge::default(),
             files_broken: Gauge::default(),
@@ -57,6 +59,11 @@ impl Metrics {
             "updates_sent",
             "Routing updates sent to agents since start",
             m.updates_sent.clone(),
+        );
+        registry.register(
+            "update_bytes_sent",
+            "Bytes of routing updates sent to agents since start (each encoded once, shared)",
+            m.update_bytes_sent.clone(),
         );
         registry.register(
             "nacks",
@@ -128,6 +135,9 @@ impl Admin {
                 metrics
                     .updates_sent
                     .set(self.agents.updates_sent.load(Ordering::Relaxed) as i64);
+                metrics
+                    .update_bytes_sent
+                    .set(self.agents.bytes_sent.load(Ordering::Relaxed) as i64);
                 metrics
                     .nacks
                     .set(self.agents.nacks.load(Ordering::Relaxed) as i64);

@@ -2,15 +2,18 @@
 //! routing computation, and publishes a new versioned table when the result changed.
 //!
 //! Agents' sessions subscribe to a `watch` channel, which holds only the latest table: a slow
-//! agent skips intermediate versions instead of queueing them, and never delays the others.
+//! agent skips intermediate versions instead of queueing them (it is sent one coalesced
+//! delta from the version it has), and never delays the others. Each table's messages are
+//! encoded once and shared by all sessions.
 //! Errors are logged once when they appear, and kept for `/state`.
 
-use crate::routing::{self, Computed, LastGood, PolicyState, Snapshot};
+use crate::routing::{PolicyState, Routing, Snapshot};
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use tokio::sync::watch;
-use weir_proto::v1::Route;
+use weir_proto::Encoded;
+use weir_proto::v1::{ControllerMessage, Route, RoutingUpdate, controller_message};
 
 /// A problem with one manifest file, as shown in the admin API.
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
@@ -22,12 +25,124 @@ pub struct FileReport {
     pub warnings: Vec<String>,
 }
 
-/// One published routing table. Routes are shared by pointer between versions, so a session
-/// diffs two tables by comparing only the routes whose pointers differ.
+/// One published routing table. Routes are shared by pointer between versions, so two
+/// tables are diffed by comparing only the routes whose pointers differ.
+///
+/// A table also carries what changed since the version before it, and the messages that
+/// carry it to agents, each encoded **once** on first use and then shared (by reference
+/// count) by every agent session that sends it: the full table for agents that connect, the
+/// delta from the previous version for agents that kept up, and coalesced deltas from older
+/// versions for agents that fell behind (one per base version, also shared). Nothing here
+/// grows with the number of agents.
 #[derive(Debug, Default)]
 pub struct Table {
     pub version: u64,
     pub routes: BTreeMap<String, Arc<Route>>,
+    /// The previous version and what changed since (`None` for the first table).
+    step: Option<Step>,
+    full: OnceLock<Encoded>,
+    /// Deltas from older versions, by base version; a few at most (see [`MAX_DELTAS`]).
+    deltas: Mutex<Vec<(u64, Encoded)>>,
+}
+
+#[derive(Debug)]
+struct Step {
+    base: u64,
+    upserted: Vec<String>,
+    removed: Vec<String>,
+}
+
+/// How many coalesced deltas from older bases a table keeps. Agents that fell behind mostly
+/// share a few bases (they reconnected or stalled together); past this, a delta is encoded
+/// for its session alone.
+const MAX_DELTAS: usize = 8;
+
+impl Table {
+    #[cfg(test)]
+    pub fn new(version: u64, routes: BTreeMap<String, Arc<Route>>) -> Self {
+        Self {
+            version,
+            routes,
+            ..Self::default()
+        }
+    }
+
+    /// The whole table as one update, encoded once.
+    pub fn full_message(&self) -> Encoded {
+        self.full
+            .get_or_init(|| {
+                encode(RoutingUpdate {
+                    version: self.version,
+                    full: true,
+                    base_version: 0,
+                    upserted: self.routes.values().map(|r| (**r).clone()).collect(),
+                    removed: Vec::new(),
+                })
+            })
+            .clone()
+    }
+
+    /// The delta that takes an agent from table `from` to this one, encoded once per base
+    /// version.
+    pub fn delta_message(&self, from: &Table) -> Encoded {
+        let mut deltas = self.deltas.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, m)) = deltas.iter().find(|(base, _)| *base == from.version) {
+            return m.clone();
+        }
+        let update = match &self.step {
+            Some(step) if step.base == from.version => RoutingUpdate {
+                version: self.version,
+                full: false,
+                base_version: from.version,
+                upserted: step
+                    .upserted
+                    .iter()
+                    .filter_map(|name| self.routes.get(name))
+                    .map(|r| (**r).clone())
+                    .collect(),
+                removed: step.removed.clone(),
+            },
+            _ => delta(from, self),
+        };
+        let message = encode(update);
+        if deltas.len() < MAX_DELTAS {
+            deltas.push((from.version, message.clone()));
+        }
+        message
+    }
+}
+
+fn encode(update: RoutingUpdate) -> Encoded {
+    Encoded::of(&ControllerMessage {
+        kind: Some(controller_message::Kind::Update(update)),
+    })
+}
+
+/// The routes of `next` that differ from `prev` (by pointer first, then by value), and the
+/// names that disappeared: the coalesced delta for an agent that holds `prev`.
+pub fn delta(prev: &Table, next: &Table) -> RoutingUpdate {
+    let upserted = next
+        .routes
+        .iter()
+        .filter(|(name, route)| match prev.routes.get(*name) {
+            Some(old) => !Arc::ptr_eq(old, route) && old != *route,
+            None => true,
+        })
+        .map(|(_, r)| (**r).clone())
+        .collect();
+    let removed = prev
+        .routes
+        .keys()
+        .filter(|name| !next.routes.contains_key(*name))
+        .cloned()
+        .collect();
+    RoutingUpdate {
+        version: next.version,
+        full: false,
+        base_version: prev.version,
+        upserted,
+        removed,
+    }
 }
 
 /// What `/state` shows about the configuration.
@@ -89,7 +204,7 @@ pub struct Hub {
 }
 
 struct Inner {
-    last_good: LastGood,
+    routing: Routing,
     state: ConfigState,
     /// Messages already logged, so a broken file is not logged again on every rescan.
     logged: BTreeSet<String>,
@@ -104,7 +219,7 @@ impl Hub {
         Arc::new(Self {
             tx,
             inner: Mutex::new(Inner {
-                last_good: LastGood::default(),
+                routing: Routing::new(),
                 state: ConfigState::default(),
                 logged: BTreeSet::new(),
                 next_version: first_version.max(1),
@@ -130,16 +245,14 @@ impl Hub {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Recomputes routing from `snapshot`; publishes a new version if any route changed.
-    /// Returns the version in force afterwards.
-    pub fn update(&self, snapshot: &Snapshot, files: Vec<FileReport>) -> u64 {
-        let mut inner = self.lock();
-        let Computed {
-            routes,
-            policies,
-            last_good,
-        } = routing::compute(snapshot, &inner.last_good);
-        inner.last_good = last_good;
+    /// Brings routing up to date with `snapshot` (incrementally when only endpoints
+    /// changed); publishes a new version if any route changed. Returns the version in force
+    /// afterwards.
+    pub fn update(&self, snapshot: Snapshot, files: Vec<FileReport>) -> u64 {
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        let changes = inner.routing.update(snapshot);
+        let routing = &inner.routing;
 
         let mut seen = BTreeSet::new();
         for f in &files {
@@ -151,7 +264,7 @@ impl Hub {
                 seen.insert(line);
             }
         }
-        for (key, p) in &policies {
+        for (key, p) in routing.policies() {
             for msg in p.errors.iter() {
                 let line = format!("{key}: {msg}");
                 if !inner.logged.contains(&line) {
@@ -165,31 +278,25 @@ impl Hub {
                 seen.insert(line);
             }
         }
-        inner.logged = seen;
 
         let current = self.current();
-        let mut next = BTreeMap::new();
-        let mut changed = current.routes.len() != routes.len();
-        for route in routes {
-            let shared = match current.routes.get(&route.name) {
-                Some(old) if **old == route => old.clone(),
-                _ => {
-                    changed = true;
-                    Arc::new(route)
-                }
-            };
-            next.insert(shared.name.clone(), shared);
-        }
-        let version = if changed || !inner.state.loaded {
+        let version = if !changes.is_empty() || !inner.state.loaded {
             let version = inner.next_version;
             inner.next_version += 1;
             let table = Arc::new(Table {
                 version,
-                routes: next,
+                routes: routing.routes().clone(),
+                step: inner.state.loaded.then(|| Step {
+                    base: current.version,
+                    upserted: changes.upserted,
+                    removed: changes.removed,
+                }),
+                ..Table::default()
             });
-            tracing::info!(
+            tracing::debug!(
                 version,
                 routes = table.routes.len(),
+                full = changes.full,
                 "routing table published"
             );
             self.tx.send_replace(table);
@@ -197,11 +304,15 @@ impl Hub {
         } else {
             current.version
         };
-        let policies: BTreeMap<String, PolicyState> = policies
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v))
+        // Endpoint changes only touch the states of the routes they changed, but the state is
+        // rebuilt whole: it is a copy for readers (`/state`, status writers), not a hot path.
+        let policies: BTreeMap<String, PolicyState> = routing
+            .policies()
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
             .collect();
         let carried = carried_since(&inner.state.carried, &policies, version);
+        inner.logged = seen;
         inner.state = ConfigState {
             version,
             loaded: true,
@@ -251,6 +362,103 @@ mod tests {
                 generation: 2,
                 since_version: 12
             }
+        );
+    }
+
+    fn table(version: u64, routes: &[(&str, &str)]) -> Table {
+        Table::new(
+            version,
+            routes
+                .iter()
+                .map(|(name, host)| {
+                    (
+                        name.to_string(),
+                        Arc::new(Route {
+                            name: name.to_string(),
+                            hosts: vec![host.to_string()],
+                            ..Default::default()
+                        }),
+                    )
+                })
+                .collect(),
+        )
+    }
+
+    fn decode(m: &Encoded) -> RoutingUpdate {
+        use prost::Message;
+        match ControllerMessage::decode(m.0.clone()).map(|m| m.kind) {
+            Ok(Some(controller_message::Kind::Update(u))) => u,
+            other => panic!("not an update: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn delta_carries_only_changed_added_and_removed_routes() {
+        let prev = table(1, &[("a", "a"), ("b", "b"), ("c", "c")]);
+        let next = table(2, &[("a", "a"), ("b", "b2"), ("d", "d")]);
+        let d = delta(&prev, &next);
+        assert_eq!(d.base_version, 1);
+        assert_eq!(d.version, 2);
+        assert!(!d.full);
+        let names: Vec<_> = d.upserted.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["b", "d"]);
+        assert_eq!(d.removed, ["c"]);
+    }
+
+    #[test]
+    fn each_message_is_encoded_once_and_shared() {
+        let prev = table(1, &[("a", "a"), ("b", "b")]);
+        let next = table(2, &[("a", "a2"), ("b", "b")]);
+        let first = next.delta_message(&prev);
+        let again = next.delta_message(&prev);
+        assert_eq!(first.0.as_ptr(), again.0.as_ptr(), "same bytes, not a copy");
+        assert_eq!(decode(&first), delta(&prev, &next));
+        let full = next.full_message();
+        assert_eq!(full.0.as_ptr(), next.full_message().0.as_ptr());
+        let update = decode(&full);
+        assert!(update.full);
+        assert_eq!(update.upserted.len(), 2);
+    }
+
+    #[test]
+    fn the_hub_publishes_the_changed_routes_as_the_step_from_the_previous_version() {
+        use crate::model::ObjectKey;
+        use crate::routing::PolicyInput;
+        let hub = Hub::new(1);
+        let policy = |name: &str, host: &str| {
+            let spec = serde_json::from_value(serde_json::json!({
+                "hosts": [host], "rules": [{"backendRefs": [{"name": "web", "port": 80}]}]
+            }))
+            .expect("spec");
+            Arc::new(PolicyInput {
+                key: ObjectKey::new("default", name),
+                source: format!("{name}.yaml"),
+                generation: None,
+                spec: Ok(spec),
+            })
+        };
+        let mut snapshot = Snapshot {
+            policies: vec![policy("a", "a"), policy("b", "b")],
+            ..Snapshot::default()
+        };
+        let v1 = hub.update(snapshot.clone(), Vec::new());
+        let first = hub.current();
+        snapshot.policies[1] = policy("b", "b2");
+        let v2 = hub.update(snapshot.clone(), Vec::new());
+        assert!(v2 > v1);
+        let second = hub.current();
+        assert!(Arc::ptr_eq(
+            &first.routes["default/a"],
+            &second.routes["default/a"]
+        ));
+        let update = decode(&second.delta_message(&first));
+        let names: Vec<_> = update.upserted.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["default/b"]);
+        assert_eq!(update, delta(&first, &second));
+        assert_eq!(
+            hub.update(snapshot, Vec::new()),
+            v2,
+            "nothing changed, no version"
         );
     }
 }

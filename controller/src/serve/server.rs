@@ -17,10 +17,9 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
-use weir_proto::v1::routing_discovery_server::RoutingDiscovery;
-use weir_proto::v1::{
-    AgentMessage, ControllerMessage, Ping, RoutingUpdate, agent_message, controller_message,
-};
+use weir_proto::Encoded;
+use weir_proto::encoded::routing_discovery_server::RoutingDiscovery;
+use weir_proto::v1::{AgentMessage, ControllerMessage, Ping, agent_message, controller_message};
 
 /// How often a session sends an application-level ping.
 const PING_INTERVAL: Duration = Duration::from_secs(15);
@@ -72,6 +71,8 @@ pub struct Agents {
     sessions: Mutex<BTreeMap<u64, AgentState>>,
     next_id: AtomicU64,
     pub updates_sent: AtomicU64,
+    /// Bytes of routing updates sent, over all sessions.
+    pub bytes_sent: AtomicU64,
     pub nacks: AtomicU64,
 }
 
@@ -136,7 +137,7 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-type OutStream = Pin<Box<dyn Stream<Item = Result<ControllerMessage, Status>> + Send>>;
+type OutStream = Pin<Box<dyn Stream<Item = Result<Encoded, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl RoutingDiscovery for DiscoveryService {
@@ -209,7 +210,7 @@ struct Session {
     guard: SessionGuard,
     tables: tokio::sync::watch::Receiver<Arc<Table>>,
     inbound: Streaming<AgentMessage>,
-    tx: mpsc::Sender<Result<ControllerMessage, Status>>,
+    tx: mpsc::Sender<Result<Encoded, Status>>,
     /// The table last sent; `None` forces a full table next.
     sent: Option<Arc<Table>>,
     last_full_version: Option<u64>,
@@ -257,9 +258,9 @@ impl Session {
                     return;
                 }
                 _ = ping.tick() => {
-                    let msg = ControllerMessage {
+                    let msg = Encoded::of(&ControllerMessage {
                         kind: Some(controller_message::Kind::Ping(Ping { unix_millis: now_ms() })),
-                    };
+                    });
                     if self.tx.send(Ok(msg)).await.is_err() {
                         return;
                     }
@@ -325,102 +326,27 @@ impl Session {
     }
 
     /// Sends `table` whole or as a delta on top of the last table sent; false if the agent
-    /// is gone.
+    /// is gone. The message is the table's own, encoded once for every session that needs
+    /// the same bytes.
     async fn send_table(&mut self, table: Arc<Table>) -> bool {
-        let update = match &self.sent {
+        let message = match &self.sent {
             Some(prev) if prev.version == table.version => return true,
-            Some(prev) => delta(prev, &table),
-            None => RoutingUpdate {
-                version: table.version,
-                full: true,
-                base_version: 0,
-                upserted: table.routes.values().map(|r| (**r).clone()).collect(),
-                removed: Vec::new(),
-            },
+            Some(prev) => table.delta_message(prev),
+            None => {
+                self.last_full_version = Some(table.version);
+                table.full_message()
+            }
         };
-        if update.full {
-            self.last_full_version = Some(update.version);
-        }
-        let version = update.version;
-        let msg = ControllerMessage {
-            kind: Some(controller_message::Kind::Update(update)),
-        };
-        if self.tx.send(Ok(msg)).await.is_err() {
+        let bytes = message.len() as u64;
+        if self.tx.send(Ok(message)).await.is_err() {
             return false;
         }
-        self.guard
-            .agents
-            .updates_sent
-            .fetch_add(1, Ordering::Relaxed);
-        self.guard
-            .agents
-            .with(self.guard.id, |a| a.sent_version = version);
+        let agents = &self.guard.agents;
+        agents.updates_sent.fetch_add(1, Ordering::Relaxed);
+        agents.bytes_sent.fetch_add(bytes, Ordering::Relaxed);
+        let version = table.version;
+        agents.with(self.guard.id, |a| a.sent_version = version);
         self.sent = Some(table);
         true
-    }
-}
-
-/// The routes of `next` that differ from `prev` (by pointer first, then by value), and the
-/// names that disappeared.
-pub fn delta(prev: &Table, next: &Table) -> RoutingUpdate {
-    let upserted = next
-        .routes
-        .iter()
-        .filter(|(name, route)| match prev.routes.get(*name) {
-            Some(old) => !Arc::ptr_eq(old, route) && old != *route,
-            None => true,
-        })
-        .map(|(_, r)| (**r).clone())
-        .collect();
-    let removed = prev
-        .routes
-        .keys()
-        .filter(|name| !next.routes.contains_key(*name))
-        .cloned()
-        .collect();
-    RoutingUpdate {
-        version: next.version,
-        full: false,
-        base_version: prev.version,
-        upserted,
-        removed,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use weir_proto::v1::Route;
-
-    fn table(version: u64, routes: &[(&str, &str)]) -> Table {
-        Table {
-            version,
-            routes: routes
-                .iter()
-                .map(|(name, host)| {
-                    (
-                        name.to_string(),
-                        Arc::new(Route {
-                            name: name.to_string(),
-                            hosts: vec![host.to_string()],
-                            ..Default::default()
-                        }),
-                    )
-                })
-                .collect(),
-        }
-    }
-
-    #[test]
-    fn delta_carries_only_changed_added_and_removed_routes() {
-        let prev = table(1, &[("a", "a"), ("b", "b"), ("c", "c")]);
-        let next = table(2, &[("a", "a"), ("b", "b2"), ("d", "d")]);
-        let d = delta(&prev, &next);
-        assert_eq!(d.base_version, 1);
-        assert_eq!(d.version, 2);
-        assert!(!d.full);
-        let names: Vec<_> = d.upserted.iter().map(|r| r.name.as_str()).collect();
-        assert_eq!(names, ["b", "d"]);
-        assert_eq!(d.removed, ["c"]);
     }
 }

@@ -13,20 +13,67 @@ use crate::routing::{PolicyInput, Snapshot};
 use crate::serve::hub::FileReport;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::SystemTime;
 
-/// The objects one file contributed, as last parsed successfully.
+/// The objects one file contributed, as last parsed successfully. Shared with the snapshots
+/// handed to the hub; an object that a re-parse finds unchanged keeps its `Arc`, so the
+/// routing computation sees by pointer what did not change.
 #[derive(Clone, Debug, Default)]
 struct FileObjects {
-    policies: Vec<PolicyInput>,
-    services: Vec<(ObjectKey, Service)>,
-    slices: Vec<(ObjectKey, EndpointSlice)>,
+    policies: Vec<Arc<PolicyInput>>,
+    services: Vec<(ObjectKey, Arc<Service>)>,
+    slices: Vec<(ObjectKey, Arc<EndpointSlice>)>,
+}
+
+impl FileObjects {
+    /// `self`, with every object equal to one of `old` replaced by `old`'s `Arc`.
+    fn reusing(mut self, old: &FileObjects) -> Self {
+        for p in &mut self.policies {
+            if let Some(o) = old.policies.iter().find(|o| o.key == p.key && **o == *p) {
+                *p = o.clone();
+            }
+        }
+        reuse(&mut self.services, &old.services);
+        reuse(&mut self.slices, &old.slices);
+        self
+    }
+}
+
+fn reuse<T: PartialEq>(new: &mut [(ObjectKey, Arc<T>)], old: &[(ObjectKey, Arc<T>)]) {
+    for (key, object) in new {
+        if let Some((_, o)) = old.iter().find(|(k, o)| k == key && **o == **object) {
+            *object = o.clone();
+        }
+    }
+}
+
+/// What identifies a version of a file cheaply: a periodic rescan reads only files whose
+/// stamp changed. (A file named by a watch event is always read: mtime granularity is coarse
+/// enough that two quick same-size writes can share a stamp.)
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Stamp {
+    len: u64,
+    modified: Option<SystemTime>,
+    inode: u64,
+}
+
+impl Stamp {
+    fn of(meta: &std::fs::Metadata) -> Self {
+        use std::os::unix::fs::MetadataExt;
+        Self {
+            len: meta.len(),
+            modified: meta.modified().ok(),
+            inode: meta.ino(),
+        }
+    }
 }
 
 #[derive(Debug, Default)]
 struct FileState {
-    /// The raw bytes last read, to skip re-parsing unchanged files on a rescan.
-    /// `None` until read successfully, so a file that could not be read is parsed again.
-    content: Option<Vec<u8>>,
+    /// The stamp and a hash of the bytes last read; `None` until read successfully, so a file
+    /// that could not be read is read again.
+    read: Option<(Stamp, u64)>,
     objects: FileObjects,
     /// Set while the current content is broken; `objects` are then the previous good ones.
     error: Option<String>,
@@ -53,58 +100,119 @@ impl DirSource {
         &self.dir
     }
 
-    /// Reads the folder again; returns whether any file's objects or errors changed.
+    /// Lists the folder again and reads every file that is new or whose stamp changed;
+    /// returns whether any file's objects or errors changed. Linear in the number of files.
     ///
     /// An unreadable folder is an error, and the objects already loaded stay in force.
     pub fn rescan(&mut self) -> std::io::Result<bool> {
         let mut found = Vec::new();
         collect_manifests(&self.dir, &mut found)?;
-        let mut changed = false;
-
-        let gone: Vec<PathBuf> = self
-            .files
-            .keys()
-            .filter(|p| !found.contains(p))
-            .cloned()
-            .collect();
-        for path in gone {
-            self.files.remove(&path);
-            changed = true;
-        }
-
-        for path in found {
-            let content = match std::fs::read(&path) {
-                Ok(c) => c,
-                // Deleted between the listing and the read: the next event rescans.
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => {
-                    let state = self.files.entry(path.clone()).or_default();
-                    let msg = format!("cannot read file: {e}");
-                    if state.error.as_deref() != Some(msg.as_str()) {
-                        state.error = Some(msg);
-                        state.content = None;
-                        changed = true;
-                    }
-                    continue;
-                }
-            };
-            let display = self.display_path(&path);
-            let state = self.files.entry(path.clone()).or_default();
-            if state.content.as_ref() == Some(&content) {
-                continue;
+        let found: BTreeMap<PathBuf, Stamp> = found.into_iter().collect();
+        let before = self.files.len();
+        self.files.retain(|path, _| found.contains_key(path));
+        let mut changed = self.files.len() != before;
+        for (path, stamp) in found {
+            let unchanged = self
+                .files
+                .get(&path)
+                .and_then(|f| f.read)
+                .is_some_and(|(s, _)| s == stamp);
+            if !unchanged {
+                changed |= self.read_file(path);
             }
-            match parse_file(&display, &content) {
-                Ok((objects, warnings)) => {
-                    state.objects = objects;
-                    state.error = None;
-                    state.warnings = warnings;
-                }
-                Err(e) => state.error = Some(e),
-            }
-            state.content = Some(content);
-            changed = true;
         }
         Ok(changed)
+    }
+
+    /// Reads again just the files at `paths` (as named by watch events: created, written,
+    /// renamed or removed); returns whether any file's objects or errors changed. Paths that
+    /// are not manifests of this folder are ignored; the caller rescans the whole folder for
+    /// events about folders.
+    pub fn reload<'p>(&mut self, paths: impl IntoIterator<Item = &'p Path>) -> bool {
+        let mut changed = false;
+        for path in paths {
+            if !self.is_manifest_path(path) {
+                continue;
+            }
+            match std::fs::metadata(path) {
+                Ok(meta) if meta.is_file() => changed |= self.read_file(path.to_path_buf()),
+                Ok(_) => {}
+                Err(_) => changed |= self.files.remove(path).is_some(),
+            }
+        }
+        changed
+    }
+
+    /// Whether `path` is a visible folder under this source's, or was one (files are known
+    /// under it): an event about it may stand for files that came or went.
+    pub fn is_folder(&self, path: &Path) -> bool {
+        let Ok(rel) = path.strip_prefix(&self.dir) else {
+            return false;
+        };
+        if rel
+            .components()
+            .any(|c| c.as_os_str().to_string_lossy().starts_with('.'))
+        {
+            return false;
+        }
+        path.is_dir()
+            || self
+                .files
+                .range(path.to_path_buf()..)
+                .next()
+                .is_some_and(|(f, _)| f.as_path() != path && f.starts_with(path))
+    }
+
+    /// Whether `path` is a manifest this source reads: under the folder, no hidden part,
+    /// a `.yaml` / `.yml` name.
+    pub fn is_manifest_path(&self, path: &Path) -> bool {
+        let Ok(rel) = path.strip_prefix(&self.dir) else {
+            return false;
+        };
+        let visible = rel
+            .components()
+            .all(|c| !c.as_os_str().to_string_lossy().starts_with('.'));
+        visible && is_manifest_name(path)
+    }
+
+    /// Reads and parses one file; returns whether its objects or errors changed.
+    fn read_file(&mut self, path: PathBuf) -> bool {
+        let read =
+            std::fs::metadata(&path).and_then(|meta| Ok((Stamp::of(&meta), std::fs::read(&path)?)));
+        let (stamp, content) = match read {
+            Ok(r) => r,
+            // Deleted between the listing and the read.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return self.files.remove(&path).is_some();
+            }
+            Err(e) => {
+                let state = self.files.entry(path).or_default();
+                let msg = format!("cannot read file: {e}");
+                if state.error.as_deref() == Some(msg.as_str()) {
+                    return false;
+                }
+                state.error = Some(msg);
+                state.read = None;
+                return true;
+            }
+        };
+        let hash = content_hash(&content);
+        let display = self.display_path(&path);
+        let state = self.files.entry(path).or_default();
+        if state.read.is_some_and(|(_, h)| h == hash) {
+            state.read = Some((stamp, hash));
+            return false;
+        }
+        match parse_file(&display, &content) {
+            Ok((objects, warnings)) => {
+                state.objects = objects.reusing(&state.objects);
+                state.error = None;
+                state.warnings = warnings;
+            }
+            Err(e) => state.error = Some(e),
+        }
+        state.read = Some((stamp, hash));
+        true
     }
 
     fn display_path(&self, path: &Path) -> String {
@@ -169,7 +277,7 @@ impl DirSource {
 
     /// Every object currently in force, for the routing computation.
     pub fn snapshot(&self) -> Snapshot {
-        let mut policies: BTreeMap<ObjectKey, PolicyInput> = BTreeMap::new();
+        let mut policies: BTreeMap<ObjectKey, Arc<PolicyInput>> = BTreeMap::new();
         let mut services = BTreeMap::new();
         let mut slices = BTreeMap::new();
         for state in self.files.values() {
@@ -192,7 +300,22 @@ impl DirSource {
     }
 }
 
-fn collect_manifests(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+/// A hash of a file's bytes, to skip parsing a file whose content did not change.
+fn content_hash(content: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    content.hash(&mut h);
+    h.finish()
+}
+
+fn is_manifest_name(path: &Path) -> bool {
+    matches!(
+        path.extension().and_then(|e| e.to_str()),
+        Some("yaml" | "yml")
+    )
+}
+
+fn collect_manifests(dir: &Path, out: &mut Vec<(PathBuf, Stamp)>) -> std::io::Result<()> {
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
         let name = entry.file_name();
@@ -206,14 +329,10 @@ fn collect_manifests(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> 
         };
         if meta.is_dir() {
             collect_manifests(&path, out)?;
-        } else if matches!(
-            path.extension().and_then(|e| e.to_str()),
-            Some("yaml" | "yml")
-        ) {
-            out.push(path);
+        } else if is_manifest_name(&path) {
+            out.push((path, Stamp::of(&meta)));
         }
     }
-    out.sort();
     Ok(())
 }
 
@@ -260,22 +379,22 @@ fn parse_file(path: &str, content: &[u8]) -> Result<(FileObjects, Vec<String>), 
                 let spec = serde_yaml::from_value::<TrafficPolicy>(value)
                     .map(|tp| tp.spec)
                     .map_err(|e| format!("{path}: not a valid TrafficPolicy: {e}"));
-                objects.policies.push(PolicyInput {
+                objects.policies.push(Arc::new(PolicyInput {
                     key,
                     source: path.to_string(),
                     generation,
                     spec,
-                });
+                }));
             }
             ("Service", "v1") => {
                 let svc = serde_yaml::from_value::<Service>(value)
                     .map_err(|e| format!("{what}: not a valid Service: {e}"))?;
-                objects.services.push((key, svc));
+                objects.services.push((key, Arc::new(svc)));
             }
             ("EndpointSlice", "discovery.k8s.io/v1") => {
                 let slice = serde_yaml::from_value::<EndpointSlice>(value)
                     .map_err(|e| format!("{what}: not a valid EndpointSlice: {e}"))?;
-                objects.slices.push((key, slice));
+                objects.slices.push((key, Arc::new(slice)));
             }
             ("", _) => return Err(format!("{what}: `kind` is missing")),
             _ => warnings.push(format!(

@@ -29,10 +29,10 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 /// Quiet time after the last watch event before the snapshot is rebuilt.
-pub const DEBOUNCE: Duration = Duration::from_millis(75);
+pub const DEBOUNCE: Duration = Duration::from_millis(50);
 /// Longest a continuous stream of events may postpone a rebuild, so routing still follows a
 /// cluster that never goes quiet.
-pub const MAX_DELAY: Duration = Duration::from_secs(1);
+pub const MAX_DELAY: Duration = Duration::from_millis(200);
 
 /// Why Kubernetes mode stopped.
 #[derive(Debug, thiserror::Error)]
@@ -115,20 +115,22 @@ pub fn snapshot_of(
     Snapshot {
         policies: ordered
             .into_iter()
-            .map(|(_, key, p)| PolicyInput {
-                key,
-                source: "kubernetes".to_string(),
-                generation: p.meta().generation,
-                spec: Ok(p.spec.clone()),
+            .map(|(_, key, p)| {
+                Arc::new(PolicyInput {
+                    key,
+                    source: "kubernetes".to_string(),
+                    generation: p.meta().generation,
+                    spec: Ok(p.spec.clone()),
+                })
             })
             .collect(),
         services: services
             .iter()
-            .map(|s| (ObjectKey::of(s.meta()), (**s).clone()))
+            .map(|s| (ObjectKey::of(s.meta()), s.clone()))
             .collect(),
         slices: slices
             .iter()
-            .map(|s| (ObjectKey::of(s.meta()), (**s).clone()))
+            .map(|s| (ObjectKey::of(s.meta()), s.clone()))
             .collect(),
     }
 }
@@ -239,7 +241,7 @@ impl Source {
             (r, _, _) = &mut tasks => return Err(stopped(r)),
         }
         tracing::info!("all reflectors synced");
-        hub.update(&stores.snapshot(), Vec::new());
+        hub.update(stores.snapshot(), Vec::new());
 
         loop {
             tokio::select! {
@@ -255,7 +257,7 @@ impl Source {
                             Ok(None) | Err(_) => break,
                         }
                     }
-                    hub.update(&stores.snapshot(), Vec::new());
+                    hub.update(stores.snapshot(), Vec::new());
                 }
                 (r, _, _) = &mut tasks => return Err(stopped(r)),
             }
