@@ -366,6 +366,10 @@ pub struct Stats {
     pub rss_kib: u64,
     pub hwm_kib: u64,
     pub distinct_routes: u64,
+    /// Endpoint readiness changes (route, address, new ready) seen so far, and how many of
+    /// them every agent saw: a cheap "has everything converged" for pollers.
+    pub changes_seen: u64,
+    pub changes_seen_by_all: u64,
     /// Omitted from brief stats.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub by_version: Option<BTreeMap<u64, VersionSeen>>,
@@ -504,6 +508,11 @@ impl Sim {
         }
         (st.rss_kib, st.hwm_kib) = memory_kib();
         st.distinct_routes = lock(&s.catalog).contents.len() as u64;
+        {
+            let seen = lock(&s.observations);
+            st.changes_seen = seen.len() as u64;
+            st.changes_seen_by_all = seen.values().filter(|v| v.agents >= st.agents).count() as u64;
+        }
         if detail {
             st.by_version = Some(lock(&s.by_version).clone());
             st.observations = Some(self.observations());
