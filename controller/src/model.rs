@@ -40,10 +40,15 @@ pub const ALGORITHMS: [(&str, pb::Algorithm); 7] = [
 ];
 
 /// Cache eviction policies, by the exact name a policy uses.
-pub const EVICTIONS: [&str; 4] = ["Lru", "Lfu", "Fifo", "TinyLfu"];
+pub const EVICTIONS: [(&str, pb::Eviction); 4] = [
+    ("Lru", pb::Eviction::Lru),
+    ("Lfu", pb::Eviction::Lfu),
+    ("Fifo", pb::Eviction::Fifo),
+    ("TinyLfu", pb::Eviction::TinyLfu),
+];
 
 /// The eviction policy of a cache that names none.
-pub const DEFAULT_EVICTION: &str = "TinyLfu";
+pub const DEFAULT_EVICTION: pb::Eviction = pb::Eviction::TinyLfu;
 
 /// Retry conditions besides 5xx status codes such as `"503"`.
 pub const RETRY_CONDITIONS: [&str; 11] = [
@@ -71,15 +76,22 @@ pub const MAX_PRIORITY: i64 = 15;
 pub const MAX_RETRY_ATTEMPTS: i64 = 10;
 
 /// The algorithm names alone, for the CRD schema's `enum`.
-pub const ALGORITHM_NAMES: [&str; ALGORITHMS.len()] = {
-    let mut names = [""; ALGORITHMS.len()];
+pub const ALGORITHM_NAMES: [&str; ALGORITHMS.len()] = names(ALGORITHMS);
+
+/// The eviction names alone, for the CRD schema's `enum`.
+pub const EVICTION_NAMES: [&str; EVICTIONS.len()] = names(EVICTIONS);
+
+/// The names of a name table, in its order (a `const fn`, so the schema attributes can use
+/// the result).
+const fn names<T: Copy, const N: usize>(table: [(&'static str, T); N]) -> [&'static str; N] {
+    let mut names = [""; N];
     let mut i = 0;
-    while i < ALGORITHMS.len() {
-        names[i] = ALGORITHMS[i].0;
+    while i < N {
+        names[i] = table[i].0;
         i += 1;
     }
     names
-};
+}
 
 /// CRD schema patterns; validation is the authority and these only let the API server
 /// refuse the same mistakes at `kubectl apply` time. A host name: RFC 1123 labels, any case,
@@ -212,6 +224,13 @@ pub struct LoadBalancer {
     /// The consistent-hashing key for RingHash and Maglev.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hash_on: Option<HashOn>,
+    /// Load-aware weights: inside each Service, the controller shifts traffic away from
+    /// endpoints that every agent together sees slower or failing (latency EWMA and error
+    /// ratio from the agents' load reports), by at most 4x either way, damped so it settles
+    /// rather than oscillates. Service weights, tiers and failover are unchanged. Off by
+    /// default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load_aware: Option<bool>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
@@ -374,7 +393,7 @@ pub struct Cache {
     pub max_size: Option<String>,
     /// Lru | Lfu | Fifo | TinyLfu.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(extend("enum" = EVICTIONS))]
+    #[schemars(extend("enum" = EVICTION_NAMES))]
     pub eviction: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stale_while_revalidate: Option<String>,
@@ -503,6 +522,10 @@ mod tests {
             ALGORITHM_NAMES.to_vec(),
             ALGORITHMS.iter().map(|(n, _)| *n).collect::<Vec<_>>()
         );
-        assert!(EVICTIONS.contains(&DEFAULT_EVICTION));
+        assert!(EVICTIONS.iter().any(|(_, e)| *e == DEFAULT_EVICTION));
+        assert_eq!(
+            EVICTION_NAMES.to_vec(),
+            EVICTIONS.iter().map(|(n, _)| *n).collect::<Vec<_>>()
+        );
     }
 }

@@ -68,6 +68,67 @@ pub fn assign_weights(rule: &mut pb::Rule, min_healthy_percent: u32) {
     }
     rule.active_tier = active_tier.unwrap_or(0);
     rule.panic = plan.panic;
+    apply_load_factors(rule);
+}
+
+/// The most an endpoint's load factor may move its weight from a fair split (4× down, 4× up).
+pub const MIN_LOAD_PERMILLE: u32 = 250;
+pub const MAX_LOAD_PERMILLE: u32 = 4000;
+
+/// Load-aware weights: inside each backend, spreads the backend's weight over its serving
+/// endpoints in proportion to their `load_permille` (0 = 1000, clamped to
+/// [`MIN_LOAD_PERMILLE`, `MAX_LOAD_PERMILLE`]) instead of evenly. Each backend keeps its
+/// total, so Service weights, tiers and spill are untouched: load moves between the pods of
+/// one Service only. A no-op when no endpoint carries a factor.
+///
+/// Integers: the rule's weights are first scaled by `K = max(1, ⌊MAX_WEIGHT_SUM / (4·S)⌋)`
+/// (`S` their sum) so that per-mille factors keep their precision, then endpoint `e` of a
+/// backend with total `T` gets `max(1, round(T·K · f_e / Σ f))`, and all are divided by their
+/// gcd. The sum stays within [`MAX_WEIGHT_SUM`] because factors are normalised per backend.
+pub fn apply_load_factors(rule: &mut pb::Rule) {
+    let factor = |e: &pb::Endpoint| match e.load_permille {
+        0 => 1000,
+        f => f.clamp(MIN_LOAD_PERMILLE, MAX_LOAD_PERMILLE),
+    };
+    let adjusted = rule
+        .backends
+        .iter()
+        .flat_map(|b| &b.endpoints)
+        .any(|e| e.weight > 0 && factor(e) != 1000);
+    if !adjusted {
+        return;
+    }
+    let sum: u64 = rule
+        .backends
+        .iter()
+        .flat_map(|b| &b.endpoints)
+        .map(|e| u64::from(e.weight))
+        .sum();
+    let k = (MAX_WEIGHT_SUM / (4 * sum.max(1))).max(1) as f64;
+    let mut values: Vec<u128> = Vec::new();
+    for backend in &rule.backends {
+        let total: f64 = backend.endpoints.iter().map(|e| f64::from(e.weight)).sum();
+        let factors: f64 = backend
+            .endpoints
+            .iter()
+            .filter(|e| e.weight > 0)
+            .map(|e| f64::from(factor(e)))
+            .sum();
+        for e in &backend.endpoints {
+            values.push(if e.weight == 0 {
+                0
+            } else {
+                ((total * k * f64::from(factor(e)) / factors).round() as u128).max(1)
+            });
+        }
+    }
+    reduce_by_gcd(&mut values);
+    let mut values = values.into_iter();
+    for e in rule.backends.iter_mut().flat_map(|b| &mut b.endpoints) {
+        e.weight = values
+            .next()
+            .map_or(0, |v| u32::try_from(v).unwrap_or(u32::MAX));
+    }
 }
 
 /// How one rule's traffic divides between its failover tiers.
@@ -503,5 +564,72 @@ mod tests {
                 prop_assert!(tier_share(&rule, 0) >= tier_share(&before, 0) - 2e-3);
             }
         }
+    }
+
+    fn with_factors(mut rule: pb::Rule, factors: &[u32]) -> pb::Rule {
+        for (e, f) in rule
+            .backends
+            .iter_mut()
+            .flat_map(|b| &mut b.endpoints)
+            .zip(factors.iter().cycle())
+        {
+            e.load_permille = *f;
+        }
+        rule
+    }
+
+    proptest! {
+        #[test]
+        fn load_factors_move_traffic_inside_a_service_only(
+            (rule, pct) in arb_rule(),
+            factors in prop::collection::vec(prop_oneof![Just(0u32), 100u32..5000], 1..8),
+        ) {
+            let mut even = rule.clone();
+            assign_weights(&mut even, pct);
+            let mut loaded = with_factors(rule, &factors);
+            assign_weights(&mut loaded, pct);
+            prop_assert_eq!(even.active_tier, loaded.active_tier);
+            prop_assert_eq!(even.panic, loaded.panic);
+            let sum: u64 = endpoint_weight_list(&loaded).iter().map(|w| u64::from(*w)).sum();
+            prop_assert!(sum <= MAX_WEIGHT_SUM);
+            for (a, b) in even.backends.iter().zip(&loaded.backends) {
+                // Who gets traffic does not change, and each Service keeps its share.
+                for (x, y) in a.endpoints.iter().zip(&b.endpoints) {
+                    prop_assert_eq!(x.weight > 0, y.weight > 0);
+                }
+                let share_even = backend_share(&even, &a.service);
+                let share_loaded = backend_share(&loaded, &b.service);
+                if share_even.is_finite() {
+                    prop_assert!((share_even - share_loaded).abs() < 2e-3,
+                        "{} {} vs {}", a.service, share_even, share_loaded);
+                }
+                // Inside a Service, a higher factor never gets less.
+                let serving: Vec<&pb::Endpoint> = b.endpoints.iter().filter(|e| e.weight > 0).collect();
+                for x in &serving {
+                    for y in &serving {
+                        let f = |e: &pb::Endpoint| if e.load_permille == 0 { 1000 } else {
+                            e.load_permille.clamp(MIN_LOAD_PERMILLE, MAX_LOAD_PERMILLE)
+                        };
+                        if f(x) > f(y) {
+                            prop_assert!(x.weight >= y.weight);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_slow_endpoint_gets_its_factor_of_an_even_split() {
+        let mut rule = pb::Rule {
+            backends: vec![backend(0, 1, &[true, true, true])],
+            ..pb::Rule::default()
+        };
+        rule.backends[0].endpoints[0].load_permille = 500;
+        assign_weights(&mut rule, 70);
+        let w = endpoint_weight_list(&rule);
+        // 0.5 : 1 : 1 of the Service's traffic.
+        assert_eq!(w[1], w[2]);
+        assert_eq!(w[0] * 2, w[1], "{w:?}");
     }
 }

@@ -312,8 +312,8 @@ def test_schema_enums_and_bounds_match_the_controller_validation():
     src = _validate_rs()
     algorithms = re.findall(r'\("(\w+)", pb::Algorithm::\w+\)', src)
     assert algorithms and schema_at(TP_SCHEMA, ".spec.loadBalancer.algorithm")["enum"] == algorithms
-    evictions = re.search(r"EVICTIONS: \[&str; \d+\] = \[(.*?)\];", src, re.S).group(1)
-    assert schema_at(TP_SCHEMA, ".spec.cache.eviction")["enum"] == re.findall(r'"([^"]+)"', evictions)
+    evictions = re.findall(r'\("(\w+)", pb::Eviction::\w+\)', src)
+    assert evictions and schema_at(TP_SCHEMA, ".spec.cache.eviction")["enum"] == evictions
     conditions = re.search(r"RETRY_CONDITIONS: \[&str; \d+\] = \[(.*?)\];", src, re.S).group(1)
     on = schema_at(TP_SCHEMA, ".spec.retry.on[]")["pattern"]
     for cond in re.findall(r'"([^"]+)"', conditions) + ["500", "503", "599"]:

@@ -60,8 +60,10 @@ pub const MAX_OBJECT_SIZE_CAP: u64 = 8 << 20;
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
     /// `eviction` names no known policy.
-    #[error("unknown cache eviction policy {0:?}: use Lru, Lfu, Fifo or TinyLfu")]
-    UnknownEviction(String),
+    #[error(
+        "unknown cache eviction policy {0} (a newer controller?): this agent knows Lru, Lfu, Fifo and TinyLfu"
+    )]
+    UnknownEviction(i32),
 }
 
 /// A route's cache settings, built once from `spec.cache`.
@@ -100,8 +102,8 @@ impl CacheConfig {
     /// Converts the controller's policy; `Ok(None)` when caching is off (disabled or a
     /// zero size).
     pub fn from_proto(p: &weir_proto::v1::CachePolicy) -> Result<Option<Self>, ConfigError> {
-        let eviction = EvictionPolicy::from_name(&p.eviction)
-            .ok_or_else(|| ConfigError::UnknownEviction(p.eviction.clone()))?;
+        let eviction = EvictionPolicy::from_proto(p.eviction)
+            .ok_or(ConfigError::UnknownEviction(p.eviction))?;
         if !p.enabled || p.max_size_bytes == 0 {
             return Ok(None);
         }

@@ -937,7 +937,7 @@ fn config_comes_from_the_proto_policy() {
     let p = CachePolicy {
         enabled: true,
         max_size_bytes: 64 << 20,
-        eviction: String::new(),
+        eviction: 0,
         stale_while_revalidate_ms: 10_000,
         stale_if_error_ms: 300_000,
     };
@@ -947,8 +947,8 @@ fn config_comes_from_the_proto_policy() {
     assert_eq!(c.stale_if_error, Duration::from_secs(300));
     let small = CachePolicy {
         max_size_bytes: 1 << 20,
-        eviction: "Lru".into(),
-        ..p.clone()
+        eviction: weir_proto::v1::Eviction::Lru as i32,
+        ..p
     };
     let s = CacheConfig::from_proto(&small).unwrap().unwrap();
     assert_eq!(
@@ -957,13 +957,10 @@ fn config_comes_from_the_proto_policy() {
     );
     let off = CachePolicy {
         enabled: false,
-        ..p.clone()
-    };
-    assert_eq!(CacheConfig::from_proto(&off), Ok(None));
-    let bad = CachePolicy {
-        eviction: "Random".into(),
         ..p
     };
+    assert_eq!(CacheConfig::from_proto(&off), Ok(None));
+    let bad = CachePolicy { eviction: 17, ..p };
     assert!(CacheConfig::from_proto(&bad).is_err());
 }
 

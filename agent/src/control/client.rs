@@ -200,6 +200,7 @@ async fn session(
                         endpoints: Vec::new(),
                         cache_hits,
                         cache_misses,
+                        interval_ms: 0,
                     })),
                 };
                 if tx.send(load).await.is_err() {

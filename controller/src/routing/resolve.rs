@@ -198,6 +198,7 @@ impl<'a> Cluster<'a> {
                     ready: is_ready(endpoint),
                     zone: endpoint.zone.clone().unwrap_or_default(),
                     weight: 0,
+                    load_permille: 0,
                 });
             }
         }

@@ -14,8 +14,8 @@
 //! the proto, which the agent reads as "use your default".
 
 use crate::model::{
-    ALGORITHMS, BackendRef, Cache, DEFAULT_EVICTION, DEFAULT_MIN_HEALTHY_PERCENT, EVICTIONS,
-    HealthCheck, LoadBalancer, MAX_PRIORITY, MAX_RETRY_ATTEMPTS, MAX_WEIGHT, Match,
+    ALGORITHMS, BackendRef, Cache, DEFAULT_EVICTION, DEFAULT_MIN_HEALTHY_PERCENT, EVICTION_NAMES,
+    EVICTIONS, HealthCheck, LoadBalancer, MAX_PRIORITY, MAX_RETRY_ATTEMPTS, MAX_WEIGHT, Match,
     OutlierDetection, RETRY_CONDITIONS, Retry, Rule, TrafficPolicySpec,
 };
 mod syntax;
@@ -225,9 +225,18 @@ impl Validator {
                 }
             }
         };
+        let load_aware = lb.and_then(|lb| lb.load_aware).unwrap_or(false);
+        if load_aware && needs_key {
+            self.error(
+                format_args!("spec.loadBalancer.loadAware"),
+                "cannot be combined with RingHash or Maglev: weights that follow load would \
+                 move keys between endpoints all the time",
+            );
+        }
         pb::LoadBalancer {
             algorithm: algorithm as i32,
             hash_on: hash_on.map(|key| pb::HashOn { key: Some(key) }),
+            load_aware,
         }
     }
 
@@ -540,22 +549,24 @@ impl Validator {
         };
         let eviction = match c.eviction.as_deref() {
             None => DEFAULT_EVICTION,
-            Some(e) if EVICTIONS.contains(&e) => e,
-            Some(other) => {
-                self.error(
-                    format_args!("spec.cache.eviction"),
-                    format_args!(
-                        "unknown eviction policy {other:?}; expected one of {}",
-                        EVICTIONS.join(", ")
-                    ),
-                );
-                DEFAULT_EVICTION
-            }
+            Some(name) => match EVICTIONS.iter().find(|(n, _)| *n == name) {
+                Some((_, e)) => *e,
+                None => {
+                    self.error(
+                        format_args!("spec.cache.eviction"),
+                        format_args!(
+                            "unknown eviction policy {name:?}; expected one of {}",
+                            EVICTION_NAMES.join(", ")
+                        ),
+                    );
+                    DEFAULT_EVICTION
+                }
+            },
         };
         pb::CachePolicy {
             enabled: c.enabled,
             max_size_bytes,
-            eviction: eviction.to_owned(),
+            eviction: eviction as i32,
             stale_while_revalidate_ms: self.opt_duration_ms(
                 format_args!("spec.cache.staleWhileRevalidate"),
                 c.stale_while_revalidate.as_deref(),

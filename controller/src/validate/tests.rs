@@ -50,7 +50,8 @@ fn a_minimal_policy_gets_the_documented_defaults() {
         route.load_balancer,
         Some(pb::LoadBalancer {
             algorithm: pb::Algorithm::RoundRobin as i32,
-            hash_on: None
+            hash_on: None,
+            load_aware: false,
         })
     );
     assert_eq!(route.min_healthy_percent, DEFAULT_MIN_HEALTHY_PERCENT);
@@ -114,6 +115,7 @@ fn the_full_design_doc_example_normalises_every_field() {
             hash_on: Some(pb::HashOn {
                 key: Some(pb::hash_on::Key::Header("x-user-id".to_owned()))
             }),
+            load_aware: false,
         })
     );
     assert_eq!(route.rules.len(), 2);
@@ -173,7 +175,7 @@ fn the_full_design_doc_example_normalises_every_field() {
         Some(pb::CachePolicy {
             enabled: true,
             max_size_bytes: 64 << 20,
-            eviction: "TinyLfu".to_owned(),
+            eviction: pb::Eviction::TinyLfu as i32,
             stale_while_revalidate_ms: 10_000,
             stale_if_error_ms: 300_000,
         })
@@ -372,7 +374,7 @@ fn an_unknown_algorithm_lists_the_known_ones() {
     let mut spec = minimal();
     spec.load_balancer = Some(LoadBalancer {
         algorithm: Some("Fastest".to_owned()),
-        hash_on: None,
+        ..LoadBalancer::default()
     });
     assert_single_error(
         &spec,
@@ -391,6 +393,7 @@ fn every_documented_algorithm_is_accepted() {
                 path: Some(true),
                 ..HashOn::default()
             }),
+            load_aware: None,
         });
         let lb = valid(&spec).load_balancer.expect("always set");
         assert_eq!(lb.algorithm, algorithm as i32);
@@ -403,7 +406,7 @@ fn consistent_hashing_needs_a_hash_key() {
         let mut spec = minimal();
         spec.load_balancer = Some(LoadBalancer {
             algorithm: Some(name.to_owned()),
-            hash_on: None,
+            ..LoadBalancer::default()
         });
         assert_single_error(
             &spec,
@@ -425,6 +428,7 @@ fn hash_on_takes_exactly_one_key() {
             cookie: Some("session".to_owned()),
             path: None,
         }),
+        ..LoadBalancer::default()
     });
     assert_single_error(
         &spec,
@@ -436,6 +440,7 @@ fn hash_on_takes_exactly_one_key() {
             path: Some(false),
             ..HashOn::default()
         }),
+        ..LoadBalancer::default()
     });
     assert_single_error(
         &spec,
@@ -452,6 +457,7 @@ fn hash_keys_must_be_valid_names() {
             header: Some("x user".to_owned()),
             ..HashOn::default()
         }),
+        ..LoadBalancer::default()
     });
     assert_single_error(
         &spec,
@@ -463,6 +469,7 @@ fn hash_keys_must_be_valid_names() {
             cookie: Some("a=b".to_owned()),
             ..HashOn::default()
         }),
+        ..LoadBalancer::default()
     });
     assert_single_error(
         &spec,
@@ -753,8 +760,8 @@ fn cache_eviction_defaults_to_tiny_lfu_and_must_be_known() {
     });
     let cache = valid(&spec).cache.expect("set");
     assert_eq!(
-        (cache.eviction.as_str(), cache.max_size_bytes),
-        ("TinyLfu", 1 << 30)
+        (cache.eviction(), cache.max_size_bytes),
+        (pb::Eviction::TinyLfu, 1 << 30)
     );
     spec.cache = Some(Cache {
         eviction: Some("Random".to_owned()),
@@ -769,4 +776,26 @@ fn cache_eviction_defaults_to_tiny_lfu_and_must_be_known() {
         "spec.cache.eviction: unknown eviction policy \"Random\"; expected one of Lru, Lfu, \
          Fifo, TinyLfu"
     );
+}
+
+#[test]
+fn load_aware_weights_are_off_by_default_and_refused_with_consistent_hashing() {
+    let mut spec = minimal();
+    assert!(!valid(&spec).load_balancer.expect("set").load_aware);
+    spec.load_balancer = Some(LoadBalancer {
+        load_aware: Some(true),
+        ..LoadBalancer::default()
+    });
+    assert!(valid(&spec).load_balancer.expect("set").load_aware);
+    spec.load_balancer = Some(LoadBalancer {
+        algorithm: Some("Maglev".to_owned()),
+        hash_on: Some(HashOn {
+            header: Some("x-user".to_owned()),
+            ..HashOn::default()
+        }),
+        load_aware: Some(true),
+    });
+    let errs = errors(&spec);
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(errs[0].starts_with("spec.loadBalancer.loadAware: cannot be combined"));
 }

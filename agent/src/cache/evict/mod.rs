@@ -54,7 +54,18 @@ pub enum EvictionPolicy {
 }
 
 impl EvictionPolicy {
-    /// Parses the CRD/proto name; empty means the default.
+    /// The proto's policy; `None` for a value this agent does not know.
+    pub fn from_proto(value: i32) -> Option<Self> {
+        use weir_proto::v1::Eviction;
+        match Eviction::try_from(value).ok()? {
+            Eviction::TinyLfu => Some(Self::TinyLfu),
+            Eviction::Lru => Some(Self::Lru),
+            Eviction::Lfu => Some(Self::Lfu),
+            Eviction::Fifo => Some(Self::Fifo),
+        }
+    }
+
+    /// Parses the CRD name; empty means the default.
     pub fn from_name(name: &str) -> Option<Self> {
         match name {
             "" | "TinyLfu" => Some(Self::TinyLfu),
