@@ -962,6 +962,7 @@ mod tests {
                             ready: *r,
                             zone: "z1".into(),
                             weight: 1,
+                            ..Default::default()
                         })
                         .collect(),
                     ..Default::default()
