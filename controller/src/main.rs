@@ -197,6 +197,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         agents: agents.clone(),
     });
     tokio::spawn(admin::serve(admin_listener, admin));
+    tokio::spawn(weir_controller::serve::load::run(
+        hub.clone(),
+        agents.clone(),
+        stop_rx.clone(),
+    ));
 
     let router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))

@@ -208,6 +208,7 @@ impl<'a> Candidate<'a> {
         };
         let route = route.map(|mut route| {
             route.name = input.key.to_string();
+            super::load::stamp(&mut route, cluster.load);
             for rule in &mut route.rules {
                 assign_weights(rule, route.min_healthy_percent);
             }

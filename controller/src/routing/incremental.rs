@@ -14,6 +14,7 @@
 //! Routes are kept behind `Arc`s, and a route whose value did not change keeps its pointer,
 //! so the hub and the server can tell what changed by pointer.
 
+use super::load::{LoadFactors, stamp};
 use super::resolve::{Cluster, SliceIndex, index_slices, slice_owner};
 use super::{Computed, LastGood, PolicyState, Snapshot, backend_statuses, compute_indexed};
 use crate::model::ObjectKey;
@@ -49,6 +50,8 @@ pub struct Routing {
     last_good: LastGood,
     /// (namespace, Service name) → the routes with a backend on that Service.
     users: BTreeMap<(String, String), BTreeSet<String>>,
+    /// Load factors for load-aware policies (see [`super::load`]).
+    load: LoadFactors,
 }
 
 impl Routing {
@@ -89,7 +92,7 @@ impl Routing {
             routes,
             policies,
             last_good,
-        } = compute_indexed(&next, &index, &self.last_good);
+        } = compute_indexed(&next, &index, &self.last_good, &self.load);
         let mut changes = Changes {
             full: true,
             ..Changes::default()
@@ -148,7 +151,7 @@ impl Routing {
             .filter_map(|svc| self.users.get(svc))
             .flatten()
             .collect();
-        let cluster = Cluster::new(&self.snapshot, &self.index);
+        let cluster = Cluster::new(&self.snapshot, &self.index, &self.load);
         let mut changes = Changes::default();
         let mut updated = Vec::new();
         for name in affected {
@@ -169,12 +172,46 @@ impl Routing {
                         let _ = cluster.resolve_backend(namespace, backend);
                     }
                 }
-                assign_weights(rule, route.min_healthy_percent);
             }
+            reweigh(&mut route, &self.load);
             if route != **old {
                 updated.push(route);
             }
         }
+        self.replace(updated, &mut changes);
+        changes
+    }
+
+    /// The load factors in force.
+    pub fn load(&self) -> &LoadFactors {
+        &self.load
+    }
+
+    /// Puts new load factors in force: the routes of load-aware policies get their weights
+    /// again; nothing else is touched.
+    pub fn set_load(&mut self, load: LoadFactors) -> Changes {
+        let mut changes = Changes::default();
+        if load == self.load {
+            return changes;
+        }
+        self.load = load;
+        let updated: Vec<pb::Route> = self
+            .routes
+            .values()
+            .filter(|r| r.load_balancer.as_ref().is_some_and(|lb| lb.load_aware))
+            .filter_map(|old| {
+                let mut route = (**old).clone();
+                reweigh(&mut route, &self.load);
+                (route != **old).then_some(route)
+            })
+            .collect();
+        self.replace(updated, &mut changes);
+        changes
+    }
+
+    /// Puts `updated` routes in force, with their policies' states, and names them in
+    /// `changes`.
+    fn replace(&mut self, updated: Vec<pb::Route>, changes: &mut Changes) {
         for route in updated {
             if let Some(state) = name_key(&route.name).and_then(|k| self.policies.get_mut(&k)) {
                 state.active_tier = route.rules.iter().map(|r| r.active_tier).max();
@@ -185,7 +222,14 @@ impl Routing {
             self.routes.insert(route.name.clone(), Arc::new(route));
         }
         changes.upserted.sort();
-        changes
+    }
+}
+
+/// Stamps the load factors on `route` and assigns its weights again.
+fn reweigh(route: &mut pb::Route, load: &LoadFactors) {
+    stamp(route, load);
+    for rule in &mut route.rules {
+        assign_weights(rule, route.min_healthy_percent);
     }
 }
 

@@ -25,11 +25,13 @@
 
 mod decide;
 mod incremental;
+pub mod load;
 mod resolve;
 #[cfg(test)]
 mod tests;
 
 pub use incremental::{Changes, Routing};
+use load::LoadFactors;
 pub use resolve::H2C_APP_PROTOCOL;
 use resolve::{SliceIndex, index_slices};
 
@@ -131,12 +133,19 @@ pub struct PolicyState {
 /// Computes every route and policy state of `snapshot`; `last_good` is the previous call's
 /// [`Computed::last_good`] (empty at start).
 pub fn compute(snapshot: &Snapshot, last_good: &LastGood) -> Computed {
-    compute_indexed(snapshot, &index_slices(&snapshot.slices), last_good)
+    let index = index_slices(&snapshot.slices);
+    compute_indexed(snapshot, &index, last_good, &LoadFactors::new())
 }
 
-/// [`compute`] with the snapshot's slices already indexed.
-fn compute_indexed(snapshot: &Snapshot, index: &SliceIndex, last_good: &LastGood) -> Computed {
-    let cluster = Cluster::new(snapshot, index);
+/// [`compute`] with the snapshot's slices already indexed, and load factors for load-aware
+/// policies.
+fn compute_indexed(
+    snapshot: &Snapshot,
+    index: &SliceIndex,
+    last_good: &LastGood,
+    load: &LoadFactors,
+) -> Computed {
+    let cluster = Cluster::new(snapshot, index, load);
     let mut seen = BTreeSet::new();
     let candidates: Vec<Candidate<'_>> = snapshot
         .policies

@@ -2,6 +2,7 @@
 //! endpoints, from the Services and EndpointSlices of a snapshot.
 
 use super::Snapshot;
+use super::load::LoadFactors;
 use crate::model::{EndpointSlice, ObjectKey, SERVICE_NAME_LABEL, Service};
 use k8s_openapi::api::core::v1::ServicePort;
 use k8s_openapi::api::discovery::v1::Endpoint as SliceEndpoint;
@@ -43,6 +44,8 @@ pub(super) struct Cluster<'a> {
     pub(super) services: &'a BTreeMap<ObjectKey, Arc<Service>>,
     pub(super) slices: &'a BTreeMap<ObjectKey, Arc<EndpointSlice>>,
     pub(super) index: &'a SliceIndex,
+    /// Load factors for the routes of load-aware policies.
+    pub(super) load: &'a LoadFactors,
 }
 
 /// Why a backendRef does not resolve; displayed after the backendRef's field path.
@@ -87,11 +90,16 @@ impl fmt::Display for UnresolvedMessage<'_> {
 }
 
 impl<'a> Cluster<'a> {
-    pub(super) fn new(snapshot: &'a Snapshot, index: &'a SliceIndex) -> Self {
+    pub(super) fn new(
+        snapshot: &'a Snapshot,
+        index: &'a SliceIndex,
+        load: &'a LoadFactors,
+    ) -> Self {
         Self {
             services: &snapshot.services,
             slices: &snapshot.slices,
             index,
+            load,
         }
     }
 

@@ -7,7 +7,8 @@
 //! encoded once and shared by all sessions.
 //! Errors are logged once when they appear, and kept for `/state`.
 
-use crate::routing::{PolicyState, Routing, Snapshot};
+use crate::routing::load::LoadFactors;
+use crate::routing::{Changes, PolicyState, Routing, Snapshot};
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -160,6 +161,10 @@ pub struct ConfigState {
     /// process, so this never leaves the replica (NodeAgent objects carry generations).
     #[serde(skip)]
     pub carried: BTreeMap<String, Carried>,
+    /// Load-aware weights in force: endpoint address → its share of its Service in per
+    /// mille of an even split (endpoints at 1000 are left out).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub load_factors: LoadFactors,
 }
 
 /// A policy generation and the first table version carrying it.
@@ -239,6 +244,11 @@ impl Hub {
         self.lock().state.clone()
     }
 
+    /// The load factors in force (see [`crate::routing::load`]).
+    pub fn load_factors(&self) -> LoadFactors {
+        self.lock().routing.load().clone()
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         // A panic while holding this lock would be a bug elsewhere; the data is still
         // consistent (each field is replaced whole), so keep serving rather than poison.
@@ -252,7 +262,6 @@ impl Hub {
         let mut guard = self.lock();
         let inner = &mut *guard;
         let changes = inner.routing.update(snapshot);
-        let routing = &inner.routing;
 
         let mut seen = BTreeSet::new();
         for f in &files {
@@ -264,7 +273,7 @@ impl Hub {
                 seen.insert(line);
             }
         }
-        for (key, p) in routing.policies() {
+        for (key, p) in inner.routing.policies() {
             for msg in p.errors.iter() {
                 let line = format!("{key}: {msg}");
                 if !inner.logged.contains(&line) {
@@ -279,34 +288,12 @@ impl Hub {
             }
         }
 
-        let current = self.current();
-        let version = if !changes.is_empty() || !inner.state.loaded {
-            let version = inner.next_version;
-            inner.next_version += 1;
-            let table = Arc::new(Table {
-                version,
-                routes: routing.routes().clone(),
-                step: inner.state.loaded.then(|| Step {
-                    base: current.version,
-                    upserted: changes.upserted,
-                    removed: changes.removed,
-                }),
-                ..Table::default()
-            });
-            tracing::debug!(
-                version,
-                routes = table.routes.len(),
-                full = changes.full,
-                "routing table published"
-            );
-            self.tx.send_replace(table);
-            version
-        } else {
-            current.version
-        };
+        let first = !inner.state.loaded;
+        let version = self.publish(inner, changes, first);
         // Endpoint changes only touch the states of the routes they changed, but the state is
         // rebuilt whole: it is a copy for readers (`/state`, status writers), not a hot path.
-        let policies: BTreeMap<String, PolicyState> = routing
+        let policies: BTreeMap<String, PolicyState> = inner
+            .routing
             .policies()
             .iter()
             .map(|(k, v)| (k.to_string(), v.clone()))
@@ -319,7 +306,49 @@ impl Hub {
             files,
             policies,
             carried,
+            load_factors: inner.routing.load().clone(),
         };
+        version
+    }
+
+    /// Puts new load factors in force (see [`crate::routing::load`]); publishes a new version
+    /// if a route's weights changed. Returns the version in force afterwards.
+    pub fn set_load(&self, factors: LoadFactors) -> u64 {
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        let changes = inner.routing.set_load(factors);
+        let version = self.publish(inner, changes, false);
+        inner.state.version = version;
+        inner.state.load_factors = inner.routing.load().clone();
+        version
+    }
+
+    /// Publishes the routes in force as a new version when `changes` changed any (or when
+    /// `force`d, for the first table); returns the version in force.
+    fn publish(&self, inner: &mut Inner, changes: Changes, force: bool) -> u64 {
+        let current = self.current();
+        if changes.is_empty() && !force {
+            return current.version;
+        }
+        let version = inner.next_version;
+        inner.next_version += 1;
+        let table = Arc::new(Table {
+            version,
+            routes: inner.routing.routes().clone(),
+            step: inner.state.loaded.then(|| Step {
+                base: current.version,
+                upserted: changes.upserted,
+                removed: changes.removed,
+            }),
+            ..Table::default()
+        });
+        tracing::debug!(
+            version,
+            routes = table.routes.len(),
+            full = changes.full,
+            "routing table published"
+        );
+        self.tx.send_replace(table);
         version
     }
 }

@@ -1,9 +1,11 @@
 //! Serving agents and operators: the [`hub`] publishes routing tables, the [`server`] streams
 //! them to agents over `weir.v1.RoutingDiscovery` (with [`tls`] in a cluster), and [`admin`]
-//! serves health, metrics and `/state`.
+//! serves health, metrics and `/state`; [`load`] turns agents' load reports into load-aware
+//! weights.
 
 pub mod admin;
 pub mod hub;
+pub mod load;
 pub mod server;
 pub mod tls;
 

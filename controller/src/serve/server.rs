@@ -6,6 +6,7 @@
 //! slow agent is sent fewer, larger deltas and holds up nobody. Per-agent state is a version
 //! number and a pointer to the last table sent.
 
+use crate::routing::load::Sample;
 use crate::serve::hub::{Hub, Table};
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -19,7 +20,9 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 use weir_proto::Encoded;
 use weir_proto::encoded::routing_discovery_server::RoutingDiscovery;
-use weir_proto::v1::{AgentMessage, ControllerMessage, Ping, agent_message, controller_message};
+use weir_proto::v1::{
+    AgentMessage, ControllerMessage, LoadReport, Ping, agent_message, controller_message,
+};
 
 /// How often a session sends an application-level ping.
 const PING_INTERVAL: Duration = Duration::from_secs(15);
@@ -69,6 +72,9 @@ pub struct NackState {
 #[derive(Default)]
 pub struct Agents {
     sessions: Mutex<BTreeMap<u64, AgentState>>,
+    /// Endpoint figures of every agent's load reports since the last round of load-aware
+    /// weights, summed by endpoint address (see [`crate::serve::load`]).
+    samples: Mutex<BTreeMap<String, Sample>>,
     next_id: AtomicU64,
     pub updates_sent: AtomicU64,
     /// Bytes of routing updates sent, over all sessions.
@@ -87,6 +93,28 @@ impl Agents {
 
     pub fn count(&self) -> usize {
         self.lock().len()
+    }
+
+    /// Takes the endpoint figures gathered since the last call.
+    pub fn take_samples(&self) -> BTreeMap<String, Sample> {
+        std::mem::take(&mut *self.samples.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    pub(crate) fn record_load(&self, report: &LoadReport) {
+        if report.endpoints.is_empty() {
+            return;
+        }
+        let mut samples = self.samples.lock().unwrap_or_else(|e| e.into_inner());
+        for e in &report.endpoints {
+            // Bounded by the routes' endpoints an agent can name; an agent reporting
+            // addresses the controller never sent only wastes its own entries, which the
+            // next round drops.
+            samples.entry(e.address.clone()).or_default().add(
+                e.requests,
+                e.errors,
+                e.latency_ewma_ms,
+            );
+        }
     }
 
     fn with(&self, id: u64, f: impl FnOnce(&mut AgentState)) {
@@ -313,6 +341,7 @@ impl Session {
                 tracing::debug!("duplicate Hello ignored");
             }
             Some(agent_message::Kind::Load(load)) => {
+                self.guard.agents.record_load(&load);
                 self.guard.agents.with(self.guard.id, |a| {
                     a.cache = Some(CacheTotals {
                         hits: load.cache_hits,

@@ -491,4 +491,55 @@ mod tests {
         assert!(reports[0].path.ends_with("b.yaml"));
         assert!(reports[0].warnings[0].contains("a.yaml"));
     }
+
+    #[test]
+    fn reload_reads_only_the_named_files_and_ignores_hidden_ones() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write(dir.path(), "a.yaml", SVC);
+        let mut src = DirSource::new(dir.path());
+        src.rescan().expect("rescan");
+        // A temp file written before a rename is hidden: no change.
+        write(dir.path(), ".a.yaml.tmp", TP);
+        assert!(!src.reload([dir.path().join(".a.yaml.tmp").as_path()]));
+        write(dir.path(), "b.yaml", TP);
+        write(
+            dir.path(),
+            "c.yaml",
+            TP.replace("name: web", "name: other").as_str(),
+        );
+        assert!(src.reload([dir.path().join("b.yaml").as_path()]));
+        let snap = src.snapshot();
+        assert_eq!(
+            snap.policies.len(),
+            1,
+            "c.yaml was not named, so not read yet"
+        );
+        // Removing a file named by an event drops its objects.
+        std::fs::remove_file(dir.path().join("b.yaml")).expect("remove");
+        assert!(src.reload([dir.path().join("b.yaml").as_path()]));
+        assert!(src.snapshot().policies.is_empty());
+        assert!(src.rescan().expect("rescan"), "the rescan finds c.yaml");
+        assert_eq!(src.snapshot().policies.len(), 1);
+        assert!(src.is_folder(dir.path()));
+        assert!(!src.is_folder(&dir.path().join("a.yaml")));
+    }
+
+    #[test]
+    fn an_unchanged_object_keeps_its_pointer_when_its_file_is_parsed_again() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write(dir.path(), "a.yaml", &format!("{SVC}---\n{TP}"));
+        let mut src = DirSource::new(dir.path());
+        src.rescan().expect("rescan");
+        let before = src.snapshot();
+        write(
+            dir.path(),
+            "a.yaml",
+            &format!("{SVC}---\n{}", TP.replace("[web]", "[web2]")),
+        );
+        assert!(src.reload([dir.path().join("a.yaml").as_path()]));
+        let after = src.snapshot();
+        let key = ObjectKey::new("default", "web");
+        assert!(Arc::ptr_eq(&before.services[&key], &after.services[&key]));
+        assert!(!Arc::ptr_eq(&before.policies[0], &after.policies[0]));
+    }
 }
