@@ -115,7 +115,6 @@ fn purge(shared: &Shared, query: &str) -> u64 {
     let table = shared.routing.table.load();
     table
         .routes()
-        .iter()
         .filter_map(|r| r.cache.as_ref())
         .map(|c| match (&host, &prefix) {
             (None, None) => c.purge_all(),
@@ -132,8 +131,7 @@ pub(crate) fn config_json(shared: &Shared) -> Value {
     let now = now_ms();
     let routes: Vec<Value> = table
         .routes()
-        .iter()
-        .filter_map(|rt| table.source.get(&*rt.name).map(|r| (rt, r)))
+        .map(|rt| (rt, &rt.source))
         .map(|(rt, r)| {
             json!({
                 "name": r.name,

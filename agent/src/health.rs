@@ -236,7 +236,19 @@ impl Endpoints {
             .clone()
     }
 
-    /// Forgets endpoints no table uses any more (their state would otherwise grow forever).
+    /// Forgets `addrs`, which no route uses any more (their state would otherwise grow
+    /// forever).
+    pub(crate) fn forget(&self, addrs: &[SocketAddr], metrics: &Metrics) {
+        let mut map = self.lock();
+        for addr in addrs {
+            if map.remove(addr).is_some() {
+                metrics.forget_endpoint(*addr);
+            }
+        }
+    }
+
+    /// Forgets every endpoint `keep` rejects (after a failed build, which may have
+    /// registered endpoints that no table uses).
     pub(crate) fn retain(&self, keep: impl Fn(&SocketAddr) -> bool, metrics: &Metrics) {
         self.lock().retain(|addr, _| {
             let kept = keep(addr);

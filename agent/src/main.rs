@@ -6,7 +6,7 @@ use clap::Parser;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use weir_agent::control::{checks, client, state::Shared};
+use weir_agent::control::{checks, client, state, state::Shared};
 use weir_agent::{admin, listen};
 
 #[derive(Parser, Debug)]
@@ -132,9 +132,19 @@ fn main() -> anyhow::Result<()> {
         tracing::info!(listen = %args.listen, admin = %args.admin_addr, workers, node = %args.node_name, "weir-agent started");
         tokio::spawn(admin::serve(admin_listener, shared.clone()));
         tokio::spawn(checks::run(shared.clone()));
-        tokio::spawn(client::run(args.controllers, shared, tls));
+        tokio::spawn(state::persist_loop(shared.clone()));
+        tokio::spawn(client::run(args.controllers, shared.clone(), tls));
         shutdown_signal().await;
         tracing::info!("weir-agent stopping");
+        // Persistence is asynchronous: write the table applied last if it is not on disk
+        // yet, but do not let a hung disk hold the shutdown forever.
+        let flush = shared.flush_persisted();
+        if tokio::time::timeout(std::time::Duration::from_secs(2), flush)
+            .await
+            .is_err()
+        {
+            tracing::warn!("the routing table applied last could not be persisted in time");
+        }
         anyhow::Ok(())
     })
 }

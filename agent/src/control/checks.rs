@@ -41,9 +41,7 @@ pub(crate) struct CheckSpec {
 pub(crate) fn desired(table: &Table) -> HashMap<CheckSpec, Arc<EndpointHealth>> {
     let mut out = HashMap::new();
     for rt in table.routes() {
-        let Some(route) = table.source.get(&*rt.name) else {
-            continue;
-        };
+        let route = &rt.source;
         let Some(hc) = &route.health_check else {
             continue;
         };

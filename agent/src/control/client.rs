@@ -71,7 +71,6 @@ pub(crate) fn cache_totals(shared: &Shared) -> (u64, u64) {
     let table = shared.routing.table.load();
     table
         .routes()
-        .iter()
         .filter_map(|rt| rt.cache.as_ref())
         .map(|c| c.stats())
         .fold((0, 0), |(h, m), st| (h + st.hits + st.stale, m + st.misses))
@@ -223,9 +222,9 @@ async fn session(
         got_update = true;
         let version = update.version;
         let reply = match shared.apply(update) {
-            Ok(table) => {
+            Ok(_) => {
                 shared.routing.metrics.updates_applied.inc();
-                shared.persist(&table).await;
+                // Persisted in the background (`state::persist_loop`), not before the ACK.
                 agent_message::Kind::Ack(Ack { version })
             }
             Err(error) => {

@@ -10,6 +10,13 @@
 //!
 //! Conversion is where a bad update is caught: any route that cannot be used makes the whole
 //! update fail, and the error becomes the NACK, so the previous table stays in force.
+//!
+//! Cost follows the change: every route is an `Arc<RouteRt>` that carries its own protobuf
+//! source, and a new table shares the `Arc`s of every route an update does not name
+//! ([`Table::apply_delta`]), or whose protobuf is unchanged ([`Table::build`] of a full
+//! table). Only named, changed routes are converted again; what remains proportional to the
+//! table's size is copying two maps of pointers. Endpoint state is not in the routes but in
+//! [`crate::health::Endpoints`], looked up by address, so it carries over either way.
 
 use super::matcher::{MatchError, MatchRt};
 use super::retry::RetryRt;
@@ -77,19 +84,25 @@ pub(crate) struct BuildCtx<'a> {
     pub(crate) now_ms: u64,
 }
 
-/// An immutable routing table; swapped whole on every update and health transition.
+/// An immutable routing table; swapped whole on every update and health transition (its
+/// routes are shared with the tables before and after it wherever they did not change).
 #[derive(Debug, Default)]
 pub(crate) struct Table {
     pub(crate) version: u64,
-    /// The protobuf routes it was built from, kept for deltas, rebuilds, `/config` and
-    /// persistence; shared between the tables of one version.
-    pub(crate) source: Arc<BTreeMap<String, pb::Route>>,
-    routes: Vec<Arc<RouteRt>>,
-    by_host: HashMap<Box<str>, usize>,
+    /// By name; each route keeps the protobuf it was built from (for deltas, rebuilds,
+    /// `/config` and persistence).
+    routes: BTreeMap<Arc<str>, Arc<RouteRt>>,
+    /// Lower-case host → its route: the request path's only lookup.
+    by_host: HashMap<Arc<str>, Arc<RouteRt>>,
 }
 
 #[derive(Debug)]
 pub(crate) struct RouteRt {
+    /// The controller's route this was built from, as received (shared with the rebuilds
+    /// of this route after health transitions).
+    pub(crate) source: Arc<pb::Route>,
+    /// `source.hosts`, lower-cased: the keys of this route in [`Table::by_host`].
+    hosts: Box<[Arc<str>]>,
     pub(crate) name: Box<str>,
     /// The name again, shareable with bodies that outlive the request handler.
     pub(crate) shared_name: Arc<str>,
@@ -159,51 +172,135 @@ impl Target {
 }
 
 impl Table {
-    /// Builds a table from routes and the agent's health view.
+    /// Builds a full table from `routes` (a later route of the same name wins). Routes whose
+    /// protobuf equals the one of the same name in `ctx.previous` are shared, not rebuilt.
     pub(crate) fn build(
         version: u64,
-        source: Arc<BTreeMap<String, pb::Route>>,
+        routes: impl IntoIterator<Item = pb::Route>,
         ctx: &BuildCtx<'_>,
     ) -> Result<Self, TableError> {
-        let mut routes: Vec<Arc<RouteRt>> = Vec::with_capacity(source.len());
-        let mut by_host: HashMap<Box<str>, usize> = HashMap::with_capacity(source.len());
-        for route in source.values() {
-            let idx = routes.len();
-            let rt = RouteRt::build(route, ctx)?;
-            for host in &route.hosts {
-                let host = host.to_ascii_lowercase();
-                if let Some(&other) = by_host.get(host.as_str()) {
-                    return Err(TableError::DuplicateHost {
-                        host,
-                        first: routes[other].name.to_string(),
-                        second: route.name.clone(),
-                    });
-                }
-                by_host.insert(host.into_boxed_str(), idx);
-            }
-            routes.push(Arc::new(rt));
-        }
-        Ok(Self {
+        let named: BTreeMap<String, pb::Route> =
+            routes.into_iter().map(|r| (r.name.clone(), r)).collect();
+        let mut table = Self {
             version,
-            source,
-            routes,
-            by_host,
-        })
+            routes: BTreeMap::new(),
+            by_host: HashMap::with_capacity(named.len()),
+        };
+        for route in named.into_values() {
+            table.insert(RouteRt::reuse_or_build(route, ctx)?)?;
+        }
+        Ok(table)
+    }
+
+    /// This table with the routes of a delta upserted and removed: every route the delta does
+    /// not name is shared with `self`, so the work follows the size of the delta. `self`
+    /// itself is untouched (the request path may be reading it).
+    pub(crate) fn apply_delta(
+        &self,
+        version: u64,
+        upserted: Vec<pb::Route>,
+        removed: &[String],
+        ctx: &BuildCtx<'_>,
+    ) -> Result<Self, TableError> {
+        let upserted: BTreeMap<String, pb::Route> =
+            upserted.into_iter().map(|r| (r.name.clone(), r)).collect();
+        let mut table = Self {
+            version,
+            routes: self.routes.clone(),
+            by_host: self.by_host.clone(),
+        };
+        // Take every named route out first, so that hosts moving between routes of the same
+        // delta are not mistaken for duplicates.
+        for name in removed.iter().chain(upserted.keys()) {
+            table.remove(name);
+        }
+        for route in upserted.into_values() {
+            table.insert(RouteRt::reuse_or_build(route, ctx)?)?;
+        }
+        Ok(table)
+    }
+
+    /// Every route built again from its protobuf with the current health view (after a
+    /// health transition), under the same version.
+    pub(crate) fn rebuild(&self, ctx: &BuildCtx<'_>) -> Result<Self, TableError> {
+        let mut table = Self {
+            version: self.version,
+            routes: BTreeMap::new(),
+            by_host: HashMap::with_capacity(self.by_host.len()),
+        };
+        for rt in self.routes.values() {
+            table.insert(Arc::new(RouteRt::build(rt.source.clone(), ctx)?))?;
+        }
+        Ok(table)
+    }
+
+    fn insert(&mut self, rt: Arc<RouteRt>) -> Result<(), TableError> {
+        for host in rt.hosts.iter() {
+            if let Some(other) = self.by_host.get(host) {
+                return Err(TableError::DuplicateHost {
+                    host: host.to_string(),
+                    first: other.name.to_string(),
+                    second: rt.name.to_string(),
+                });
+            }
+            self.by_host.insert(host.clone(), rt.clone());
+        }
+        self.routes.insert(rt.shared_name.clone(), rt);
+        Ok(())
+    }
+
+    fn remove(&mut self, name: &str) {
+        let Some(old) = self.routes.remove(name) else {
+            return;
+        };
+        for host in old.hosts.iter() {
+            if self.by_host.get(host).is_some_and(|r| Arc::ptr_eq(r, &old)) {
+                self.by_host.remove(host);
+            }
+        }
     }
 
     /// The route serving `host` (already lower-case, without port).
     #[inline]
     pub(crate) fn route(&self, host: &str) -> Option<&Arc<RouteRt>> {
-        self.by_host.get(host).map(|&i| &self.routes[i])
+        self.by_host.get(host)
     }
 
-    pub(crate) fn routes(&self) -> &[Arc<RouteRt>] {
-        &self.routes
+    /// The route named `name`.
+    pub(crate) fn get(&self, name: &str) -> Option<&Arc<RouteRt>> {
+        self.routes.get(name)
+    }
+
+    /// The routes, by name.
+    pub(crate) fn routes(&self) -> impl ExactSizeIterator<Item = &Arc<RouteRt>> + '_ {
+        self.routes.values()
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.routes.len()
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.routes.is_empty()
     }
 }
 
 impl RouteRt {
-    fn build(route: &pb::Route, ctx: &BuildCtx<'_>) -> Result<Self, TableError> {
+    /// The route of the same name in `ctx.previous` if its protobuf is the same (nothing to
+    /// convert again: its endpoints' health lives by address and a health transition
+    /// rebuilds every route anyway), else `route` built anew.
+    fn reuse_or_build(route: pb::Route, ctx: &BuildCtx<'_>) -> Result<Arc<Self>, TableError> {
+        if let Some(old) = ctx
+            .previous
+            .and_then(|t| t.routes.get(route.name.as_str()))
+            .filter(|old| *old.source == route)
+        {
+            return Ok(old.clone());
+        }
+        Ok(Arc::new(Self::build(Arc::new(route), ctx)?))
+    }
+
+    fn build(route: Arc<pb::Route>, ctx: &BuildCtx<'_>) -> Result<Self, TableError> {
         let err = |msg: String| TableError::Route {
             route: route.name.clone(),
             msg,
@@ -274,21 +371,24 @@ impl RouteRt {
             None | Some(Ok(None)) => None,
             Some(Err(e)) => return Err(err(format!("cache: {e}"))),
             Some(Ok(Some(cfg))) => {
-                // Keep the cached objects across updates that leave the settings alone.
+                // Keep the cached objects across updates that leave the settings (and the
+                // first host) alone.
+                let first_host = route.hosts.first().map(|h| h.to_ascii_lowercase());
                 let old = ctx
                     .previous
-                    .and_then(|t| {
-                        t.by_host
-                            .get(route.hosts.first()?.to_ascii_lowercase().as_str())
-                            .map(|&i| &t.routes[i])
-                    })
-                    .filter(|r| *r.name == *route.name)
+                    .and_then(|t| t.routes.get(route.name.as_str()))
+                    .filter(|r| r.hosts.first().map(|h| &**h) == first_host.as_deref())
                     .and_then(|r| r.cache.clone())
                     .filter(|c| c.config() == &cfg);
                 Some(old.unwrap_or_else(|| crate::cache::Cache::new(cfg)))
             }
         };
         Ok(Self {
+            hosts: route
+                .hosts
+                .iter()
+                .map(|h| Arc::from(h.to_ascii_lowercase()))
+                .collect(),
             name: route.name.as_str().into(),
             shared_name: route.name.as_str().into(),
             cache,
@@ -315,6 +415,7 @@ impl RouteRt {
             hash_on,
             active: AtomicU32::new(0),
             active_retries: AtomicU32::new(0),
+            source: route,
         })
     }
 
@@ -520,11 +621,7 @@ mod tests {
             zone: "",
             now_ms: 1,
         };
-        Table::build(
-            1,
-            Arc::new(routes.into_iter().map(|r| (r.name.clone(), r)).collect()),
-            &ctx,
-        )
+        Table::build(1, routes, &ctx)
     }
 
     #[test]
@@ -552,12 +649,7 @@ mod tests {
             zone: "a",
             now_ms: 1,
         };
-        let t = Table::build(
-            1,
-            Arc::new([(r.name.clone(), r)].into_iter().collect()),
-            &ctx,
-        )
-        .expect("table");
+        let t = Table::build(1, [r], &ctx).expect("table");
         let rule = &t.route("shop").expect("route").rules[0];
         let picked: std::collections::BTreeSet<String> = (0..20)
             .filter_map(|_| rule.pick(None))
@@ -591,6 +683,46 @@ mod tests {
         let t = build(vec![route("a/b", &["Shop"], &[("127.0.0.1:80", 1)])]).expect("table");
         assert!(t.route("shop").is_some());
         assert!(t.route("other").is_none());
+    }
+
+    #[test]
+    fn local_health_recomputes_weights_with_the_controllers_load_factors() {
+        let mut r = route(
+            "a/b",
+            &["shop"],
+            &[
+                ("127.0.0.1:80", 1),
+                ("127.0.0.2:80", 1),
+                ("127.0.0.3:80", 1),
+            ],
+        );
+        r.rules[0].backends[0].weight = 1;
+        r.rules[0].backends[0].endpoints[0].load_permille = 500;
+        let metrics = Metrics::new();
+        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        let endpoints = Endpoints::new(tx);
+        endpoints
+            .get("127.0.0.3:80".parse().expect("addr"), &metrics)
+            .set_active(false, "HTTP 500");
+        let ctx = BuildCtx {
+            previous: None,
+            metrics: &metrics,
+            endpoints: &endpoints,
+            zone: "",
+            now_ms: 1,
+        };
+        let t = Table::build(1, [r], &ctx).expect("table");
+        let eps = &t.route("shop").expect("route").rules[0].effective.backends[0].endpoints;
+        let got: Vec<(u32, u32)> = eps.iter().map(|e| (e.weight, e.load_permille)).collect();
+        // The factors are kept; the sick endpoint is out; the others split 500 : 1000.
+        assert_eq!(
+            got.iter().map(|g| g.1).collect::<Vec<_>>(),
+            [500, 0, 0],
+            "{got:?}"
+        );
+        assert_eq!(got[2].0, 0, "{got:?}");
+        let ratio = f64::from(got[1].0) / f64::from(got[0].0);
+        assert!((ratio - 2.0).abs() < 1e-3, "{got:?}");
     }
 
     #[test]
