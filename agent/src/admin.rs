@@ -1,6 +1,7 @@
 //! The agent's admin HTTP API: `/healthz`, `/readyz` (ready once a routing table is in
 //! force), `/metrics` (Prometheus text) and `/config` (the applied table with the weights in
-//! force, every endpoint's health and why, and the control connection, as JSON).
+//! force, the controller's load-aware factors, every endpoint's health and why, and the
+//! control connection, as JSON).
 
 use crate::control::state::Shared;
 use crate::health::now_ms;
@@ -140,6 +141,7 @@ pub(crate) fn config_json(shared: &Shared) -> Value {
                     .and_then(|lb| pb::Algorithm::try_from(lb.algorithm).ok())
                     .unwrap_or_default()
                     .as_str_name(),
+                "loadAware": r.load_balancer.as_ref().is_some_and(|lb| lb.load_aware),
                 "note": rt.note,
                 "timeoutMs": rt.timeout.map(|t| t.as_millis() as u64),
                 "minHealthyPercent": r.min_healthy_percent,
@@ -201,7 +203,7 @@ fn rule_json(rt: &RuleRt, now: u64) -> Value {
                     None if !e.ready => Some("not ready in its EndpointSlice".to_string()),
                     None => None,
                 };
-                json!({
+                let mut v = json!({
                     "address": e.address,
                     "ready": e.ready,
                     "healthy": e.ready && why.is_none(),
@@ -210,7 +212,12 @@ fn rule_json(rt: &RuleRt, now: u64) -> Value {
                     "weight": e.weight,
                     "inFlight": health.map(|h| h.load.in_flight()),
                     "ejections": health.map(|h| h.ejections()),
-                })
+                });
+                // The controller's load-aware factor, only where it moved off an even share.
+                if e.load_permille != 0 {
+                    v["loadPermille"] = json!(e.load_permille);
+                }
+                v
             }).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
     })
@@ -255,5 +262,53 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
                 .serve_connection(TokioIo::new(stream), svc)
                 .await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_shows_load_aware_routes_and_their_factors() {
+        let s = Shared::new("n".into(), String::new(), None);
+        let endpoint = |address: &str, load_permille| pb::Endpoint {
+            address: address.into(),
+            ready: true,
+            weight: 1,
+            load_permille,
+            ..Default::default()
+        };
+        let route = pb::Route {
+            name: "a/web".into(),
+            hosts: vec!["web".into()],
+            load_balancer: Some(pb::LoadBalancer {
+                load_aware: true,
+                ..Default::default()
+            }),
+            rules: vec![pb::Rule {
+                backends: vec![pb::Backend {
+                    service: "web".into(),
+                    weight: 1,
+                    endpoints: vec![endpoint("10.0.0.1:80", 500), endpoint("10.0.0.2:80", 0)],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        s.apply(pb::RoutingUpdate {
+            version: 1,
+            full: true,
+            upserted: vec![route],
+            ..Default::default()
+        })
+        .expect("table");
+        let cfg = config_json(&s);
+        let r = &cfg["routes"][0];
+        assert_eq!(r["loadAware"], true);
+        let eps = &r["rules"][0]["backends"][0]["endpoints"];
+        assert_eq!(eps[0]["loadPermille"], 500);
+        assert!(eps[1].get("loadPermille").is_none(), "{eps}");
     }
 }

@@ -122,9 +122,19 @@ impl EndpointLoad {
         Some(decayed.max(MIN_RTT_NANOS))
     }
 
+    /// The latency estimate as of its latest sample, in milliseconds, or `None` before the
+    /// first sample: what a load report carries. Without the idle decay of `estimate`, which
+    /// is how a picker comes back to an endpoint it avoided; the controller compares
+    /// endpoints across agents, where one would look faster merely for having been idle
+    /// for a few seconds. One relaxed load.
+    pub(crate) fn latency_ewma_ms(&self) -> Option<f64> {
+        let bits = self.rtt.load(Ordering::Relaxed);
+        (bits != NO_SAMPLE).then(|| f64::from_bits(bits) / 1e6)
+    }
+
     #[cfg(test)]
-    /// The latency estimate at `now_nanos` (for load reports), or `None` before the first
-    /// sample.
+    /// The latency estimate at `now_nanos` (decayed as the pickers see it), or `None` before
+    /// the first sample.
     pub(crate) fn latency_ewma(&self, now_nanos: u64) -> Option<Duration> {
         self.estimate(now_nanos)
             .map(|nanos| Duration::from_nanos(nanos.min(u64::MAX as f64) as u64))
