@@ -10,7 +10,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use weir_controller::k8s::{leader, nodeagent, status};
 use weir_controller::serve::{admin, hub::Hub, server, stopping, tls};
 use weir_controller::source::watch as local;
-use weir_proto::encoded::routing_discovery_server::RoutingDiscoveryServer;
 
 #[derive(Parser, Debug)]
 #[command(name = "weir-controller", version, about)]
@@ -206,7 +205,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-        .add_service(RoutingDiscoveryServer::new(
+        .add_service(weir_controller::serve::wire::RoutingDiscoveryServer::new(
             server::DiscoveryService::new(hub.clone(), agents).with_stop(stop_rx.clone()),
         ));
     // TLS is served here rather than by tonic so that rotated certificates are picked up.

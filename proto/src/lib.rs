@@ -10,21 +10,13 @@ pub mod v1 {
     tonic::include_proto!("weir.v1");
 }
 
-/// The `RoutingDiscovery` server with pre-encoded outgoing messages ([`Encoded`]); the
-/// controller serves this one. On the wire it is the same service as
-/// [`v1::routing_discovery_server`].
-pub mod encoded {
-    #![allow(clippy::all, missing_docs)]
-    include!(concat!(env!("OUT_DIR"), "/encoded/weir.v1.rs"));
-}
-
 pub mod weights;
 
-use prost::bytes::{BufMut, Bytes};
+use prost::bytes::Bytes;
 
-/// A `ControllerMessage` already encoded with [`prost::Message::encode_to_vec`]: the server
-/// writes its bytes as they are. Cloning shares the bytes. It is only ever sent, never
-/// decoded (decoding one would need the real type: use [`v1::ControllerMessage`]).
+/// A `ControllerMessage` already encoded with [`prost::Message::encode_to_vec`]: the
+/// controller encodes a routing update once and sends the same bytes (cloning shares them)
+/// to every agent that needs it.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Encoded(pub Bytes);
 
@@ -39,30 +31,5 @@ impl Encoded {
 
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
-    }
-}
-
-impl prost::Message for Encoded {
-    fn encode_raw(&self, buf: &mut impl BufMut) {
-        buf.put_slice(&self.0);
-    }
-
-    fn merge_field(
-        &mut self,
-        tag: u32,
-        wire_type: prost::encoding::WireType,
-        buf: &mut impl prost::bytes::Buf,
-        ctx: prost::encoding::DecodeContext,
-    ) -> Result<(), prost::DecodeError> {
-        // Never decoded on purpose; skipping keeps a stray decode harmless.
-        prost::encoding::skip_field(wire_type, tag, buf, ctx)
-    }
-
-    fn encoded_len(&self) -> usize {
-        self.0.len()
-    }
-
-    fn clear(&mut self) {
-        self.0.clear();
     }
 }

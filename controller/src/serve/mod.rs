@@ -1,5 +1,6 @@
 //! Serving agents and operators: the [`hub`] publishes routing tables, the [`server`] streams
-//! them to agents over `weir.v1.RoutingDiscovery` (with [`tls`] in a cluster), and [`admin`]
+//! them to agents over `weir.v1.RoutingDiscovery` (framed by [`wire`], with [`tls`] in a
+//! cluster), and [`admin`]
 //! serves health, metrics and `/state`; [`load`] turns agents' load reports into load-aware
 //! weights.
 
@@ -8,6 +9,7 @@ pub mod hub;
 pub mod load;
 pub mod server;
 pub mod tls;
+pub mod wire;
 
 /// Resolves once `stop` is (or turns) true: the shutdown signal every long-running part of
 /// the controller (gRPC server, agent sessions, leader election) waits on.

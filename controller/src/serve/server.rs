@@ -19,7 +19,6 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 use weir_proto::Encoded;
-use weir_proto::encoded::routing_discovery_server::RoutingDiscovery;
 use weir_proto::v1::{
     AgentMessage, ControllerMessage, LoadReport, Ping, agent_message, controller_message,
 };
@@ -165,16 +164,16 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-type OutStream = Pin<Box<dyn Stream<Item = Result<Encoded, Status>> + Send>>;
+/// What a session sends: pre-encoded `ControllerMessage`s, or the status that ends the stream.
+pub type OutStream = Pin<Box<dyn Stream<Item = Result<Encoded, Status>> + Send>>;
 
-#[tonic::async_trait]
-impl RoutingDiscovery for DiscoveryService {
-    type StreamStream = OutStream;
-
-    async fn stream(
+impl DiscoveryService {
+    /// One agent's stream: waits for its Hello, registers it, and returns the stream of
+    /// (pre-encoded) messages its session sends; [`crate::serve::wire`] frames them.
+    pub async fn stream(
         &self,
         request: Request<Streaming<AgentMessage>>,
-    ) -> Result<Response<Self::StreamStream>, Status> {
+    ) -> Result<Response<OutStream>, Status> {
         let peer = request
             .remote_addr()
             .map(|a| a.to_string())

@@ -32,7 +32,7 @@ use tokio::sync::mpsc;
 pub const DEBOUNCE: Duration = Duration::from_millis(50);
 /// Longest a continuous stream of events may postpone a rebuild, so routing still follows a
 /// cluster that never goes quiet.
-pub const MAX_DELAY: Duration = Duration::from_millis(200);
+pub const MAX_DELAY: Duration = Duration::from_millis(100);
 
 /// Why Kubernetes mode stopped.
 #[derive(Debug, thiserror::Error)]

@@ -27,7 +27,7 @@ use tokio::time::Instant;
 /// Quiet time after the last file event before the changed files are read.
 pub const DEBOUNCE: Duration = Duration::from_millis(50);
 /// The longest a change waits for quiet: the bound on added latency under churn.
-pub const MAX_DELAY: Duration = Duration::from_millis(200);
+pub const MAX_DELAY: Duration = Duration::from_millis(100);
 /// Rescan period when no event arrives.
 pub const RESCAN_EVERY: Duration = Duration::from_secs(5);
 
