@@ -233,7 +233,9 @@ async fn session(
         let reply = match shared.apply(update) {
             Ok(_) => {
                 shared.routing.metrics.updates_applied.inc();
-                // Persisted in the background (`state::persist_loop`), not before the ACK.
+                // Persisted in the background (`state::persist_loop`), not before the ACK,
+                // except the first table of this process.
+                shared.persist_first().await;
                 agent_message::Kind::Ack(Ack { version })
             }
             Err(error) => {

@@ -13,7 +13,9 @@
 //! table in the background, at most once per [`PERSIST_EVERY`], so a burst of updates costs
 //! one write. A crash can therefore lose the updates of the last [`PERSIST_EVERY`] (plus the
 //! write itself): the agent then starts from a slightly older table until a controller
-//! answers, which it would have to do anyway. A clean shutdown writes the pending table
+//! answers, which it would have to do anyway. Two exceptions: the first table a process
+//! applies is written before it is ACKed ([`Shared::persist_first`]), so a crash never
+//! leaves a fresh agent with no table at all; and a clean shutdown writes the pending one
 //! ([`Shared::flush_persisted`]).
 
 use crate::health::{Endpoints, Event, now_ms};
@@ -360,20 +362,31 @@ impl Shared {
     /// Writes the newest applied table to the state dir now if it is not there yet (for a
     /// clean shutdown; [`persist_loop`] does it otherwise).
     pub async fn flush_persisted(&self) {
-        self.write_latest().await;
+        let _ = self.write_latest().await;
     }
 
-    /// Writes the newest applied table unless it was written already.
-    async fn write_latest(&self) {
+    /// Before the first ACK of this process: writes the table just applied now unless one
+    /// was written already. An agent that crashes right after its first table would
+    /// otherwise restart with none at all (or a much older one), which is worse than the
+    /// one interval a later crash loses; it costs one write per process.
+    pub(crate) async fn persist_first(&self) {
+        if self.state_dir.is_some() && *self.written.lock().await == 0 {
+            self.write_latest().await;
+        }
+    }
+
+    /// Writes the newest applied table unless it was written already; true if it wrote
+    /// (or tried to).
+    async fn write_latest(&self) -> bool {
         let Some(dir) = self.state_dir.clone() else {
-            return;
+            return false;
         };
         let mut written = self.written.lock().await;
         let Some((generation, table)) = self.latest.borrow().clone() else {
-            return;
+            return false;
         };
         if generation <= *written {
-            return;
+            return false;
         }
         let version = table.version;
         // Encoding walks the whole table: off the control thread, like the write.
@@ -388,6 +401,7 @@ impl Shared {
             Ok(Err(e)) => tracing::warn!(error = %e, "cannot persist routing table"),
             Err(e) => tracing::warn!(error = %e, "persisting task failed"),
         }
+        true
     }
 }
 
@@ -400,12 +414,14 @@ pub async fn persist_loop(shared: Arc<Shared>) {
         return;
     }
     let mut latest = shared.latest.subscribe();
+    // A table applied before this task subscribed is written at once.
+    latest.mark_changed();
     loop {
-        // First round: a table applied before this task subscribed.
-        shared.write_latest().await;
-        tokio::time::sleep(PERSIST_EVERY).await;
         if latest.changed().await.is_err() {
             return;
+        }
+        if shared.write_latest().await {
+            tokio::time::sleep(PERSIST_EVERY).await;
         }
     }
 }
@@ -743,5 +759,22 @@ mod tests {
         std::fs::remove_file(&path).expect("written, then removed");
         s.flush_persisted().await;
         assert!(!path.exists(), "the table in force was written already");
+    }
+
+    #[tokio::test]
+    async fn only_the_first_table_is_written_before_its_ack() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = Shared::new("n".into(), String::new(), Some(dir.path().into()));
+        s.apply(full(1, vec![route("a", "a")])).expect("full");
+        s.persist_first().await;
+        assert_eq!(s.status().persisted_version, Some(1));
+        s.apply(delta(2, vec![route("b", "b")], &[]))
+            .expect("delta");
+        s.persist_first().await;
+        assert_eq!(
+            s.status().persisted_version,
+            Some(1),
+            "later tables are left to the background writer"
+        );
     }
 }
