@@ -118,8 +118,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let admin_listener = tokio::net::TcpListener::bind(args.admin_addr)
         .await
         .with_context(|| format!("cannot listen on --admin-addr {}", args.admin_addr))?;
-    let grpc_listener = tokio::net::TcpListener::bind(args.grpc_addr)
-        .await
+    let grpc_listener = listen_for_agents(args.grpc_addr)
         .with_context(|| format!("cannot listen on --grpc-addr {}", args.grpc_addr))?;
     // Turned true by SIGTERM / Ctrl-C: the leader releases its Lease at once while the gRPC
     // server drains.
@@ -306,4 +305,20 @@ async fn shutdown_signal() {
     {
         let _ = ctrl_c.await;
     }
+}
+
+/// The agents' listener, with a backlog for reconnect storms: when a controller restarts,
+/// every agent of the cluster connects within the same second, and tokio's default backlog
+/// (1,024) drops the SYNs beyond it, each then retried a second later by the kernel.
+fn listen_for_agents(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    const BACKLOG: u32 = 8192;
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    // The kernel caps this at net.core.somaxconn.
+    socket.listen(BACKLOG)
 }

@@ -29,10 +29,10 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 /// Quiet time after the last watch event before the snapshot is rebuilt.
-pub const DEBOUNCE: Duration = Duration::from_millis(50);
+pub const DEBOUNCE: Duration = Duration::from_millis(30);
 /// Longest a continuous stream of events may postpone a rebuild, so routing still follows a
 /// cluster that never goes quiet.
-pub const MAX_DELAY: Duration = Duration::from_millis(100);
+pub const MAX_DELAY: Duration = Duration::from_millis(60);
 
 /// Why Kubernetes mode stopped.
 #[derive(Debug, thiserror::Error)]

@@ -25,9 +25,9 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 /// Quiet time after the last file event before the changed files are read.
-pub const DEBOUNCE: Duration = Duration::from_millis(50);
+pub const DEBOUNCE: Duration = Duration::from_millis(30);
 /// The longest a change waits for quiet: the bound on added latency under churn.
-pub const MAX_DELAY: Duration = Duration::from_millis(100);
+pub const MAX_DELAY: Duration = Duration::from_millis(60);
 /// Rescan period when no event arrives.
 pub const RESCAN_EVERY: Duration = Duration::from_secs(5);
 
