@@ -41,6 +41,9 @@ struct Args {
     workers: Option<usize>,
     /// Time a client has to send a complete request head before its connection is closed
     /// (slowloris guard), e.g. `10s`.
+    /// How often the agent reports per-endpoint load (and cache counters) to the controller.
+    #[arg(long, env = "WEIR_LOAD_REPORT_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
+    load_report_interval: std::time::Duration,
     #[arg(long, env = "WEIR_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     header_read_timeout: std::time::Duration,
     /// Client certificate for the controller stream (PEM).
@@ -133,7 +136,12 @@ fn main() -> anyhow::Result<()> {
         tokio::spawn(admin::serve(admin_listener, shared.clone()));
         tokio::spawn(checks::run(shared.clone()));
         tokio::spawn(state::persist_loop(shared.clone()));
-        tokio::spawn(client::run(args.controllers, shared.clone(), tls));
+        tokio::spawn(client::run(
+            args.controllers,
+            shared.clone(),
+            tls,
+            args.load_report_interval,
+        ));
         shutdown_signal().await;
         tracing::info!("weir-agent stopping");
         // Persistence is asynchronous: write the table applied last if it is not on disk

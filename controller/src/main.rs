@@ -43,6 +43,9 @@ struct Args {
     /// the leader renews it every third of this.
     #[arg(long, env = "WEIR_LEASE_DURATION", default_value = "15s", value_parser = humantime::parse_duration)]
     lease_duration: Duration,
+    /// How often agents' load reports are folded into load-aware weights.
+    #[arg(long, env = "WEIR_LOAD_ROUND", default_value = "10s", value_parser = humantime::parse_duration)]
+    load_round: Duration,
     /// This replica's identity in the Lease and in `NodeAgent.status.controller` (default:
     /// `POD_NAME`, else host name and pid).
     #[arg(long, env = "POD_NAME")]
@@ -198,6 +201,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     tokio::spawn(weir_controller::serve::load::run(
         hub.clone(),
         agents.clone(),
+        args.load_round,
         stop_rx.clone(),
     ));
 

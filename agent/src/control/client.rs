@@ -35,7 +35,7 @@ const SILENCE_LIMIT: Duration = Duration::from_secs(45);
 /// controller's load-aware weights (every 10 s) sees two reports of every agent, and an
 /// endpoint turning slow is acted on within one round. A report is a few hundred bytes per
 /// busy endpoint; 10,000 agents send 2,000 a second, which the controller takes in stride.
-pub(crate) const LOAD_REPORT_EVERY: Duration = Duration::from_secs(5);
+pub const LOAD_REPORT_EVERY: Duration = Duration::from_secs(5);
 
 /// The `--tls-*` files, read at every connect.
 #[derive(Clone, Debug)]
@@ -103,13 +103,20 @@ impl Tls {
 }
 
 /// Follows the controllers forever.
-pub async fn run(controllers: Vec<String>, shared: Arc<Shared>, tls: Option<TlsFiles>) {
+/// `report_every` is the load-report period (`--load-report-interval`, default
+/// [`LOAD_REPORT_EVERY`]).
+pub async fn run(
+    controllers: Vec<String>,
+    shared: Arc<Shared>,
+    tls: Option<TlsFiles>,
+    report_every: Duration,
+) {
     let mut failures: u32 = 0;
     let mut next = 0usize;
     loop {
         let url = &controllers[next % controllers.len()];
         next += 1;
-        let got_update = match session(url, &shared, tls.as_ref()).await {
+        let got_update = match session(url, &shared, tls.as_ref(), report_every).await {
             Ok(got) => got,
             Err((got, e)) => {
                 tracing::warn!(controller = %url, error = %e, "controller stream ended");
@@ -137,6 +144,7 @@ async fn session(
     url: &str,
     shared: &Shared,
     tls: Option<&TlsFiles>,
+    report_every: Duration,
 ) -> Result<bool, (bool, String)> {
     let mut endpoint = Endpoint::from_shared(url.to_string())
         .map_err(|e| (false, format!("bad controller address: {e}")))?
@@ -188,7 +196,7 @@ async fn session(
     });
 
     let mut got_update = false;
-    let mut report = tokio::time::interval(LOAD_REPORT_EVERY);
+    let mut report = tokio::time::interval(report_every.max(Duration::from_millis(100)));
     report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     report.tick().await;
     let mut reporter = LoadReporter::new(&shared.routing.table.load(), std::time::Instant::now());

@@ -11,12 +11,18 @@ use crate::serve::server::Agents;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// How often factors are recomputed: two agent load reports, so a round sees every agent.
+/// How often factors are recomputed by default (`--load-round`): two agent load reports, so
+/// a round sees every agent.
 pub const ROUND: Duration = Duration::from_secs(10);
 
-/// Runs rounds until `stop` turns true.
-pub async fn run(hub: Arc<Hub>, agents: Arc<Agents>, stop: tokio::sync::watch::Receiver<bool>) {
-    let mut tick = tokio::time::interval(ROUND);
+/// Runs a round every `every` until `stop` turns true.
+pub async fn run(
+    hub: Arc<Hub>,
+    agents: Arc<Agents>,
+    every: Duration,
+    stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(every.max(Duration::from_millis(100)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
     loop {
