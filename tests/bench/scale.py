@@ -49,78 +49,32 @@ import time
 import urllib.error
 import urllib.request
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import proxy_bench as pb  # noqa: E402
+
 REPO = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 BIN = os.path.join(REPO, "target", "release")  # --bin-dir
 CTRL_GRPC = 18200
 CTRL_ADMIN = 18201
 SIM_ADMIN = 18202
 PORT = 8080  # the endpoints' port (nothing listens: agents are simulated)
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 PRESETS = {
     "1k": dict(agents=1000, services=1000, endpoints=10, rate=50.0, duration=30.0),
     "10k": dict(agents=10000, services=1000, endpoints=10, rate=5.0, duration=20.0),
 }
 
-PROCS = []  # every Popen this script started (each in its own session)
-
-
 def log(*a):
     print(*a, file=sys.stderr, flush=True)
 
 
-# ---------------------------------------------------------------- processes (as proxy_bench.py)
+# ---------------------------------------------------------------- processes (proxy_bench.py's)
 
-
-def start(cmd, logfile, **kw):
-    out = open(logfile, "ab")
-    p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, **kw)
-    out.close()
-    PROCS.append(p)
-    return p
-
-
-def stop(p, sig=signal.SIGTERM, timeout=10.0):
-    """Stops one process we started, and its process group."""
-    if p.poll() is None:
-        try:
-            os.killpg(p.pid, sig)
-        except ProcessLookupError:
-            pass
-        try:
-            p.wait(timeout)
-        except subprocess.TimeoutExpired:
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            p.wait()
-    else:
-        try:
-            os.killpg(p.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-    if p in PROCS:
-        PROCS.remove(p)
-
-
-def cleanup(*_):
-    for p in list(PROCS):
-        stop(p, timeout=5.0)
-
-
-def on_signal(signum, _frame):
-    cleanup()
-    sys.exit(128 + signum)
+# Each process started by `start` runs in its own session and is stopped by process group.
+start, stop, cleanup, on_signal = pb.start, pb.stop, pb.cleanup, pb.on_signal
 
 
 def cpu_seconds(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            st = f.read()
-        fields = st[st.rindex(")") + 2 :].split()
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime
-    except (OSError, ValueError, IndexError):
-        return float("nan")
+    return pb.cpu_seconds([pid])
 
 
 def mem_kib(pid):

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 /// The Lease's name.
-pub const LEASE_NAME: &str = "weir-controller";
+pub(crate) const LEASE_NAME: &str = "weir-controller";
 
 /// Timing of the election.
 #[derive(Clone, Debug)]

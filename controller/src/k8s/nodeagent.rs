@@ -41,10 +41,10 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 /// Shortest time between two writes of the same NodeAgent by one replica.
-pub const WRITE_EVERY: Duration = Duration::from_secs(1);
+pub(crate) const WRITE_EVERY: Duration = Duration::from_secs(1);
 
 /// The field manager named in NodeAgent writes.
-pub const FIELD_MANAGER: &str = "weir-controller";
+pub(crate) const FIELD_MANAGER: &str = "weir-controller";
 
 /// Unix milliseconds as a Kubernetes `Time`, truncated to whole seconds: `metav1.Time`
 /// travels with second precision, and a value that changes in the round trip would make
@@ -56,7 +56,7 @@ fn time_of(unix_ms: u64) -> Option<Time> {
 
 /// Hits ÷ (hits + misses), rounded to two decimals so that a busy agent's ratio does not
 /// change (and cause a write) on every load report. `None` before any cacheable request.
-pub fn hit_ratio(hits: u64, misses: u64) -> Option<f64> {
+pub(crate) fn hit_ratio(hits: u64, misses: u64) -> Option<f64> {
     let total = hits.saturating_add(misses);
     (total > 0).then(|| ((hits as f64 / total as f64) * 100.0).round() / 100.0)
 }
@@ -65,7 +65,7 @@ pub fn hit_ratio(hits: u64, misses: u64) -> Option<f64> {
 /// `carried` is the hub's [`crate::serve::hub::ConfigState::carried`]; `current` is the status the
 /// object has now. What this session has not learnt yet (no NACK, no load report, no ACK
 /// since the agent reconnected) keeps the object's current value rather than erasing it.
-pub fn desired_status(
+pub(crate) fn desired_status(
     agent: &AgentState,
     controller: &str,
     carried: &BTreeMap<String, Carried>,
@@ -111,7 +111,7 @@ pub fn desired_status(
 /// and `null` for removed ones (at any depth, so a policy dropped from
 /// `appliedGenerations` is removed rather than kept by the merge). Unchanged fields are
 /// left out. `None` when nothing differs.
-pub fn merge_patch_between(old: &Value, new: &Value) -> Option<Value> {
+pub(crate) fn merge_patch_between(old: &Value, new: &Value) -> Option<Value> {
     match (old, new) {
         (Value::Object(o), Value::Object(n)) => {
             let mut patch = serde_json::Map::new();
@@ -139,13 +139,17 @@ pub fn merge_patch_between(old: &Value, new: &Value) -> Option<Value> {
 
 /// Whether this replica (`me`) should mark a NodeAgent disconnected: it says it is
 /// connected to `me`, and its agent is not connected here any more.
-pub fn should_disconnect(status: Option<&NodeAgentStatus>, me: &str, connected_here: bool) -> bool {
+pub(crate) fn should_disconnect(
+    status: Option<&NodeAgentStatus>,
+    me: &str,
+    connected_here: bool,
+) -> bool {
     !connected_here && status.is_some_and(|s| s.connected && s.controller.as_deref() == Some(me))
 }
 
 /// The agents connected here, one per node: when an agent reconnects, its old stream may
 /// linger for a moment, and the newest session is the one that counts.
-pub fn by_node(agents: Vec<AgentState>) -> BTreeMap<String, AgentState> {
+pub(crate) fn by_node(agents: Vec<AgentState>) -> BTreeMap<String, AgentState> {
     let mut out: BTreeMap<String, AgentState> = BTreeMap::new();
     for a in agents {
         match out.get(&a.node_name) {
@@ -296,7 +300,7 @@ pub struct Cleanup {
 /// the NodeAgent and Node names now, and when each NodeAgent was first seen without its
 /// Node (`missing_since`, from the previous call); returns the updated map and the names
 /// to delete. A NodeAgent whose Node appears (again) is forgotten.
-pub fn gone_nodes(
+pub(crate) fn gone_nodes(
     nodeagents: &[String],
     nodes: &BTreeSet<String>,
     missing_since: &BTreeMap<String, Instant>,

@@ -36,15 +36,15 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 /// Shortest time between two status writes of the same policy.
-pub const WRITE_EVERY: Duration = Duration::from_secs(1);
+pub(crate) const WRITE_EVERY: Duration = Duration::from_secs(1);
 
 /// The field manager named in status patches.
-pub const FIELD_MANAGER: &str = "weir-controller";
+pub(crate) const FIELD_MANAGER: &str = "weir-controller";
 
 /// `synced`/`total` of the agents of all replicas for the policy `key` at `generation`:
 /// `total` counts connected NodeAgents, `synced` those among them that run the policy at
 /// `generation` or later.
-pub fn agents_for_policy(
+pub(crate) fn agents_for_policy(
     nodeagents: &[Arc<NodeAgent>],
     key: &str,
     generation: i64,
@@ -72,7 +72,7 @@ pub fn agents_for_policy(
 
 /// An Event to record on a policy.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PolicyEvent {
+pub(crate) struct PolicyEvent {
     pub warning: bool,
     /// `FailoverActivated`, `FailoverRecovered`, `Rejected` or `Accepted`.
     pub reason: &'static str,
@@ -85,7 +85,7 @@ fn accepted_of(s: &TrafficPolicyStatus) -> Option<&Condition> {
 
 /// The Events that the change from `previous` (the status the object carried; `None` for
 /// a policy never written) to `next` deserves. Only transitions produce events.
-pub fn events_for(
+pub(crate) fn events_for(
     previous: Option<&TrafficPolicyStatus>,
     next: &TrafficPolicyStatus,
 ) -> Vec<PolicyEvent> {
@@ -183,7 +183,7 @@ fn condition(
 
 /// The status of one policy. `previous` is the status last written (its transition times
 /// are kept for conditions that did not change); `now` stamps conditions that did.
-pub fn policy_status(
+pub(crate) fn policy_status(
     key: &ObjectKey,
     state: &PolicyState,
     agents: &AgentsStatus,
@@ -299,7 +299,7 @@ pub fn policy_status(
 
 /// `status` as a JSON merge patch: fields that are absent now are sent as `null`, which
 /// removes them (merely leaving them out would keep the old values on the object).
-pub fn merge_patch(status: &TrafficPolicyStatus) -> serde_json::Value {
+pub(crate) fn merge_patch(status: &TrafficPolicyStatus) -> serde_json::Value {
     let mut v = serde_json::to_value(status).unwrap_or_default();
     if let Some(fields) = v.as_object_mut() {
         for key in ["observedGeneration", "activeTier", "agents", "endpoints"] {

@@ -25,7 +25,7 @@ use weir_proto::weights::assign_weights;
 
 /// What one [`Routing::update`] changed in the routes.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Changes {
+pub(crate) struct Changes {
     /// Routes added or changed, by name, sorted.
     pub upserted: Vec<String>,
     /// Routes that no longer exist, by name, sorted.
@@ -35,14 +35,14 @@ pub struct Changes {
 }
 
 impl Changes {
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.upserted.is_empty() && self.removed.is_empty()
     }
 }
 
 /// The current routing result and what is needed to update it incrementally.
 #[derive(Debug, Default)]
-pub struct Routing {
+pub(crate) struct Routing {
     snapshot: Snapshot,
     index: SliceIndex,
     routes: BTreeMap<String, Arc<pb::Route>>,
@@ -55,27 +55,28 @@ pub struct Routing {
 }
 
 impl Routing {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self::default()
     }
 
     /// The routes in force, by name.
-    pub fn routes(&self) -> &BTreeMap<String, Arc<pb::Route>> {
+    pub(crate) fn routes(&self) -> &BTreeMap<String, Arc<pb::Route>> {
         &self.routes
     }
 
     /// Every policy's state, by key.
-    pub fn policies(&self) -> &BTreeMap<ObjectKey, PolicyState> {
+    pub(crate) fn policies(&self) -> &BTreeMap<ObjectKey, PolicyState> {
         &self.policies
     }
 
     /// The last good spec of every policy that has one.
-    pub fn last_good(&self) -> &LastGood {
+    #[cfg(test)]
+    pub(crate) fn last_good(&self) -> &LastGood {
         &self.last_good
     }
 
     /// Brings the result up to date with `next` and says which routes changed.
-    pub fn update(&mut self, next: Snapshot) -> Changes {
+    pub(crate) fn update(&mut self, next: Snapshot) -> Changes {
         let endpoints_only = same_policies(&self.snapshot.policies, &next.policies)
             && same_objects(&self.snapshot.services, &next.services);
         if endpoints_only {
@@ -183,13 +184,13 @@ impl Routing {
     }
 
     /// The load factors in force.
-    pub fn load(&self) -> &LoadFactors {
+    pub(crate) fn load(&self) -> &LoadFactors {
         &self.load
     }
 
     /// Puts new load factors in force: the routes of load-aware policies get their weights
     /// again; nothing else is touched.
-    pub fn set_load(&mut self, load: LoadFactors) -> Changes {
+    pub(crate) fn set_load(&mut self, load: LoadFactors) -> Changes {
         let mut changes = Changes::default();
         if load == self.load {
             return changes;

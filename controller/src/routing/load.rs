@@ -22,11 +22,11 @@ use weir_proto::weights::{MAX_LOAD_PERMILLE, MIN_LOAD_PERMILLE};
 
 /// Per endpoint address: its load factor in per mille of an even share. Endpoints at 1000
 /// are left out.
-pub type LoadFactors = BTreeMap<String, u32>;
+pub(crate) type LoadFactors = BTreeMap<String, u32>;
 
 /// What all agents together saw of one endpoint during one round.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct Sample {
+pub(crate) struct Sample {
     pub requests: u64,
     pub errors: u64,
     /// Σ requests × latency EWMA (ms) over agents; divided by `requests` for the mean.
@@ -35,7 +35,7 @@ pub struct Sample {
 
 impl Sample {
     /// Adds one agent's report of the endpoint.
-    pub fn add(&mut self, requests: u64, errors: u64, latency_ewma_ms: f64) {
+    pub(crate) fn add(&mut self, requests: u64, errors: u64, latency_ewma_ms: f64) {
         self.requests += requests;
         self.errors += errors.min(requests);
         if latency_ewma_ms.is_finite() && latency_ewma_ms >= 0.0 {
@@ -51,9 +51,9 @@ impl Sample {
 }
 
 /// Factors move in steps of this many per mille; smaller moves are not made.
-pub const STEP: u32 = 50;
+pub(crate) const STEP: u32 = 50;
 /// Requests an endpoint needs in a round (over all agents) for its figures to count.
-pub const MIN_REQUESTS: u64 = 20;
+pub(crate) const MIN_REQUESTS: u64 = 20;
 /// How much an error weighs against latency: 10 % errors cost as much as doubling latency.
 const ERROR_PENALTY: f64 = 10.0;
 /// Below this, latency differences are noise (loopback, cached answers).
@@ -63,7 +63,7 @@ const EVEN: u32 = 1000;
 /// Sets `load_permille` on every endpoint of a load-aware route from `factors` (0 where it
 /// has none), and clears it on other routes; [`weir_proto::weights::assign_weights`] then
 /// applies it.
-pub fn stamp(route: &mut pb::Route, factors: &LoadFactors) {
+pub(crate) fn stamp(route: &mut pb::Route, factors: &LoadFactors) {
     let aware = route.load_balancer.as_ref().is_some_and(|lb| lb.load_aware);
     for endpoint in route
         .rules
@@ -81,7 +81,7 @@ pub fn stamp(route: &mut pb::Route, factors: &LoadFactors) {
 
 /// The next round's factors for the endpoints of the load-aware `routes`, from this round's
 /// `samples` (by address) and the factors in force.
-pub fn next_factors<'r>(
+pub(crate) fn next_factors<'r>(
     routes: impl IntoIterator<Item = &'r pb::Route>,
     samples: &BTreeMap<String, Sample>,
     previous: &LoadFactors,

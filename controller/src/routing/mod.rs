@@ -30,10 +30,11 @@ mod resolve;
 #[cfg(test)]
 mod tests;
 
-pub use incremental::{Changes, Routing};
+pub(crate) use incremental::{Changes, Routing};
 use load::LoadFactors;
-pub use resolve::H2C_APP_PROTOCOL;
-use resolve::{SliceIndex, index_slices};
+use resolve::SliceIndex;
+#[cfg(test)]
+use resolve::index_slices;
 
 use crate::model::{BackendStatus, EndpointSlice, ObjectKey, Service, TrafficPolicySpec};
 use decide::{Candidate, Serve, conflict_errors, decide};
@@ -45,7 +46,7 @@ use weir_proto::v1 as pb;
 
 /// One TrafficPolicy as the sources saw it.
 #[derive(Clone, Debug, PartialEq)]
-pub struct PolicyInput {
+pub(crate) struct PolicyInput {
     /// The policy's `namespace/name`.
     pub key: ObjectKey,
     /// Where it came from, for messages: a file path in local mode, "kubernetes" otherwise.
@@ -60,7 +61,7 @@ pub struct PolicyInput {
 /// same `Arc` again for an object that did not change, which is how [`Routing::update`] tells
 /// an endpoint change from a policy change without comparing whole objects.
 #[derive(Clone, Debug, Default, PartialEq)]
-pub struct Snapshot {
+pub(crate) struct Snapshot {
     /// Precedence order for host conflicts (creationTimestamp, then namespace/name): earlier
     /// wins. A key listed twice is only read the first time.
     pub policies: Vec<Arc<PolicyInput>>,
@@ -72,11 +73,11 @@ pub struct Snapshot {
 
 /// The spec each policy last served while acceptable; carried from one computation to the
 /// next so that a broken edit never takes routing down.
-pub type LastGood = BTreeMap<ObjectKey, TrafficPolicySpec>;
+pub(crate) type LastGood = BTreeMap<ObjectKey, TrafficPolicySpec>;
 
 /// The result of [`compute`].
 #[derive(Clone, Debug, Default, PartialEq)]
-pub struct Computed {
+pub(crate) struct Computed {
     /// One route per programmed policy, sorted by name (`"namespace/name"`, as a string).
     pub routes: Vec<pb::Route>,
     /// One entry per input policy.
@@ -88,7 +89,7 @@ pub struct Computed {
 /// Why a policy's current spec is, or is not, the one being served; the first that applies
 /// in this order wins. Maps onto the `Accepted` / `ResolvedRefs` condition reasons.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
-pub enum Reason {
+pub(crate) enum Reason {
     /// The current spec is acceptable and served.
     #[default]
     Accepted,
@@ -105,7 +106,7 @@ pub enum Reason {
 /// What the controller decided for one policy; the source of its status and of `/state`.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct PolicyState {
+pub(crate) struct PolicyState {
     /// Where the policy came from (see [`PolicyInput::source`]).
     pub source: String,
     /// The generation this state was computed for.
@@ -131,8 +132,10 @@ pub struct PolicyState {
 }
 
 /// Computes every route and policy state of `snapshot`; `last_good` is the previous call's
-/// [`Computed::last_good`] (empty at start).
-pub fn compute(snapshot: &Snapshot, last_good: &LastGood) -> Computed {
+/// [`Computed::last_good`] (empty at start). The reference that [`Routing`]'s incremental
+/// updates are tested against; the controller itself goes through [`Routing`].
+#[cfg(test)]
+pub(crate) fn compute(snapshot: &Snapshot, last_good: &LastGood) -> Computed {
     let index = index_slices(&snapshot.slices);
     compute_indexed(snapshot, &index, last_good, &LoadFactors::new())
 }

@@ -14,22 +14,22 @@ use std::sync::Arc;
 use weir_proto::v1 as pb;
 
 /// The Service port `appProtocol` that selects HTTP/2 cleartext upstream.
-pub const H2C_APP_PROTOCOL: &str = "kubernetes.io/h2c";
+pub(crate) const H2C_APP_PROTOCOL: &str = "kubernetes.io/h2c";
 
 /// (namespace, Service name) → the keys of its EndpointSlices, in slice-key order. Kept up to
 /// date across computations by [`super::Routing`], so an endpoint change does not re-index
 /// every slice.
-pub type SliceIndex = BTreeMap<(String, String), BTreeSet<ObjectKey>>;
+pub(crate) type SliceIndex = BTreeMap<(String, String), BTreeSet<ObjectKey>>;
 
 /// The Service an EndpointSlice belongs to (its `kubernetes.io/service-name` label), as a
 /// [`SliceIndex`] key.
-pub fn slice_owner(key: &ObjectKey, slice: &EndpointSlice) -> Option<(String, String)> {
+pub(crate) fn slice_owner(key: &ObjectKey, slice: &EndpointSlice) -> Option<(String, String)> {
     let service = slice.metadata.labels.as_ref()?.get(SERVICE_NAME_LABEL)?;
     Some((key.namespace.clone(), service.clone()))
 }
 
 /// Indexes every slice of `slices` by its Service.
-pub fn index_slices(slices: &BTreeMap<ObjectKey, Arc<EndpointSlice>>) -> SliceIndex {
+pub(crate) fn index_slices(slices: &BTreeMap<ObjectKey, Arc<EndpointSlice>>) -> SliceIndex {
     let mut index = SliceIndex::new();
     for (key, slice) in slices {
         if let Some(owner) = slice_owner(key, slice) {

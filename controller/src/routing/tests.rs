@@ -1,6 +1,6 @@
 //! Tests of the routing computation over whole snapshots.
 
-use super::resolve::is_ready;
+use super::resolve::{H2C_APP_PROTOCOL, is_ready};
 use super::*;
 use crate::model::SERVICE_NAME_LABEL;
 use crate::model::{BackendRef, Failover, Rule};

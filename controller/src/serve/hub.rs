@@ -18,7 +18,7 @@ use weir_proto::v1::{ControllerMessage, Route, RoutingUpdate, controller_message
 
 /// A problem with one manifest file, as shown in the admin API.
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
-pub struct FileReport {
+pub(crate) struct FileReport {
     pub path: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -36,7 +36,7 @@ pub struct FileReport {
 /// versions for agents that fell behind (one per base version, also shared). Nothing here
 /// grows with the number of agents.
 #[derive(Debug, Default)]
-pub struct Table {
+pub(crate) struct Table {
     pub version: u64,
     pub routes: BTreeMap<String, Arc<Route>>,
     /// The previous version and what changed since (`None` for the first table).
@@ -69,7 +69,7 @@ impl Table {
     }
 
     /// The whole table as one update, encoded once.
-    pub fn full_message(&self) -> Encoded {
+    pub(crate) fn full_message(&self) -> Encoded {
         self.full
             .get_or_init(|| {
                 encode(RoutingUpdate {
@@ -85,7 +85,7 @@ impl Table {
 
     /// The delta that takes an agent from table `from` to this one, encoded once per base
     /// version.
-    pub fn delta_message(&self, from: &Table) -> Encoded {
+    pub(crate) fn delta_message(&self, from: &Table) -> Encoded {
         let mut deltas = self.deltas.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((_, m)) = deltas.iter().find(|(base, _)| *base == from.version) {
             return m.clone();
@@ -121,7 +121,7 @@ fn encode(update: RoutingUpdate) -> Encoded {
 
 /// The routes of `next` that differ from `prev` (by pointer first, then by value), and the
 /// names that disappeared: the coalesced delta for an agent that holds `prev`.
-pub fn delta(prev: &Table, next: &Table) -> RoutingUpdate {
+pub(crate) fn delta(prev: &Table, next: &Table) -> RoutingUpdate {
     let upserted = next
         .routes
         .iter()
@@ -149,7 +149,7 @@ pub fn delta(prev: &Table, next: &Table) -> RoutingUpdate {
 /// What `/state` shows about the configuration.
 #[derive(Debug, Default, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct ConfigState {
+pub(crate) struct ConfigState {
     pub version: u64,
     /// False until the first snapshot was computed.
     pub loaded: bool,
@@ -169,7 +169,7 @@ pub struct ConfigState {
 
 /// A policy generation and the first table version carrying it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Carried {
+pub(crate) struct Carried {
     pub generation: i64,
     pub since_version: u64,
 }
@@ -178,7 +178,7 @@ pub struct Carried {
 /// before (`previous`) and the table `version` in force after an update. A generation seen
 /// before keeps its version; a new one (or a policy newly programmed) gets `version`.
 /// Policies without a generation (local mode) count as generation 0.
-pub fn carried_since(
+pub(crate) fn carried_since(
     previous: &BTreeMap<String, Carried>,
     policies: &BTreeMap<String, PolicyState>,
     version: u64,
@@ -232,20 +232,20 @@ impl Hub {
         })
     }
 
-    pub fn subscribe(&self) -> watch::Receiver<Arc<Table>> {
+    pub(crate) fn subscribe(&self) -> watch::Receiver<Arc<Table>> {
         self.tx.subscribe()
     }
 
-    pub fn current(&self) -> Arc<Table> {
+    pub(crate) fn current(&self) -> Arc<Table> {
         self.tx.borrow().clone()
     }
 
-    pub fn config_state(&self) -> ConfigState {
+    pub(crate) fn config_state(&self) -> ConfigState {
         self.lock().state.clone()
     }
 
     /// The load factors in force (see [`crate::routing::load`]).
-    pub fn load_factors(&self) -> LoadFactors {
+    pub(crate) fn load_factors(&self) -> LoadFactors {
         self.lock().routing.load().clone()
     }
 
@@ -258,7 +258,7 @@ impl Hub {
     /// Brings routing up to date with `snapshot` (incrementally when only endpoints
     /// changed); publishes a new version if any route changed. Returns the version in force
     /// afterwards.
-    pub fn update(&self, snapshot: Snapshot, files: Vec<FileReport>) -> u64 {
+    pub(crate) fn update(&self, snapshot: Snapshot, files: Vec<FileReport>) -> u64 {
         let mut guard = self.lock();
         let inner = &mut *guard;
         let changes = inner.routing.update(snapshot);
@@ -313,7 +313,7 @@ impl Hub {
 
     /// Puts new load factors in force (see [`crate::routing::load`]); publishes a new version
     /// if a route's weights changed. Returns the version in force afterwards.
-    pub fn set_load(&self, factors: LoadFactors) -> u64 {
+    pub(crate) fn set_load(&self, factors: LoadFactors) -> u64 {
         let mut guard = self.lock();
         let inner = &mut *guard;
         let changes = inner.routing.set_load(factors);

@@ -1,4 +1,5 @@
-//! Load-aware weights, the loop: every [`ROUND`], the endpoint figures of all agents' load
+//! Load-aware weights, the loop: every `--load-round` (10 s by default: two agent load
+//! reports, so a round sees every agent), the endpoint figures of all agents' load
 //! reports since the last round go through [`crate::routing::load::next_factors`] and the
 //! result to the hub, which re-weights the routes of load-aware policies and publishes them
 //! when a factor moved. The arithmetic and its damping are in [`crate::routing::load`].
@@ -10,10 +11,6 @@ use crate::serve::hub::Hub;
 use crate::serve::server::Agents;
 use std::sync::Arc;
 use std::time::Duration;
-
-/// How often factors are recomputed by default (`--load-round`): two agent load reports, so
-/// a round sees every agent.
-pub const ROUND: Duration = Duration::from_secs(10);
 
 /// Runs a round every `every` until `stop` turns true.
 pub async fn run(
@@ -34,7 +31,7 @@ pub async fn run(
 }
 
 /// One round; public for tests.
-pub fn round(hub: &Hub, agents: &Agents) {
+pub(crate) fn round(hub: &Hub, agents: &Agents) {
     let samples = agents.take_samples();
     let table = hub.current();
     let previous = hub.load_factors();

@@ -31,7 +31,7 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// What `/state` shows about one connected agent.
 #[derive(Clone, Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct AgentState {
+pub(crate) struct AgentState {
     pub node_name: String,
     pub zone: String,
     pub agent_version: String,
@@ -54,14 +54,14 @@ pub struct AgentState {
 /// An agent's cache counters as its LoadReports carry them.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct CacheTotals {
+pub(crate) struct CacheTotals {
     pub hits: u64,
     pub misses: u64,
 }
 
 #[derive(Clone, Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct NackState {
+pub(crate) struct NackState {
     pub version: u64,
     pub error: String,
     pub at_unix_ms: u64,
@@ -86,16 +86,16 @@ impl Agents {
         self.sessions.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn list(&self) -> Vec<AgentState> {
+    pub(crate) fn list(&self) -> Vec<AgentState> {
         self.lock().values().cloned().collect()
     }
 
-    pub fn count(&self) -> usize {
+    pub(crate) fn count(&self) -> usize {
         self.lock().len()
     }
 
     /// Takes the endpoint figures gathered since the last call.
-    pub fn take_samples(&self) -> BTreeMap<String, Sample> {
+    pub(crate) fn take_samples(&self) -> BTreeMap<String, Sample> {
         std::mem::take(&mut *self.samples.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
@@ -165,12 +165,12 @@ fn now_ms() -> u64 {
 }
 
 /// What a session sends: pre-encoded `ControllerMessage`s, or the status that ends the stream.
-pub type OutStream = Pin<Box<dyn Stream<Item = Result<Encoded, Status>> + Send>>;
+pub(crate) type OutStream = Pin<Box<dyn Stream<Item = Result<Encoded, Status>> + Send>>;
 
 impl DiscoveryService {
     /// One agent's stream: waits for its Hello, registers it, and returns the stream of
     /// (pre-encoded) messages its session sends; [`crate::serve::wire`] frames them.
-    pub async fn stream(
+    pub(crate) async fn stream(
         &self,
         request: Request<Streaming<AgentMessage>>,
     ) -> Result<Response<OutStream>, Status> {

@@ -27,7 +27,7 @@ use tokio::sync::mpsc;
 use tokio_rustls::server::TlsStream;
 
 /// How long a client has to complete its TLS handshake.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why a TLS configuration could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -162,13 +162,13 @@ impl Reloader {
     }
 
     /// The config new handshakes use.
-    pub fn config(&self) -> Arc<rustls::ServerConfig> {
+    pub(crate) fn config(&self) -> Arc<rustls::ServerConfig> {
         self.current.load_full()
     }
 
     /// Re-reads the files; swaps in a new config if their contents changed and are valid.
     /// Returns whether a new config is in force.
-    pub fn reload(&self) -> Result<bool, Error> {
+    pub(crate) fn reload(&self) -> Result<bool, Error> {
         let contents = Contents::read(&self.files)?;
         let hash = contents.hash();
         let mut in_force = self.hash.lock().unwrap_or_else(|e| e.into_inner());

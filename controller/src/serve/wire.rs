@@ -29,7 +29,7 @@ use weir_proto::Encoded;
 use weir_proto::v1::AgentMessage;
 
 /// The one method of the service.
-pub const STREAM_PATH: &str = "/weir.v1.RoutingDiscovery/Stream";
+pub(crate) const STREAM_PATH: &str = "/weir.v1.RoutingDiscovery/Stream";
 /// The largest message an agent may send (load reports of big tables).
 const MAX_AGENT_MESSAGE: usize = 4 << 20;
 /// Messages up to this size go out in one frame with their prefix (a copy); larger ones as

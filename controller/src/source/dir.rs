@@ -83,28 +83,24 @@ struct FileState {
 
 /// The folder's files and the objects each holds.
 #[derive(Debug)]
-pub struct DirSource {
+pub(crate) struct DirSource {
     dir: PathBuf,
     files: BTreeMap<PathBuf, FileState>,
 }
 
 impl DirSource {
-    pub fn new(dir: impl Into<PathBuf>) -> Self {
+    pub(crate) fn new(dir: impl Into<PathBuf>) -> Self {
         Self {
             dir: dir.into(),
             files: BTreeMap::new(),
         }
     }
 
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     /// Lists the folder again and reads every file that is new or whose stamp changed;
     /// returns whether any file's objects or errors changed. Linear in the number of files.
     ///
     /// An unreadable folder is an error, and the objects already loaded stay in force.
-    pub fn rescan(&mut self) -> std::io::Result<bool> {
+    pub(crate) fn rescan(&mut self) -> std::io::Result<bool> {
         let mut found = Vec::new();
         collect_manifests(&self.dir, &mut found)?;
         let found: BTreeMap<PathBuf, Stamp> = found.into_iter().collect();
@@ -128,7 +124,7 @@ impl DirSource {
     /// renamed or removed); returns whether any file's objects or errors changed. Paths that
     /// are not manifests of this folder are ignored; the caller rescans the whole folder for
     /// events about folders.
-    pub fn reload<'p>(&mut self, paths: impl IntoIterator<Item = &'p Path>) -> bool {
+    pub(crate) fn reload<'p>(&mut self, paths: impl IntoIterator<Item = &'p Path>) -> bool {
         let mut changed = false;
         for path in paths {
             if !self.is_manifest_path(path) {
@@ -145,7 +141,7 @@ impl DirSource {
 
     /// Whether `path` is a visible folder under this source's, or was one (files are known
     /// under it): an event about it may stand for files that came or went.
-    pub fn is_folder(&self, path: &Path) -> bool {
+    pub(crate) fn is_folder(&self, path: &Path) -> bool {
         let Ok(rel) = path.strip_prefix(&self.dir) else {
             return false;
         };
@@ -165,7 +161,7 @@ impl DirSource {
 
     /// Whether `path` is a manifest this source reads: under the folder, no hidden part,
     /// a `.yaml` / `.yml` name.
-    pub fn is_manifest_path(&self, path: &Path) -> bool {
+    pub(crate) fn is_manifest_path(&self, path: &Path) -> bool {
         let Ok(rel) = path.strip_prefix(&self.dir) else {
             return false;
         };
@@ -224,7 +220,7 @@ impl DirSource {
     }
 
     /// Problems per file, for `/state` and logs; files without problems are left out.
-    pub fn reports(&self) -> Vec<FileReport> {
+    pub(crate) fn reports(&self) -> Vec<FileReport> {
         let mut out: Vec<FileReport> = self
             .files
             .iter()
@@ -276,7 +272,7 @@ impl DirSource {
     }
 
     /// Every object currently in force, for the routing computation.
-    pub fn snapshot(&self) -> Snapshot {
+    pub(crate) fn snapshot(&self) -> Snapshot {
         let mut policies: BTreeMap<ObjectKey, Arc<PolicyInput>> = BTreeMap::new();
         let mut services = BTreeMap::new();
         let mut slices = BTreeMap::new();

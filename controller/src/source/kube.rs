@@ -29,10 +29,10 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 /// Quiet time after the last watch event before the snapshot is rebuilt.
-pub const DEBOUNCE: Duration = Duration::from_millis(30);
+pub(crate) const DEBOUNCE: Duration = Duration::from_millis(30);
 /// Longest a continuous stream of events may postpone a rebuild, so routing still follows a
 /// cluster that never goes quiet.
-pub const MAX_DELAY: Duration = Duration::from_millis(60);
+pub(crate) const MAX_DELAY: Duration = Duration::from_millis(60);
 
 /// Why Kubernetes mode stopped.
 #[derive(Debug, thiserror::Error)]
@@ -87,7 +87,7 @@ fn signal_synced(
 
 impl Stores {
     /// The routing input as the stores hold it now.
-    pub fn snapshot(&self) -> Snapshot {
+    pub(crate) fn snapshot(&self) -> Snapshot {
         snapshot_of(
             &self.policies.state(),
             &self.services.state(),
@@ -98,7 +98,7 @@ impl Stores {
 
 /// Builds a snapshot from listed objects. Policies are ordered by (creationTimestamp,
 /// namespace/name): the older policy wins a host conflict, as Gateway API does for routes.
-pub fn snapshot_of(
+pub(crate) fn snapshot_of(
     policies: &[Arc<TrafficPolicy>],
     services: &[Arc<Service>],
     slices: &[Arc<EndpointSlice>],

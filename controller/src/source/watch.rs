@@ -25,11 +25,11 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 /// Quiet time after the last file event before the changed files are read.
-pub const DEBOUNCE: Duration = Duration::from_millis(30);
+pub(crate) const DEBOUNCE: Duration = Duration::from_millis(30);
 /// The longest a change waits for quiet: the bound on added latency under churn.
-pub const MAX_DELAY: Duration = Duration::from_millis(60);
+pub(crate) const MAX_DELAY: Duration = Duration::from_millis(60);
 /// Rescan period when no event arrives.
-pub const RESCAN_EVERY: Duration = Duration::from_secs(5);
+pub(crate) const RESCAN_EVERY: Duration = Duration::from_secs(5);
 
 /// What the watcher asks the driver to do.
 #[derive(Debug)]

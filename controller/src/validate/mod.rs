@@ -28,7 +28,7 @@ use syntax::{
     check_path, header_name, is_dns_label, is_header_value, is_retry_condition, is_token,
     normalize_host,
 };
-pub use syntax::{parse_duration_ms, parse_quantity};
+pub(crate) use syntax::{parse_duration_ms, parse_quantity};
 use weir_proto::v1 as pb;
 
 /// Checks `spec` and returns the route it programs, or every problem found.
@@ -41,7 +41,7 @@ use weir_proto::v1 as pb;
 ///
 /// A rule whose backends all have weight 0 is valid: it is fully drained and requests that
 /// select it get a 503 from the agent, which is what a user draining everything asked for.
-pub fn validate(spec: &TrafficPolicySpec) -> Result<pb::Route, Vec<String>> {
+pub(crate) fn validate(spec: &TrafficPolicySpec) -> Result<pb::Route, Vec<String>> {
     let mut v = Validator::default();
     let route = pb::Route {
         name: String::new(),

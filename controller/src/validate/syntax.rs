@@ -99,7 +99,7 @@ pub(super) fn is_retry_condition(on: &str) -> bool {
 
 /// A positive duration such as `1s`, `250ms` or `1m 30s`, in whole milliseconds; a
 /// sub-millisecond remainder rounds up so that a positive duration never becomes 0.
-pub fn parse_duration_ms(text: &str) -> Result<u64, String> {
+pub(crate) fn parse_duration_ms(text: &str) -> Result<u64, String> {
     let d = humantime::parse_duration(text)
         .map_err(|e| format!("invalid duration {text:?}: {e} (examples: 2s, 250ms, 1m 30s)"))?;
     if d.is_zero() {
@@ -113,7 +113,7 @@ pub fn parse_duration_ms(text: &str) -> Result<u64, String> {
 ///
 /// A fractional byte count rounds up, as Kubernetes' `Quantity::Value` does. Zero is refused:
 /// a size of nothing is never what a user meant.
-pub fn parse_quantity(text: &str) -> Result<u64, String> {
+pub(crate) fn parse_quantity(text: &str) -> Result<u64, String> {
     let err = |why: &str| format!("invalid size {text:?}: {why} (examples: 64Mi, 1Gi, 500M, 1000)");
     let number_len = text
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
