@@ -130,6 +130,7 @@ async fn probe_loop(spec: CheckSpec, health: Arc<EndpointHealth>, shared: Arc<Sh
             Err(why) => {
                 fail_run += 1;
                 ok_run = 0;
+                let why = why.to_string();
                 if fail_run >= spec.unhealthy_threshold && health.set_active(false, &why) {
                     tracing::warn!(endpoint = %spec.addr, path = %spec.path, %why, "active health check failing; endpoint taken out");
                     shared.routing.endpoints.notify(Event::Changed);
@@ -141,50 +142,71 @@ async fn probe_loop(spec: CheckSpec, health: Arc<EndpointHealth>, shared: Arc<Sh
     }
 }
 
+/// Why an active check failed; its text is what `/config` shows as the endpoint's `why`.
+#[derive(Debug, thiserror::Error)]
+enum ProbeError {
+    #[error("bad check request: {0}")]
+    Request(String),
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    #[error("request failed: {0}")]
+    Failed(String),
+    #[error("HTTP {0}")]
+    Status(u16),
+    #[error("connect failed: {0}")]
+    Connect(String),
+    #[error("grpc.health.v1 {0:?}: {1}")]
+    Grpc(tonic::Code, String),
+    #[error("grpc.health.v1 status {0}")]
+    NotServing(&'static str),
+    #[error("grpc.health.v1 unknown status")]
+    UnknownStatus,
+}
+
 async fn http_probe(
     client: &Client<HttpConnector, Empty<Bytes>>,
     uri: &str,
     host: &HeaderValue,
     timeout: Duration,
-) -> Result<(), String> {
+) -> Result<(), ProbeError> {
     let req = Request::get(uri)
         .header(header::HOST, host.clone())
         .header(header::USER_AGENT, "weir-health-check")
         .body(Empty::new())
-        .map_err(|e| format!("bad check request: {e}"))?;
+        .map_err(|e| ProbeError::Request(e.to_string()))?;
     match tokio::time::timeout(timeout, client.request(req)).await {
-        Err(_) => Err(format!("no answer within {timeout:?}")),
-        Ok(Err(e)) => Err(format!("request failed: {e}")),
+        Err(_) => Err(ProbeError::Timeout(timeout)),
+        Ok(Err(e)) => Err(ProbeError::Failed(e.to_string())),
         Ok(Ok(resp)) if resp.status().is_success() => Ok(()),
-        Ok(Ok(resp)) => Err(format!("HTTP {}", resp.status().as_u16())),
+        Ok(Ok(resp)) => Err(ProbeError::Status(resp.status().as_u16())),
     }
 }
 
 /// The gRPC Health Checking Protocol over h2c: SERVING passes, anything else fails.
-async fn grpc_probe(spec: &CheckSpec, service: &str) -> Result<(), String> {
+async fn grpc_probe(spec: &CheckSpec, service: &str) -> Result<(), ProbeError> {
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
     let probe = async {
         let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", spec.addr))
-            .map_err(|e| e.to_string())?
+            .map_err(|e| ProbeError::Request(e.to_string()))?
             .connect_timeout(spec.timeout)
             .connect()
             .await
-            .map_err(|e| format!("connect failed: {e}"))?;
+            .map_err(|e| ProbeError::Connect(e.to_string()))?;
         let resp = HealthClient::new(channel)
             .check(HealthCheckRequest {
                 service: service.to_string(),
             })
             .await
-            .map_err(|s| format!("grpc.health.v1 {:?}: {}", s.code(), s.message()))?;
+            .map_err(|s| ProbeError::Grpc(s.code(), s.message().to_owned()))?;
         match ServingStatus::try_from(resp.into_inner().status) {
             Ok(ServingStatus::Serving) => Ok(()),
-            Ok(other) => Err(format!("grpc.health.v1 status {}", other.as_str_name())),
-            Err(_) => Err("grpc.health.v1 unknown status".to_string()),
+            Ok(other) => Err(ProbeError::NotServing(other.as_str_name())),
+            Err(_) => Err(ProbeError::UnknownStatus),
         }
     };
     match tokio::time::timeout(spec.timeout, probe).await {
-        Err(_) => Err(format!("no answer within {:?}", spec.timeout)),
+        Err(_) => Err(ProbeError::Timeout(spec.timeout)),
         Ok(r) => r,
     }
 }
