@@ -38,7 +38,10 @@ fn handle(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     match req.uri().path() {
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/readyz" => {
-            if shared.is_ready() {
+            if shared.is_draining() {
+                // Shutting down: a Service should stop sending while connections drain.
+                text(StatusCode::SERVICE_UNAVAILABLE, "not ready: draining\n")
+            } else if shared.is_ready() {
                 text(StatusCode::OK, "ready\n")
             } else {
                 text(
@@ -142,6 +145,8 @@ pub(crate) fn config_json(shared: &Shared) -> Value {
                     .unwrap_or_default()
                     .as_str_name(),
                 "loadAware": r.load_balancer.as_ref().is_some_and(|lb| lb.load_aware),
+                // 0 when off (plain consistent hashing or another algorithm).
+                "hashBalanceFactor": r.load_balancer.as_ref().map_or(0, |lb| lb.hash_balance_factor),
                 "note": rt.note,
                 "timeoutMs": rt.timeout.map(|t| t.as_millis() as u64),
                 "minHealthyPercent": r.min_healthy_percent,

@@ -39,13 +39,17 @@ struct Args {
     /// Proxy worker threads, each with its own runtime and listener (default: one per core).
     #[arg(long, env = "WEIR_WORKERS")]
     workers: Option<usize>,
-    /// Time a client has to send a complete request head before its connection is closed
-    /// (slowloris guard), e.g. `10s`.
     /// How often the agent reports per-endpoint load (and cache counters) to the controller.
     #[arg(long, env = "WEIR_LOAD_REPORT_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
     load_report_interval: std::time::Duration,
+    /// Time a client has to send a complete request head before its connection is closed
+    /// (slowloris guard), e.g. `10s`.
     #[arg(long, env = "WEIR_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     header_read_timeout: std::time::Duration,
+    /// On SIGTERM or Ctrl-C, how long requests in flight may take to finish before the
+    /// connections still open are cut and the agent exits, e.g. `30s`.
+    #[arg(long, env = "WEIR_DRAIN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    drain_timeout: std::time::Duration,
     /// Client certificate for the controller stream (PEM).
     #[arg(long, env = "WEIR_TLS_CERT")]
     tls_cert: Option<PathBuf>,
@@ -103,8 +107,10 @@ fn main() -> anyhow::Result<()> {
     let limits = listen::Limits {
         header_read_timeout: args.header_read_timeout,
     };
+    let drain = listen::Drain::new();
     for (i, listener) in listeners.into_iter().enumerate() {
         let routing = shared.routing();
+        let drain = drain.clone();
         std::thread::Builder::new()
             .name(format!("weir-worker-{i}"))
             .spawn(move || {
@@ -118,7 +124,7 @@ fn main() -> anyhow::Result<()> {
                         std::process::exit(1);
                     }
                 };
-                if let Err(e) = rt.block_on(listen::serve(listener, routing, limits)) {
+                if let Err(e) = rt.block_on(listen::serve(listener, routing, limits, drain)) {
                     tracing::error!(error = %e, "worker stopped");
                     std::process::exit(1);
                 }
@@ -143,6 +149,14 @@ fn main() -> anyhow::Result<()> {
             args.load_report_interval,
         ));
         shutdown_signal().await;
+        // Not ready first, so that a Service stops sending while the listeners close.
+        shared.set_draining();
+        drain.start();
+        tracing::info!(open = drain.open(), timeout = ?args.drain_timeout, "weir-agent draining");
+        let cut = drain.wait_closed(args.drain_timeout).await;
+        if cut > 0 {
+            tracing::warn!(cut, "drain timeout passed; cutting the connections still open");
+        }
         tracing::info!("weir-agent stopping");
         // Persistence is asynchronous: write the table applied last if it is not on disk
         // yet, but do not let a hung disk hold the shutdown forever.

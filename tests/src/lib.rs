@@ -89,6 +89,20 @@ impl Proc {
     }
 }
 
+impl Proc {
+    /// Sends SIGTERM without waiting (the process drains, then exits).
+    pub fn signal_term(&self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+    }
+
+    /// The exit status if the process has exited (does not block).
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+}
+
 impl Drop for Proc {
     fn drop(&mut self) {
         self.kill();

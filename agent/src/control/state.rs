@@ -137,6 +137,8 @@ pub struct Shared {
     /// What the request path reads: the table in force, the counters, endpoint health.
     pub(crate) routing: Arc<Routing>,
     ready: AtomicBool,
+    /// Set on SIGTERM: not ready any more, whatever the table.
+    draining: AtomicBool,
     status: Mutex<ControlStatus>,
     state_dir: Option<PathBuf>,
     /// Serialises table builds (controller updates and health rebuilds); never taken on the
@@ -160,6 +162,7 @@ impl Shared {
             zone,
             routing: Arc::new(Routing::new(Metrics::new(), Endpoints::new(tx))),
             ready: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
             status: Mutex::new(ControlStatus::default()),
             state_dir,
             writer: Mutex::new(Writer::default()),
@@ -211,9 +214,18 @@ impl Shared {
         }
     }
 
-    /// Ready once any routing table is in force.
+    /// Ready once any routing table is in force (`/readyz` also asks [`Self::is_draining`]).
     pub(crate) fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire)
+    }
+
+    /// The agent is shutting down: `/readyz` answers not-ready from now on.
+    pub fn set_draining(&self) {
+        self.draining.store(true, Ordering::Release);
+    }
+
+    pub(crate) fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
     }
 
     pub(crate) fn status(&self) -> ControlStatus {

@@ -8,6 +8,7 @@
 
 use super::Limits;
 use super::detect::Rewind;
+use super::drain::Drain;
 use crate::route::Worker;
 use http::{HeaderValue, Request};
 use http_body_util::Either;
@@ -26,12 +27,30 @@ pub(super) fn builder(limits: Limits) -> Builder {
     http1
 }
 
-/// Serves one HTTP/1.1 connection until it closes.
-pub(super) async fn serve_h1(http1: &Builder, io: Rewind, worker: Arc<Worker>, peer: HeaderValue) {
+/// Serves one HTTP/1.1 connection until it closes. When `drain` starts, an idle connection
+/// is closed at once, and a busy one after the answer in progress (sent with
+/// `Connection: close`): hyper's graceful shutdown turns keep-alive off.
+pub(super) async fn serve_h1(
+    http1: &Builder,
+    io: Rewind,
+    worker: Arc<Worker>,
+    peer: HeaderValue,
+    drain: &Drain,
+) {
     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
         worker.clone().handle(req.map(Either::Left), peer.clone())
     });
-    if let Err(e) = http1.serve_connection(TokioIo::new(io), svc).await {
+    let conn = http1.serve_connection(TokioIo::new(io), svc);
+    tokio::pin!(conn);
+    let served = tokio::select! {
+        biased;
+        r = conn.as_mut() => r,
+        () = drain.started() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = served {
         tracing::trace!(error = %e, "connection ended with an error");
     }
 }

@@ -11,6 +11,7 @@
 //! 0.85–1.08× (`tests/bench/CACHE_AND_GRPC.md`, session 4).
 
 use super::detect::Rewind;
+use super::drain::Drain;
 use crate::http::h2::{H2Body, Pipe, keepalive};
 use crate::route::{Body, Worker};
 use bytes::Bytes;
@@ -39,7 +40,11 @@ const PING_TIMEOUT: Duration = Duration::from_secs(20);
 /// streams reset before they were accepted and the connection is closed with GOAWAY; header
 /// blocks (CONTINUATION floods) are capped at 64 KiB; a stream the client resets drops its
 /// request future, which cancels the upstream request.
-pub(super) async fn serve_h2(io: Rewind, worker: Arc<Worker>, peer: HeaderValue) {
+///
+/// When `drain` starts, the client gets a GOAWAY (h2's graceful shutdown: a first one with
+/// the largest stream id, then one naming the last stream accepted); the streams in
+/// flight finish and the connection closes when they have.
+pub(super) async fn serve_h2(io: Rewind, worker: Arc<Worker>, peer: HeaderValue, drain: &Drain) {
     // Windows as hyper's server sets them (1 MiB per stream and per connection).
     let conn = h2::server::Builder::new()
         .max_concurrent_streams(1024)
@@ -65,6 +70,9 @@ pub(super) async fn serve_h2(io: Rewind, worker: Arc<Worker>, peer: HeaderValue)
         task: AtomicWaker::new(),
     });
     let conn_waker = Waker::from(wake.clone());
+    // Set once draining starts; read only when the connection is polled anyway.
+    let draining = AtomicBool::new(false);
+    let mut goaway_sent = false;
     let served = poll_fn(|cx| {
         wake.task.register(cx.waker());
         // The connection is polled only when it asked to be (its socket is ready, or a
@@ -74,6 +82,10 @@ pub(super) async fn serve_h2(io: Rewind, worker: Arc<Worker>, peer: HeaderValue)
         // (session 4, tests/bench/CACHE_AND_GRPC.md), so the own waker stays.
         if wake.woken.swap(false, Ordering::AcqRel) {
             let mut ccx = Context::from_waker(&conn_waker);
+            if !goaway_sent && draining.load(Ordering::Relaxed) {
+                goaway_sent = true;
+                conn.graceful_shutdown();
+            }
             loop {
                 match conn.poll_accept(&mut ccx) {
                     Poll::Ready(Some(Ok((req, respond)))) => {
@@ -106,15 +118,27 @@ pub(super) async fn serve_h2(io: Rewind, worker: Arc<Worker>, peer: HeaderValue)
         }
         Poll::Pending
     });
-    tokio::select! {
-        biased;
-        r = served => {
-            if let Err(e) = r {
-                tracing::trace!(error = %e, "HTTP/2 connection ended with an error");
+    tokio::pin!(served, keepalive);
+    let drain_started = drain.started();
+    tokio::pin!(drain_started);
+    loop {
+        tokio::select! {
+            biased;
+            r = &mut served => {
+                if let Err(e) = r {
+                    tracing::trace!(error = %e, "HTTP/2 connection ended with an error");
+                }
+                return;
             }
-        }
-        () = keepalive => {
-            tracing::debug!("HTTP/2 client did not answer a PING; closing the connection");
+            () = &mut keepalive => {
+                tracing::debug!("HTTP/2 client did not answer a PING; closing the connection");
+                return;
+            }
+            () = &mut drain_started, if !draining.load(Ordering::Relaxed) => {
+                // The connection's next poll (right away: it is marked woken) sends GOAWAY.
+                draining.store(true, Ordering::Relaxed);
+                wake.wake_by_ref();
+            }
         }
     }
 }

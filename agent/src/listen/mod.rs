@@ -10,10 +10,12 @@
 
 mod bind;
 mod detect;
+mod drain;
 mod h1;
 mod h2;
 
 pub use bind::bind_listeners;
+pub use drain::Drain;
 
 use crate::http::headers::peer_header;
 use crate::route::{Routing, Worker};
@@ -38,11 +40,15 @@ impl Default for Limits {
     }
 }
 
-/// Accepts and serves connections on `listener` until the runtime stops.
+/// Accepts and serves connections on `listener` until `drain` starts; then closes the
+/// listener (so a new agent can bind the address) and keeps serving the open connections,
+/// which wind down on their own (see [`h1::serve_h1`], [`h2::serve_h2`]). Never returns
+/// once draining: the process exits when the connections are done or the drain times out.
 pub async fn serve(
     listener: std::net::TcpListener,
     routing: Arc<Routing>,
     limits: Limits,
+    drain: Drain,
 ) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::from_std(listener)?;
     let worker = Arc::new(Worker::new(routing));
@@ -58,7 +64,12 @@ pub async fn serve(
     });
     let http1 = Arc::new(h1::builder(limits));
     loop {
-        let (stream, peer) = match listener.accept().await {
+        let accepted = tokio::select! {
+            biased;
+            () = drain.started() => break,
+            a = listener.accept() => a,
+        };
+        let (stream, peer) = match accepted {
             Ok(s) => s,
             Err(e) => {
                 // Out of file descriptors and the like: back off instead of spinning.
@@ -71,17 +82,33 @@ pub async fn serve(
         let worker = worker.clone();
         let http1 = http1.clone();
         let first_bytes = limits.header_read_timeout;
+        let drain = drain.clone();
+        let guard = drain.track();
         tokio::spawn(async move {
+            let _guard = guard;
             let peer = peer_header(peer.ip());
-            // A client that never sends its first bytes is a slowloris too.
-            let Ok(Some(proto)) = tokio::time::timeout(first_bytes, detect::detect(stream)).await
-            else {
+            // A client that never sends its first bytes is a slowloris too; one that has
+            // sent nothing when draining starts has nothing in flight, and is closed.
+            let detected = tokio::select! {
+                biased;
+                d = tokio::time::timeout(first_bytes, detect::detect(stream)) => d,
+                () = drain.started() => return,
+            };
+            let Ok(Some(proto)) = detected else {
                 return;
             };
             match proto {
-                detect::Protocol::H2(io) => h2::serve_h2(io, worker, peer).await,
-                detect::Protocol::Http1(io) => h1::serve_h1(&http1, io, worker, peer).await,
+                detect::Protocol::H2(io) => h2::serve_h2(io, worker, peer, &drain).await,
+                detect::Protocol::Http1(io) => {
+                    h1::serve_h1(&http1, io, worker, peer, &drain).await;
+                }
             }
         });
     }
+    // Closing the listener refuses new connections (and frees the address); connections
+    // already accepted but not yet taken by `accept` are reset by the kernel.
+    drop(listener);
+    tracing::debug!("listener closed; draining connections");
+    std::future::pending::<()>().await;
+    Ok(())
 }
