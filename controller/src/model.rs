@@ -69,6 +69,12 @@ pub const RETRY_CONDITIONS: [&str; 11] = [
 /// the routing computation far from overflow.
 pub const MAX_WEIGHT: i64 = 1_000_000;
 
+/// Bounds of `loadBalancer.hashBalanceFactor` (percent of the mean load). At 100 or less the
+/// bounds would leave no slack and almost every request would walk away from its key; above
+/// 1000 the bound never binds in practice (HAProxy accepts the same kind of range).
+pub const MIN_HASH_BALANCE_FACTOR: u32 = 101;
+pub const MAX_HASH_BALANCE_FACTOR: u32 = 1000;
+
 /// The highest failover tier (`priority`).
 pub const MAX_PRIORITY: i64 = 15;
 
@@ -231,6 +237,14 @@ pub struct LoadBalancer {
     /// default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub load_aware: Option<bool>,
+    /// Bounded-load consistent hashing, in percent (HAProxy's hash-balance-factor): with
+    /// RingHash or Maglev, no endpoint takes a new request while its requests in flight reach
+    /// factor/100 × the mean per endpoint (weighted, counting the new request); the request
+    /// goes to the next endpoint on the ring (Maglev: the key's next probe). Only requests
+    /// that would overload an endpoint move, so keys stay put while load is even. 125 caps
+    /// every endpoint at 1.25 × the mean. Valid: 101–1000; unset: plain consistent hashing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash_balance_factor: Option<u32>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]

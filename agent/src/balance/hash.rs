@@ -1,7 +1,10 @@
 //! Consistent hashing: a ketama-style ring (`RING_HASH`) and a Maglev table (`MAGLEV`), both
-//! keyed on stable endpoint ids, and XXH64 for keys and ids.
+//! keyed on stable endpoint ids, optionally with bounded loads ([`LoadBound`]), and XXH64 for
+//! keys and ids.
 
+use super::load::EndpointLoad;
 use super::mix64;
+use std::sync::Arc;
 
 /// Ring points per target of mean weight. Constant so that a target's points do not depend
 /// on how many other targets there are: removing one target then moves only its own keys.
@@ -27,6 +30,60 @@ pub(crate) const MAGLEV_SIZES: [u32; 5] = [4_099, 16_411, 65_537, 262_147, 1_048
 /// within 1/64 of its weight and the extra keys moved on a change small.
 pub(crate) const MAGLEV_ENTRIES_PER_TARGET: u64 = 64;
 
+/// Extra Maglev probes a key tries, past its own slot, before a bounded-load pick falls back
+/// to scanning the targets in order: with a factor above 1 at least one target always has
+/// room, so a few probes nearly always find one and the scan only guards the pathological
+/// case (every probe landing on the few full targets).
+pub(crate) const MAGLEV_BOUNDED_PROBES: u64 = 16;
+
+/// Bounded-load consistent hashing (Mirrokni, Thorup and Zadimoghaddam, "Consistent Hashing
+/// with Bounded Loads", 2018; HAProxy's `hash-balance-factor`): a target takes a new request
+/// only while its requests in flight stay below `factor/100 × (all in flight + 1) × its
+/// weight share`. A full target passes the request on along the key's own sequence (the next
+/// ring points, further Maglev probes), so a key moves only while its target is overloaded,
+/// and with no load anywhere every pick is exactly the plain consistent-hashing one. The
+/// bound is weighted so a 3:1 split between Services stays 3:1 under load.
+#[derive(Debug)]
+pub(crate) struct LoadBound {
+    /// Percent, > 100.
+    factor: u64,
+    weights: Box<[u32]>,
+    total_weight: u64,
+}
+
+impl LoadBound {
+    pub(super) fn new(factor: u32, weights: &[u32]) -> Self {
+        Self {
+            factor: u64::from(factor),
+            weights: weights.into(),
+            total_weight: weights.iter().map(|&w| u64::from(w)).sum::<u64>().max(1),
+        }
+    }
+
+    /// The requests in flight over all targets, read once per pick: O(targets), paid only by
+    /// rules that set a factor.
+    #[inline]
+    pub(super) fn total(loads: &[Arc<EndpointLoad>]) -> u64 {
+        loads.iter().map(|l| u64::from(l.in_flight())).sum()
+    }
+
+    /// Whether target `i`, with `in_flight` requests, may take one more when `total` are in
+    /// flight overall: `in_flight < ceil(c × (total + 1) × w_i / W)`, which for an integer
+    /// count is `in_flight × W × 100 < factor × (total + 1) × w_i` (exact, in u128).
+    #[inline]
+    pub(super) fn has_room(&self, i: usize, in_flight: u32, total: u64) -> bool {
+        let w = self.weights.get(i).copied().unwrap_or(0);
+        u128::from(in_flight) * u128::from(self.total_weight) * 100
+            < u128::from(self.factor) * u128::from(total + 1) * u128::from(w)
+    }
+
+    #[inline]
+    fn target_has_room(&self, i: usize, loads: &[Arc<EndpointLoad>], total: u64) -> bool {
+        let in_flight = loads.get(i).map_or(0, |l| l.in_flight());
+        self.has_room(i, in_flight, total)
+    }
+}
+
 /// Ketama-style consistent hashing ring: each target owns points in proportion to its weight;
 /// a key belongs to the first point at or after it (wrapping).
 ///
@@ -40,6 +97,8 @@ pub(crate) struct Ring {
     pub(super) points: Box<[u32]>,
     /// Target index owning `points[i]`.
     pub(super) owners: Box<[u32]>,
+    /// Set by `hashBalanceFactor`.
+    pub(super) bound: Option<LoadBound>,
 }
 
 impl Ring {
@@ -75,15 +134,49 @@ impl Ring {
         Self {
             points: points.into_boxed_slice(),
             owners: owners.into_boxed_slice(),
+            bound: None,
         }
     }
 
     #[inline]
-    pub(super) fn pick(&self, hash: u64) -> usize {
+    fn first_point(&self, hash: u64) -> usize {
         let key = (hash >> 32) as u32;
         let i = self.points.partition_point(|&p| p < key);
-        let i = if i == self.points.len() { 0 } else { i };
-        self.owners.get(i).map_or(0, |&o| o as usize)
+        if i == self.points.len() { 0 } else { i }
+    }
+
+    #[inline]
+    pub(super) fn pick(&self, hash: u64) -> usize {
+        self.owners
+            .get(self.first_point(hash))
+            .map_or(0, |&o| o as usize)
+    }
+
+    /// [`Ring::pick`] with bounded loads: the first target with room clockwise from the key.
+    /// If none has room (counts read while other threads change them can, briefly, say so),
+    /// the plain pick.
+    pub(super) fn pick_bounded(
+        &self,
+        hash: u64,
+        bound: &LoadBound,
+        loads: &[Arc<EndpointLoad>],
+    ) -> usize {
+        let start = self.first_point(hash);
+        let total = LoadBound::total(loads);
+        let n = self.owners.len();
+        let mut last_full = u32::MAX;
+        for step in 0..n {
+            let owner = self.owners[(start + step) % n];
+            // Consecutive points of one full target need not be checked again.
+            if owner == last_full {
+                continue;
+            }
+            if bound.target_has_room(owner as usize, loads, total) {
+                return owner as usize;
+            }
+            last_full = owner;
+        }
+        self.pick(hash)
     }
 
     #[cfg(test)]
@@ -102,6 +195,10 @@ impl Ring {
 pub(crate) struct MaglevTable {
     /// Target index for each slot; the length is one of [`MAGLEV_SIZES`].
     pub(super) table: Box<[u32]>,
+    /// Set by `hashBalanceFactor`.
+    pub(super) bound: Option<LoadBound>,
+    /// Number of targets (weight-0 ones included), for the bounded-load fallback scan.
+    pub(super) targets: u32,
 }
 
 impl MaglevTable {
@@ -166,6 +263,8 @@ impl MaglevTable {
         }
         Self {
             table: table.into_boxed_slice(),
+            bound: None,
+            targets: weights.len() as u32,
         }
     }
 
@@ -175,6 +274,39 @@ impl MaglevTable {
         self.table
             .get((hash % len.max(1)) as usize)
             .map_or(0, |&t| t as usize)
+    }
+
+    /// [`MaglevTable::pick`] with bounded loads. Maglev keeps no per-key preference list, so a
+    /// key's "next preferences" are its own fixed probe sequence (the slots of
+    /// `mix64(hash + k·φ)`, k = 1, 2, …): the same key always spills the same way, and each
+    /// probe lands on a target in proportion to its weight. Past
+    /// [`MAGLEV_BOUNDED_PROBES`] probes, the first target with room in index order from a
+    /// key-derived start; if none has room, the plain pick.
+    pub(super) fn pick_bounded(
+        &self,
+        hash: u64,
+        bound: &LoadBound,
+        loads: &[Arc<EndpointLoad>],
+    ) -> usize {
+        let first = self.pick(hash);
+        let total = LoadBound::total(loads);
+        if bound.target_has_room(first, loads, total) {
+            return first;
+        }
+        for k in 1..=MAGLEV_BOUNDED_PROBES {
+            let t = self.pick(mix64(
+                hash.wrapping_add(k.wrapping_mul(0x9e37_79b9_7f4a_7c15)),
+            ));
+            if bound.target_has_room(t, loads, total) {
+                return t;
+            }
+        }
+        let n = u64::from(self.targets.max(1));
+        let start = super::below(mix64(hash), n);
+        (0..n)
+            .map(|k| ((start + k) % n) as usize)
+            .find(|&t| bound.target_has_room(t, loads, total))
+            .unwrap_or(first)
     }
 
     #[cfg(test)]

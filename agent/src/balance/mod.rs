@@ -24,6 +24,10 @@
 //!   address), never on indices, so removing one endpoint does not disturb the others. Keys
 //!   are hashed with XXH64 ([`hash_key`]), a published, versioned algorithm: the same key maps
 //!   to the same endpoint on every agent and across upgrades.
+//! - Bounded-load consistent hashing (`hashBalanceFactor`, [`hash::LoadBound`]) reads the live
+//!   in-flight counts at pick time rather than reshaping the ring or table: the tables stay
+//!   exactly those of plain hashing, so only requests that would overload a target move, and
+//!   they move back as soon as it drains.
 //! - Zone-aware routing ([`zone_aware_weights`]) keeps a rule's traffic in the agent's zone only
 //!   while that zone holds enough healthy capacity for its share of the callers, and decides
 //!   per Service so locality never changes the split between Services.
@@ -44,7 +48,7 @@ pub(crate) use hash::{endpoint_id, hash_key};
 pub(crate) use load::{EndpointLoad, InFlight};
 pub(crate) use zone::{Placement, zone_aware_weights};
 
-use hash::{MaglevTable, Ring};
+use hash::{LoadBound, MaglevTable, Ring};
 use p2c::TwoChoices;
 use random::AliasTable;
 use rr::RoundRobin;
@@ -94,6 +98,21 @@ impl Picker {
         }
     }
 
+    /// Bounded loads for consistent hashing ([`hash::LoadBound`]): `factor` percent (> 100)
+    /// of the mean in-flight load per unit of weight. `weights` must be those the picker was
+    /// built with. 0 turns it off; other algorithms ignore it (validation refuses the
+    /// combination, and it would make no sense: they already spread load).
+    pub(crate) fn with_hash_balance_factor(mut self, factor: u32, weights: &[u32]) -> Picker {
+        if factor > 100 {
+            match &mut self {
+                Picker::RingHash(ring) => ring.bound = Some(LoadBound::new(factor, weights)),
+                Picker::Maglev(table) => table.bound = Some(LoadBound::new(factor, weights)),
+                _ => {}
+            }
+        }
+        self
+    }
+
     /// The index of the target for one request, or `None` if there is none.
     ///
     /// - `hash`: the request's key hashed with [`hash_key`], for `RingHash` and `Maglev`;
@@ -118,8 +137,14 @@ impl Picker {
             Picker::PeakEwma(p2c) => Some(p2c.peak_ewma(loads, rand, now_nanos)),
             // A random word is a uniformly random key: it lands on each target in proportion
             // to its share of the ring / table, i.e. its weight.
-            Picker::RingHash(ring) => Some(ring.pick(hash.unwrap_or(rand))),
-            Picker::Maglev(table) => Some(table.pick(hash.unwrap_or(rand))),
+            Picker::RingHash(ring) => Some(match &ring.bound {
+                None => ring.pick(hash.unwrap_or(rand)),
+                Some(b) => ring.pick_bounded(hash.unwrap_or(rand), b, loads),
+            }),
+            Picker::Maglev(table) => Some(match &table.bound {
+                None => table.pick(hash.unwrap_or(rand)),
+                Some(b) => table.pick_bounded(hash.unwrap_or(rand), b, loads),
+            }),
         }
     }
 }

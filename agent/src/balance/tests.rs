@@ -830,3 +830,158 @@ proptest! {
         }
     }
 }
+
+// --- bounded-load consistent hashing ------------------------------------------------------
+
+fn bounded(algorithm: Algorithm, weights: &[u32], factor: u32) -> Picker {
+    Picker::build(algorithm, weights, &ids(weights.len())).with_hash_balance_factor(factor, weights)
+}
+
+/// The bound a pick must respect: `ceil(factor/100 × total × w_i / W)` with `total` the
+/// requests in flight once the new one has started.
+fn cap(factor: u32, total: u64, weights: &[u32], i: usize) -> u64 {
+    let w_total: u64 = weights.iter().map(|&w| u64::from(w)).sum();
+    (u64::from(factor) * total * u64::from(weights[i])).div_ceil(100 * w_total)
+}
+
+#[test]
+fn bounded_load_hashing_without_load_picks_exactly_like_plain_hashing() {
+    let mut rng = SmallRng::seed_from_u64(16);
+    for algorithm in HASHING {
+        let weights = [1, 2, 1, 3, 1];
+        let plain = Picker::build(algorithm, &weights, &ids(weights.len()));
+        let idle = loads(weights.len());
+        for factor in [101, 125, 1000] {
+            let b = bounded(algorithm, &weights, factor);
+            for _ in 0..5_000 {
+                let h = rng.random::<u64>();
+                assert_eq!(
+                    b.pick(Some(h), &idle, 0, T0),
+                    plain.pick(Some(h), &idle, 0, T0)
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn one_hot_key_spills_to_other_targets_and_none_exceeds_the_bound() {
+    for algorithm in HASHING {
+        let weights = [1u32; 5];
+        let l = loads(weights.len());
+        let p = bounded(algorithm, &weights, 125);
+        let plain = Picker::build(algorithm, &weights, &ids(weights.len()));
+        let home = plain.pick(Some(42), &l, 0, T0).expect("a target");
+        // 100 concurrent requests for one key: plain hashing would put all of them on `home`.
+        for n in 1..=100u64 {
+            let i = p.pick(Some(42), &l, 0, T0).expect("a target");
+            l[i].start();
+            assert!(
+                u64::from(l[i].in_flight()) <= cap(125, n, &weights, i),
+                "{algorithm:?}"
+            );
+        }
+        let counts: Vec<u32> = l.iter().map(|x| x.in_flight()).collect();
+        // 1.25 × 100 / 5 = 25 each at most, so the hot key reached at least 4 targets.
+        assert!(counts.iter().all(|&c| c <= 25), "{algorithm:?}: {counts:?}");
+        assert_eq!(counts[home], 25, "{algorithm:?}: {counts:?}");
+    }
+}
+
+#[test]
+fn only_keys_of_a_full_target_move() {
+    let mut rng = SmallRng::seed_from_u64(7);
+    for algorithm in HASHING {
+        let weights = [1u32; 4];
+        let l = loads(weights.len());
+        let plain = Picker::build(algorithm, &weights, &ids(weights.len()));
+        let p = bounded(algorithm, &weights, 150);
+        // Target 0 holds 10 of 12 in flight: its cap is ceil(1.5 × 13 / 4) = 5, so it is full;
+        // the others (1 each) have room.
+        for _ in 0..10 {
+            l[0].start();
+        }
+        l[1].start();
+        l[2].start();
+        let (mut moved, mut kept) = (0, 0);
+        for _ in 0..5_000 {
+            let h = rng.random::<u64>();
+            let home = plain.pick(Some(h), &l, 0, T0).expect("a target");
+            let got = p.pick(Some(h), &l, 0, T0).expect("a target");
+            if home == 0 {
+                assert_ne!(got, 0, "{algorithm:?}");
+                moved += 1;
+            } else {
+                assert_eq!(
+                    got, home,
+                    "{algorithm:?}: a key of a target with room moved"
+                );
+                kept += 1;
+            }
+        }
+        assert!(moved > 0 && kept > 0);
+    }
+}
+
+#[test]
+fn the_bound_follows_the_weights() {
+    for algorithm in HASHING {
+        let weights = [3u32, 1];
+        let l = loads(2);
+        let p = bounded(algorithm, &weights, 110);
+        let mut rng = SmallRng::seed_from_u64(3);
+        for n in 1..=400u64 {
+            let i = p
+                .pick(Some(rng.random::<u64>() % 4), &l, 0, T0)
+                .expect("a target");
+            l[i].start();
+            assert!(u64::from(l[i].in_flight()) <= cap(110, n, &weights, i));
+        }
+        // Only four keys, yet about 3:1 (each capped at 1.1 × its share).
+        let (a, b) = (l[0].in_flight(), l[1].in_flight());
+        assert!(a <= 330 && b <= 110 && a + b == 400, "{a} {b}");
+    }
+}
+
+#[test]
+fn the_factor_is_ignored_by_other_algorithms_and_when_off() {
+    for algorithm in ALL {
+        let p = Picker::build(algorithm, &[1, 1], &ids(2)).with_hash_balance_factor(0, &[1, 1]);
+        match &p {
+            Picker::RingHash(r) => assert!(r.bound.is_none()),
+            Picker::Maglev(m) => assert!(m.bound.is_none()),
+            _ => {}
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(100))]
+
+    /// Skewed keys (a few hot ones), requests starting and ending in any order: every pick
+    /// lands on a target within its bound, counting the new request.
+    #[test]
+    fn no_pick_exceeds_the_bound_under_skewed_keys(
+        maglev in any::<bool>(),
+        weights in proptest::collection::vec(1u32..5, 1..10),
+        factor in 101u32..400,
+        ops in proptest::collection::vec((0u64..6, any::<bool>(), any::<u64>()), 1..300),
+    ) {
+        let algorithm = if maglev { Algorithm::Maglev } else { Algorithm::RingHash };
+        let p = bounded(algorithm, &weights, factor);
+        let l = loads(weights.len());
+        for (key, end, r) in ops {
+            if end {
+                let i = (r % weights.len() as u64) as usize;
+                l[i].release();
+                continue;
+            }
+            let i = p.pick(Some(hash_key(&key.to_le_bytes())), &l, r, T0).expect("a target");
+            l[i].start();
+            let total: u64 = l.iter().map(|x| u64::from(x.in_flight())).sum();
+            prop_assert!(u64::from(l[i].in_flight()) <= cap(factor, total, &weights, i),
+                "{:?} target {} over its bound: {:?}", algorithm, i,
+                l.iter().map(|x| x.in_flight()).collect::<Vec<_>>());
+        }
+    }
+}

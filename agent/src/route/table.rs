@@ -340,7 +340,7 @@ impl RouteRt {
         let mut rules = Vec::with_capacity(route.rules.len());
         for (i, rule) in route.rules.iter().enumerate() {
             rules.push(
-                RuleRt::build(rule, algorithm, min_healthy, ctx)
+                RuleRt::build(rule, algorithm, lb.hash_balance_factor, min_healthy, ctx)
                     .map_err(|m| err(format!("rules[{i}]: {m}")))?,
             );
         }
@@ -461,6 +461,7 @@ impl RuleRt {
     fn build(
         rule: &pb::Rule,
         algorithm: Algorithm,
+        hash_balance_factor: u32,
         min_healthy: u32,
         ctx: &BuildCtx<'_>,
     ) -> Result<Self, RuleError> {
@@ -545,7 +546,8 @@ impl RuleRt {
         let loads: Vec<Arc<EndpointLoad>> = targets.iter().map(|t| t.health.load.clone()).collect();
         Ok(Self {
             matches: matches.into_boxed_slice(),
-            picker: Picker::build(algorithm, &weights, &ids),
+            picker: Picker::build(algorithm, &weights, &ids)
+                .with_hash_balance_factor(hash_balance_factor, &weights),
             targets: targets.into_boxed_slice(),
             loads: loads.into_boxed_slice(),
             members: members.into_boxed_slice(),

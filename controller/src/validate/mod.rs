@@ -15,8 +15,8 @@
 
 use crate::model::{
     ALGORITHMS, BackendRef, Cache, DEFAULT_EVICTION, DEFAULT_MIN_HEALTHY_PERCENT, EVICTION_NAMES,
-    EVICTIONS, HealthCheck, LoadBalancer, MAX_PRIORITY, MAX_RETRY_ATTEMPTS, MAX_WEIGHT, Match,
-    OutlierDetection, RETRY_CONDITIONS, Retry, Rule, TrafficPolicySpec,
+    EVICTIONS, HealthCheck, LoadBalancer, MAX_HASH_BALANCE_FACTOR, MAX_PRIORITY, MAX_RETRY_ATTEMPTS, MAX_WEIGHT, Match,
+    MIN_HASH_BALANCE_FACTOR, OutlierDetection, RETRY_CONDITIONS, Retry, Rule, TrafficPolicySpec,
 };
 mod syntax;
 #[cfg(test)]
@@ -233,10 +233,37 @@ impl Validator {
                  move keys between endpoints all the time",
             );
         }
+        let hash_balance_factor = match lb.and_then(|lb| lb.hash_balance_factor) {
+            None => 0,
+            Some(f) if !needs_key => {
+                self.error(
+                    format_args!("spec.loadBalancer.hashBalanceFactor"),
+                    format_args!(
+                        "{f} is set but only applies to RingHash and Maglev (bounded-load \
+                         consistent hashing); remove it or choose one of those algorithms"
+                    ),
+                );
+                0
+            }
+            Some(f) if !(MIN_HASH_BALANCE_FACTOR..=MAX_HASH_BALANCE_FACTOR).contains(&f) => {
+                self.error(
+                    format_args!("spec.loadBalancer.hashBalanceFactor"),
+                    format_args!(
+                        "{f} is out of range: a percent of the mean load from \
+                         {MIN_HASH_BALANCE_FACTOR} to {MAX_HASH_BALANCE_FACTOR} (125 caps every \
+                         endpoint at 1.25 x the mean; 100 or less would leave no room to \
+                         hash at all)"
+                    ),
+                );
+                0
+            }
+            Some(f) => f,
+        };
         pb::LoadBalancer {
             algorithm: algorithm as i32,
             hash_on: hash_on.map(|key| pb::HashOn { key: Some(key) }),
             load_aware,
+            hash_balance_factor,
         }
     }
 

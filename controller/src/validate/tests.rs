@@ -52,6 +52,7 @@ fn a_minimal_policy_gets_the_documented_defaults() {
             algorithm: pb::Algorithm::RoundRobin as i32,
             hash_on: None,
             load_aware: false,
+            hash_balance_factor: 0,
         })
     );
     assert_eq!(route.min_healthy_percent, DEFAULT_MIN_HEALTHY_PERCENT);
@@ -116,6 +117,7 @@ fn the_full_design_doc_example_normalises_every_field() {
                 key: Some(pb::hash_on::Key::Header("x-user-id".to_owned()))
             }),
             load_aware: false,
+            hash_balance_factor: 0,
         })
     );
     assert_eq!(route.rules.len(), 2);
@@ -394,6 +396,7 @@ fn every_documented_algorithm_is_accepted() {
                 ..HashOn::default()
             }),
             load_aware: None,
+            hash_balance_factor: None,
         });
         let lb = valid(&spec).load_balancer.expect("always set");
         assert_eq!(lb.algorithm, algorithm as i32);
@@ -794,8 +797,60 @@ fn load_aware_weights_are_off_by_default_and_refused_with_consistent_hashing() {
             ..HashOn::default()
         }),
         load_aware: Some(true),
+        hash_balance_factor: None,
     });
     let errs = errors(&spec);
     assert_eq!(errs.len(), 1, "{errs:?}");
     assert!(errs[0].starts_with("spec.loadBalancer.loadAware: cannot be combined"));
+}
+
+#[test]
+fn hash_balance_factor_is_checked_and_needs_consistent_hashing() {
+    let hashing = |algorithm: &str, factor: Option<u32>| {
+        let mut spec = minimal();
+        spec.load_balancer = Some(LoadBalancer {
+            algorithm: Some(algorithm.to_owned()),
+            hash_on: Some(HashOn {
+                header: Some("x-user".to_owned()),
+                ..HashOn::default()
+            }),
+            hash_balance_factor: factor,
+            ..LoadBalancer::default()
+        });
+        spec
+    };
+    // Off unless set.
+    let lb = valid(&hashing("RingHash", None))
+        .load_balancer
+        .expect("set");
+    assert_eq!(lb.hash_balance_factor, 0);
+    for algorithm in ["RingHash", "Maglev"] {
+        for f in [101, 125, 1000] {
+            let lb = valid(&hashing(algorithm, Some(f)))
+                .load_balancer
+                .expect("set");
+            assert_eq!(lb.hash_balance_factor, f);
+        }
+        for f in [0, 50, 100, 1001] {
+            assert_single_error(
+                &hashing(algorithm, Some(f)),
+                &format!(
+                    "spec.loadBalancer.hashBalanceFactor: {f} is out of range: a percent of the \
+                     mean load from 101 to 1000 (125 caps every endpoint at 1.25 x the mean; 100 \
+                     or less would leave no room to hash at all)"
+                ),
+            );
+        }
+    }
+    let mut spec = minimal();
+    spec.load_balancer = Some(LoadBalancer {
+        algorithm: Some("LeastRequest".to_owned()),
+        hash_balance_factor: Some(125),
+        ..LoadBalancer::default()
+    });
+    assert_single_error(
+        &spec,
+        "spec.loadBalancer.hashBalanceFactor: 125 is set but only applies to RingHash and Maglev \
+         (bounded-load consistent hashing); remove it or choose one of those algorithms",
+    );
 }
