@@ -17,17 +17,20 @@ pub(crate) enum LocalReply {
     UpstreamTimeout,
     UpstreamError,
     BadRequest,
+    /// Ambiguous or unsupported request framing (RFC 9112 §6.1); the connection is closed.
+    BadFraming,
     CircuitOpen,
 }
 
 impl LocalReply {
-    pub(crate) const ALL: [LocalReply; 7] = [
+    pub(crate) const ALL: [LocalReply; 8] = [
         LocalReply::NoRoute,
         LocalReply::NoHealthyEndpoint,
         LocalReply::UpstreamConnect,
         LocalReply::UpstreamTimeout,
         LocalReply::UpstreamError,
         LocalReply::BadRequest,
+        LocalReply::BadFraming,
         LocalReply::CircuitOpen,
     ];
 
@@ -40,6 +43,7 @@ impl LocalReply {
             LocalReply::UpstreamTimeout => "upstream-timeout",
             LocalReply::UpstreamError => "upstream-error",
             LocalReply::BadRequest => "bad-request",
+            LocalReply::BadFraming => "bad-framing",
             LocalReply::CircuitOpen => "circuit-open",
         }
     }
@@ -47,10 +51,10 @@ impl LocalReply {
     /// The gRPC status a gRPC client gets for this reply.
     pub(crate) fn grpc_status(self) -> u32 {
         match self {
-            LocalReply::NoRoute => 12,        // UNIMPLEMENTED
-            LocalReply::UpstreamTimeout => 4, // DEADLINE_EXCEEDED
-            LocalReply::BadRequest => 13,     // INTERNAL
-            LocalReply::UpstreamError => 14,  // UNAVAILABLE
+            LocalReply::NoRoute => 12,                             // UNIMPLEMENTED
+            LocalReply::UpstreamTimeout => 4,                      // DEADLINE_EXCEEDED
+            LocalReply::BadRequest | LocalReply::BadFraming => 13, // INTERNAL
+            LocalReply::UpstreamError => 14,                       // UNAVAILABLE
             LocalReply::NoHealthyEndpoint
             | LocalReply::UpstreamConnect
             | LocalReply::CircuitOpen => 14,
@@ -64,7 +68,7 @@ impl LocalReply {
             LocalReply::NoHealthyEndpoint | LocalReply::CircuitOpen => S::SERVICE_UNAVAILABLE,
             LocalReply::UpstreamConnect | LocalReply::UpstreamError => S::BAD_GATEWAY,
             LocalReply::UpstreamTimeout => S::GATEWAY_TIMEOUT,
-            LocalReply::BadRequest => S::BAD_REQUEST,
+            LocalReply::BadRequest | LocalReply::BadFraming => S::BAD_REQUEST,
         }
     }
 }

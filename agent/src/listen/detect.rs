@@ -1,6 +1,7 @@
 //! Telling HTTP/1.1 from h2c on an accepted socket by its first bytes, and giving those bytes
 //! back to whichever server takes the connection ([`Rewind`]).
 
+use super::framing::FramingScan;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -41,6 +42,8 @@ pub(crate) struct Rewind {
     head: [u8; PREFACE.len()],
     pos: u8,
     len: u8,
+    /// HTTP/1.1 only: sees every byte read, for what hyper's parser hides (`framing`).
+    scan: Option<Box<FramingScan>>,
 }
 
 impl Rewind {
@@ -52,7 +55,13 @@ impl Rewind {
             head,
             pos: 0,
             len: read.len() as u8,
+            scan: None,
         }
+    }
+
+    /// Watches the request bytes for ambiguous framing (HTTP/1.1 connections).
+    pub(super) fn scan_framing(&mut self, scan: FramingScan) {
+        self.scan = Some(Box::new(scan));
     }
 }
 
@@ -63,14 +72,19 @@ impl AsyncRead for Rewind {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        let before = buf.filled().len();
         if this.pos < this.len {
             let rest = &this.head[this.pos as usize..this.len as usize];
             let n = rest.len().min(buf.remaining());
             buf.put_slice(&rest[..n]);
             this.pos += n as u8;
-            return Poll::Ready(Ok(()));
+        } else {
+            std::task::ready!(Pin::new(&mut this.io).poll_read(cx, buf))?;
         }
-        Pin::new(&mut this.io).poll_read(cx, buf)
+        if let Some(scan) = this.scan.as_mut() {
+            scan.scan(&buf.filled()[before..]);
+        }
+        Poll::Ready(Ok(()))
     }
 }
 

@@ -1,21 +1,26 @@
 //! Serving HTTP/1.1 client connections through hyper's server (over [`Rewind`], so hyper sees
 //! the bytes read for the protocol check).
 //!
-//! Request heads larger than 64 KiB get `431`, malformed ones `400` (hyper's strict parser);
-//! a request carrying both `Content-Length` and `Transfer-Encoding` is decoded as chunked,
-//! its `Content-Length` dropped and the connection closed after the answer (RFC 9112 §6.1),
-//! and since the agent re-frames every message it forwards, no ambiguity reaches upstreams.
+//! Request heads larger than 64 KiB get `431`, malformed ones `400` (hyper's strict parser:
+//! invalid or conflicting `Content-Length`, a final coding other than `chunked`); a request
+//! with both `Content-Length` and `Transfer-Encoding`, or with a `Transfer-Encoding` other
+//! than exactly `chunked`, gets `400` with `x-weir-error: bad-framing` and the connection
+//! closed, never forwarded (RFC 9112 §6.1; see `framing`).
 
 use super::Limits;
 use super::detect::Rewind;
 use super::drain::Drain;
+use super::framing::{FramingScan, bad_framing};
+use crate::http::reply::{LocalReply, local_reply};
 use crate::route::Worker;
+use futures::future;
 use http::{HeaderValue, Request};
 use http_body_util::Either;
 use hyper::body::Incoming;
 use hyper::server::conn::http1::Builder;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 
 /// hyper's HTTP/1.1 server, configured once per worker.
 pub(super) fn builder(limits: Limits) -> Builder {
@@ -37,8 +42,16 @@ pub(super) async fn serve_h1(
     peer: HeaderValue,
     drain: &Drain,
 ) {
+    let ambiguous = Arc::new(AtomicBool::new(false));
+    let mut io = io;
+    io.scan_framing(FramingScan::new(ambiguous.clone()));
     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-        worker.clone().handle(req.map(Either::Left), peer.clone())
+        if let Some(why) = bad_framing(req.headers(), &ambiguous) {
+            // Never forwarded; `Connection: close` makes hyper close after the answer.
+            let resp = local_reply(false, LocalReply::BadFraming, why).map(Either::Right);
+            return future::Either::Left(future::ready(Ok(resp)));
+        }
+        future::Either::Right(worker.clone().handle(req.map(Either::Left), peer.clone()))
     });
     let conn = http1.serve_connection(TokioIo::new(io), svc);
     tokio::pin!(conn);

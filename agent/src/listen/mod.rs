@@ -11,6 +11,7 @@
 mod bind;
 mod detect;
 mod drain;
+mod framing;
 mod h1;
 mod h2;
 
