@@ -150,8 +150,6 @@ async fn malformed_framing_is_refused_and_never_forwarded() {
             b"POST / HTTP/1.1\r\nHost: frame.test\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
         ),
     ];
-    // Not covered yet: an invalid chunk size is still forwarded head-first and answered 502
-    // (the body error surfaces as an upstream failure in route/forward.rs).
     let mut wrong = Vec::new();
     for (name, raw) in cases {
         let line = raw_exchange(agent.listen, raw).await;
@@ -161,4 +159,14 @@ async fn malformed_framing_is_refused_and_never_forwarded() {
     }
     assert!(wrong.is_empty(), "not refused with 4xx: {wrong:?}");
     assert_eq!(backend.hits(), 1, "a malformed request reached the origin");
+
+    // A malformed chunk is only found once the head is on its way (the agent streams bodies):
+    // the client's fault, answered 400 and its connection closed, not a 502 blamed on the
+    // origin.
+    let line = raw_exchange(
+        agent.listen,
+        b"POST / HTTP/1.1\r\nHost: frame.test\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+    )
+    .await;
+    assert!(line.starts_with("HTTP/1.1 400"), "bad chunk size: {line:?}");
 }

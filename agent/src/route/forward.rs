@@ -200,10 +200,11 @@ impl Worker {
                     outcome::log_error(&route, target, &e, kind);
                     // A request never sent is given back: the next try reuses it.
                     unsent = e.into_unsent();
-                    Err(if kind == RetryKind::Connect {
-                        LocalReply::UpstreamConnect
-                    } else {
-                        LocalReply::UpstreamError
+                    Err(match kind {
+                        RetryKind::Connect => LocalReply::UpstreamConnect,
+                        // The client's body broke mid-upload: its fault, answered 400.
+                        RetryKind::ClientBody => LocalReply::BadFraming,
+                        RetryKind::Refused | RetryKind::Reset => LocalReply::UpstreamError,
                     })
                 }
                 None => Err(LocalReply::UpstreamTimeout),

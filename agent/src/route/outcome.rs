@@ -30,6 +30,9 @@ pub(super) fn log_error(route: &RouteRt, target: &Target, e: &upstream::Error, k
         RetryKind::Reset => {
             tracing::debug!(route = %route.name, target = %target.addr, error = %e, "upstream request failed");
         }
+        RetryKind::ClientBody => {
+            tracing::debug!(route = %route.name, target = %target.addr, error = %e, "client request body malformed");
+        }
     }
 }
 
@@ -126,6 +129,7 @@ pub(super) fn fail(
     let msg = match reply {
         LocalReply::UpstreamConnect => "upstream connection failed",
         LocalReply::UpstreamTimeout => "upstream did not answer in time",
+        LocalReply::BadFraming => "malformed request body",
         _ => "upstream request failed",
     };
     local_reply(grpc, &route.counters, reply, msg)

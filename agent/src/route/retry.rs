@@ -132,6 +132,7 @@ pub(crate) fn classify(
             // As safe to send again as a connect failure, and no fault of the endpoint.
             RetryKind::Refused => (false, true),
             RetryKind::Reset => (true, policy.on_reset && (idempotent || grpc)),
+            RetryKind::ClientBody => (false, false),
         },
         None => (true, policy.on_timeout && idempotent),
     };

@@ -82,6 +82,9 @@ pub(crate) enum RetryKind {
     Refused,
     /// The exchange broke once the request was on its way: it may have been processed.
     Reset,
+    /// The client's own request body broke (a malformed chunk, a short body): no fault of
+    /// the endpoint and never sent again; the client gets `400` and its connection closes.
+    ClientBody,
 }
 
 impl Error {
@@ -89,6 +92,7 @@ impl Error {
     pub(crate) fn retry_kind(&self) -> RetryKind {
         match self {
             Error::Connect(..) => RetryKind::Connect,
+            Error::Http(H1Error::RequestBody(_)) => RetryKind::ClientBody,
             Error::Http(_) => RetryKind::Reset,
             Error::H2(e)
                 if e.reason() == Some(::h2::Reason::REFUSED_STREAM)

@@ -15,8 +15,9 @@
 
 use crate::model::{
     ALGORITHMS, BackendRef, Cache, DEFAULT_EVICTION, DEFAULT_MIN_HEALTHY_PERCENT, EVICTION_NAMES,
-    EVICTIONS, HealthCheck, LoadBalancer, MAX_HASH_BALANCE_FACTOR, MAX_PRIORITY, MAX_RETRY_ATTEMPTS, MAX_WEIGHT, Match,
-    MIN_HASH_BALANCE_FACTOR, OutlierDetection, RETRY_CONDITIONS, Retry, Rule, TrafficPolicySpec,
+    EVICTIONS, HealthCheck, LoadBalancer, MAX_HASH_BALANCE_FACTOR, MAX_PRIORITY,
+    MAX_RETRY_ATTEMPTS, MAX_WEIGHT, MIN_HASH_BALANCE_FACTOR, Match, OutlierDetection,
+    RETRY_CONDITIONS, Retry, Rule, TrafficPolicySpec,
 };
 mod syntax;
 #[cfg(test)]
