@@ -137,6 +137,7 @@ pub(crate) fn config_json(shared: &Shared) -> Value {
         .routes()
         .map(|rt| (rt, &rt.source))
         .map(|(rt, r)| {
+            let slow_start_ms = rt.slow_start.map_or(0, |s| s.window_ms);
             json!({
                 "name": r.name,
                 "hosts": r.hosts,
@@ -147,6 +148,7 @@ pub(crate) fn config_json(shared: &Shared) -> Value {
                 "loadAware": r.load_balancer.as_ref().is_some_and(|lb| lb.load_aware),
                 // 0 when off (plain consistent hashing or another algorithm).
                 "hashBalanceFactor": r.load_balancer.as_ref().map_or(0, |lb| lb.hash_balance_factor),
+                "slowStartWindowMs": rt.slow_start.map(|s| s.window_ms),
                 "note": rt.note,
                 "timeoutMs": rt.timeout.map(|t| t.as_millis() as u64),
                 "minHealthyPercent": r.min_healthy_percent,
@@ -166,7 +168,7 @@ pub(crate) fn config_json(shared: &Shared) -> Value {
                         "eviction": c.config().eviction.name(),
                     })
                 }),
-                "rules": rt.rules.iter().map(|rule| rule_json(rule, now)).collect::<Vec<_>>(),
+                "rules": rt.rules.iter().map(|rule| rule_json(rule, now, slow_start_ms)).collect::<Vec<_>>(),
             })
         })
         .collect();
@@ -180,8 +182,9 @@ pub(crate) fn config_json(shared: &Shared) -> Value {
     })
 }
 
-/// A rule with the weights in force and every endpoint's health and why.
-fn rule_json(rt: &RuleRt, now: u64) -> Value {
+/// A rule with the weights in force and every endpoint's health and why (and, with a slow
+/// start of `slow_start_ms`, until when each warming endpoint ramps up).
+fn rule_json(rt: &RuleRt, now: u64, slow_start_ms: u64) -> Value {
     let rule = &rt.effective;
     let mut members = rt.members.iter();
     json!({
@@ -218,6 +221,10 @@ fn rule_json(rt: &RuleRt, now: u64) -> Value {
                     "inFlight": health.map(|h| h.load.in_flight()),
                     "ejections": health.map(|h| h.ejections()),
                 });
+                // Wall-clock, unlike the agent's monotonic `now_ms`, so an operator can read it.
+                if let Some(until) = health.and_then(|h| h.warming_until(now, slow_start_ms)) {
+                    v["warmingUntilUnixMs"] = json!(unix_ms() + (until - now));
+                }
                 // The controller's load-aware factor, only where it moved off an even share.
                 if e.load_permille != 0 {
                     v["loadPermille"] = json!(e.load_permille);
@@ -226,6 +233,13 @@ fn rule_json(rt: &RuleRt, now: u64) -> Value {
             }).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
     })
+}
+
+/// Milliseconds since the Unix epoch (0 if the clock is before it).
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {

@@ -7,6 +7,10 @@
 //! is sent as an [`Event`] to the control thread, the single writer, which rebuilds the table
 //! with the new verdicts (weights, failover spill and panic recomputed by
 //! `weir_proto::weights`, exactly as the controller would).
+//!
+//! Slow start is kept here too: each endpoint remembers when it last started serving, which
+//! a table build notes ([`EndpointHealth::note_serving`]) and turns into a weight factor
+//! ([`slow_start_permille`]) — so the ramp costs nothing per request.
 
 use crate::balance::EndpointLoad;
 use crate::metrics::{EndpointCounters, Metrics};
@@ -93,6 +97,27 @@ pub(crate) struct EndpointHealth {
     consecutive_failures: AtomicU32,
     /// Why the endpoint is unhealthy, for `/config` (written only on transitions).
     reason: Mutex<Option<String>>,
+    /// `now_ms` when the endpoint last started serving (for slow start): [`NOT_SERVING`]
+    /// while it is not, [`SERVING_FROM_START`] if it already served in the agent's first
+    /// table. Written only by table builds.
+    serving_since: AtomicU64,
+}
+
+/// [`EndpointHealth::serving_since`] of an endpoint that is not serving (or not seen yet).
+const NOT_SERVING: u64 = u64::MAX;
+/// [`EndpointHealth::serving_since`] of an endpoint that was serving when the agent built
+/// its first table: it did not just start, so it does not ramp.
+const SERVING_FROM_START: u64 = 0;
+
+/// The share of its weight a warming endpoint gets, in per mille: linear in the time since it
+/// started serving, never below `min_percent`, 1000 once the window is over (or with no
+/// window).
+pub(crate) fn slow_start_permille(elapsed_ms: u64, window_ms: u64, min_percent: u32) -> u32 {
+    if window_ms == 0 || elapsed_ms >= window_ms {
+        return 1000;
+    }
+    let ramp = (elapsed_ms * 1000 / window_ms) as u32;
+    ramp.max(min_percent.min(100) * 10)
 }
 
 impl EndpointHealth {
@@ -106,6 +131,42 @@ impl EndpointHealth {
             ejections: AtomicU32::new(0),
             consecutive_failures: AtomicU32::new(0),
             reason: Mutex::new(None),
+            serving_since: AtomicU64::new(NOT_SERVING),
+        }
+    }
+
+    /// Notes at a table build whether the endpoint serves. An endpoint that starts serving
+    /// starts its slow start at `now_ms`, unless `initial` (the agent's first table: these
+    /// endpoints were serving before the agent came up).
+    pub(crate) fn note_serving(&self, serving: bool, now_ms: u64, initial: bool) {
+        let since = self.serving_since.load(Ordering::Relaxed);
+        if !serving {
+            self.serving_since.store(NOT_SERVING, Ordering::Relaxed);
+        } else if since == NOT_SERVING {
+            let start = if initial { SERVING_FROM_START } else { now_ms };
+            self.serving_since.store(start, Ordering::Relaxed);
+        }
+    }
+
+    /// When (`now_ms` clock) the slow start of a `window_ms` window ends, while it has not.
+    pub(crate) fn warming_until(&self, now_ms: u64, window_ms: u64) -> Option<u64> {
+        let since = self.serving_since.load(Ordering::Relaxed);
+        if window_ms == 0 || since == NOT_SERVING || since == SERVING_FROM_START {
+            return None;
+        }
+        let until = since.saturating_add(window_ms);
+        (until > now_ms).then_some(until)
+    }
+
+    /// This endpoint's slow-start factor in per mille at `now_ms` (1000: full weight).
+    pub(crate) fn slow_start_permille(&self, now_ms: u64, window_ms: u64, min_percent: u32) -> u32 {
+        match self.warming_until(now_ms, window_ms) {
+            None => 1000,
+            Some(until) => slow_start_permille(
+                now_ms.saturating_sub(until - window_ms),
+                window_ms,
+                min_percent,
+            ),
         }
     }
 
@@ -326,6 +387,39 @@ mod tests {
             assert_eq!(e.record(Outcome::Failure, &CFG, 0, || false), None);
         }
         assert!(e.is_healthy(1));
+    }
+
+    #[test]
+    fn slow_start_ramps_linearly_from_the_minimum_to_full_weight() {
+        assert_eq!(slow_start_permille(0, 10_000, 10), 100);
+        assert_eq!(slow_start_permille(500, 10_000, 10), 100);
+        assert_eq!(slow_start_permille(5_000, 10_000, 10), 500);
+        assert_eq!(slow_start_permille(9_999, 10_000, 10), 999);
+        assert_eq!(slow_start_permille(10_000, 10_000, 10), 1000);
+        assert_eq!(slow_start_permille(60_000, 10_000, 10), 1000);
+        assert_eq!(slow_start_permille(0, 10_000, 1), 10);
+        assert_eq!(slow_start_permille(0, 10_000, 100), 1000);
+        // No window: no ramp.
+        assert_eq!(slow_start_permille(0, 0, 10), 1000);
+    }
+
+    #[test]
+    fn an_endpoint_warms_from_when_it_starts_serving_but_not_from_the_first_table() {
+        let e = endpoint();
+        e.note_serving(true, 1_000, true);
+        assert_eq!(e.warming_until(1_001, 30_000), None);
+        assert_eq!(e.slow_start_permille(1_001, 30_000, 10), 1000);
+        // Out (ejected, failing checks, not ready) and back: it ramps again.
+        e.note_serving(false, 2_000, false);
+        e.note_serving(true, 3_000, false);
+        // Still serving at a later build: the ramp keeps its start.
+        e.note_serving(true, 4_000, false);
+        assert_eq!(e.warming_until(18_000, 30_000), Some(33_000));
+        assert_eq!(e.slow_start_permille(18_000, 30_000, 10), 500);
+        assert_eq!(e.warming_until(33_000, 30_000), None);
+        assert_eq!(e.slow_start_permille(33_000, 30_000, 10), 1000);
+        // A route without slow start never sees it warming.
+        assert_eq!(e.warming_until(4_000, 0), None);
     }
 
     #[test]

@@ -75,6 +75,17 @@ pub const MAX_WEIGHT: i64 = 1_000_000;
 pub const MIN_HASH_BALANCE_FACTOR: u32 = 101;
 pub const MAX_HASH_BALANCE_FACTOR: u32 = 1000;
 
+/// Bounds of `loadBalancer.slowStart.window`, in milliseconds. Under a second the ramp is
+/// over before a cold cache or JIT has warmed at all; past ten minutes a returning endpoint
+/// idles at a fraction of its share long after it could serve.
+pub const MIN_SLOW_START_WINDOW_MS: u64 = 1_000;
+pub const MAX_SLOW_START_WINDOW_MS: u64 = 600_000;
+/// Bounds and default of `loadBalancer.slowStart.minWeightPercent`: the share of its weight a
+/// warming endpoint starts with (0 would give it no traffic to warm on).
+pub const MIN_SLOW_START_PERCENT: u32 = 1;
+pub const MAX_SLOW_START_PERCENT: u32 = 100;
+pub const DEFAULT_SLOW_START_PERCENT: u32 = 10;
+
 /// The highest failover tier (`priority`).
 pub const MAX_PRIORITY: i64 = 15;
 
@@ -245,6 +256,24 @@ pub struct LoadBalancer {
     /// every endpoint at 1.25 × the mean. Valid: 101–1000; unset: plain consistent hashing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hash_balance_factor: Option<u32>,
+    /// Slow start (Envoy's slow_start_config, HAProxy's slowstart): an endpoint that starts
+    /// serving — added to the Service, ready again, back from an ejection or from failing
+    /// active checks — ramps its weight linearly from `minWeightPercent` to its full weight
+    /// over `window`, with every algorithm but RingHash and Maglev (whose keys would move as
+    /// the weight ramps). Endpoints already serving when an agent starts do not ramp. Unset:
+    /// full weight at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slow_start: Option<SlowStart>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SlowStart {
+    /// How long the ramp lasts, as a duration such as `30s` or `2m`. Valid: 1s–10m.
+    pub window: String,
+    /// The percent of its weight a warming endpoint starts with. Valid: 1–100; default 10.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_weight_percent: Option<u32>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]

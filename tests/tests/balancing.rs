@@ -1,13 +1,15 @@
 //! Balancing features end to end, on real processes: a real controller (local mode), a real
 //! agent and real origins. Bounded-load consistent hashing: one hot key under concurrency
 //! stays on its endpoint without `hashBalanceFactor` and spills to the others with it; a bad
-//! factor is refused by validation with its message in the controller's `/state`. Nothing
-//! here asserts a duration: the origins are slow only so that requests overlap.
+//! factor is refused by validation with its message in the controller's `/state`. Slow
+//! start: an endpoint added to a serving Service gets a small share of the traffic while
+//! `/config` shows it warming. Nothing here asserts a duration: the origins are slow only so
+//! that requests overlap, and the slow-start window is far longer than the test.
 
 use std::net::SocketAddr;
 use weir_tests::backend::{Backend, Mode, start_group};
 use weir_tests::manifests::{docs, policy, service, slice};
-use weir_tests::{Agent, Controller, get, http_client, wait_for, write_manifest};
+use weir_tests::{Agent, Controller, endpoint_weight, get, http_client, wait_for, write_manifest};
 
 /// Concurrent requests for one key; with a factor of 125 % over 3 endpoints, the key's own
 /// endpoint may hold at most ceil(1.25 × 30 / 3) = 13 of them.
@@ -166,4 +168,106 @@ async fn bounded_load_hashing_spills_a_hot_key_and_plain_hashing_does_not() {
             "{host}: more than one origin served the key: {bounded:?}"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_endpoint_warms_up_with_a_small_share_of_the_traffic() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let web = start_group(&["127.0.31.21", "127.0.31.22", "127.0.31.23"], "web")
+        .await
+        .expect("backends");
+    let port = web[0].addr.port();
+    let ips: Vec<String> = web.iter().map(|b| b.addr.ip().to_string()).collect();
+    let slice_of = |n: usize| {
+        let eps: Vec<(&str, bool)> = ips[..n].iter().map(|a| (a.as_str(), true)).collect();
+        docs(&[service("web", 80), slice("web", port, &eps)])
+    };
+    write_manifest(dir.path(), "web.yaml", &slice_of(2));
+    write_manifest(
+        dir.path(),
+        "slow.yaml",
+        &docs(&[
+            policy(
+                "slow",
+                &["slow.test"],
+                &[("web", 80, 1, 0)],
+                "  loadBalancer: {algorithm: WeightedRoundRobin, slowStart: {window: 60s, minWeightPercent: 10}}\n",
+            ),
+            policy(
+                "no-minimum",
+                &["nomin.test"],
+                &[("web", 80, 1, 0)],
+                "  loadBalancer: {slowStart: {window: 60s, minWeightPercent: 0}}\n",
+            ),
+        ]),
+    );
+    let controller = Controller::start(dir.path()).await.expect("controller");
+    let agent = Agent::start(&controller.url(), None).await.expect("agent");
+    let version = agent.wait_ready().await;
+
+    let state = wait_for("the bad policy reported", || async {
+        let state = controller.state().await.ok()?;
+        state["policies"]["default/no-minimum"]["errors"]
+            .to_string()
+            .contains("minWeightPercent")
+            .then_some(state)
+    })
+    .await;
+    assert!(
+        state["policies"]["default/no-minimum"]["errors"]
+            .to_string()
+            .contains(
+                "0 is out of range: the percent of its weight a warming endpoint starts with"
+            ),
+        "{state}"
+    );
+
+    // A third endpoint joins the Service.
+    write_manifest(dir.path(), "web.yaml", &slice_of(3));
+    let addrs: Vec<String> = web.iter().map(|b| b.addr.to_string()).collect();
+    let config = agent
+        .wait_config(version, |c| {
+            endpoint_weight(c, "default/slow", &addrs[2]).is_some_and(|w| w > 0)
+        })
+        .await;
+    let route = config["routes"]
+        .as_array()
+        .and_then(|rs| rs.iter().find(|r| r["name"] == "default/slow"))
+        .expect("route in /config");
+    assert_eq!(route["slowStartWindowMs"], 60_000, "{route}");
+    let endpoints = route["rules"][0]["backends"][0]["endpoints"]
+        .as_array()
+        .expect("endpoints");
+    let warming = |addr: &str| {
+        endpoints
+            .iter()
+            .find(|e| e["address"] == addr)
+            .is_some_and(|e| e["warmingUntilUnixMs"].is_u64())
+    };
+    assert!(warming(&addrs[2]), "the new endpoint warms: {route}");
+    assert!(
+        !warming(&addrs[0]) && !warming(&addrs[1]),
+        "the endpoints already serving do not: {route}"
+    );
+    assert!(
+        config["routes"]
+            .as_array()
+            .is_some_and(|rs| rs.iter().all(|r| r["name"] != "default/no-minimum"))
+    );
+
+    let before = hits(&web);
+    for _ in 0..300 {
+        let got = get(&http_client(), agent.listen, "slow.test", "/").await;
+        assert!(got.is_ok_and(|g| g.status == 200), "request through agent");
+    }
+    let got: Vec<u64> = hits(&web)
+        .iter()
+        .zip(&before)
+        .map(|(after, before)| after - before)
+        .collect();
+    assert_eq!(got.iter().sum::<u64>(), 300, "{got:?}");
+    assert!(
+        got[2] > 0 && got[2] < 60,
+        "the warming endpoint gets clearly less than its even third: {got:?}"
+    );
 }

@@ -20,7 +20,7 @@ use rand::Rng;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::task::JoinHandle;
 
 /// Settings of one active check, as the policy gives them (defaults filled in).
@@ -212,16 +212,23 @@ async fn grpc_probe(spec: &CheckSpec, service: &str) -> Result<(), ProbeError> {
 }
 
 /// The control thread's health loop: rebuilds the table on every transition, readmits
-/// ejected endpoints when their time is up, and keeps the active checks in line with the
-/// table in force.
+/// ejected endpoints when their time is up, rebuilds every warm-up tick while endpoints are
+/// in slow start (their weights are fixed at build), and keeps the active checks in line
+/// with the table in force.
 pub async fn run(shared: Arc<Shared>) {
     let Some(mut events) = shared.take_events() else {
         return;
     };
     let mut checks = Checks::default();
     let mut seen: Option<Arc<Table>> = None;
+    // When the next slow-start rebuild is due. Kept across wake-ups, so that controller
+    // updates arriving more often than the tick cannot postpone it forever.
+    let mut warm_up_due: Option<Instant> = None;
     loop {
         let current = shared.routing.table.load_full();
+        warm_up_due = current
+            .warm_up_tick()
+            .map(|tick| warm_up_due.unwrap_or_else(|| Instant::now() + tick));
         if seen.as_ref().is_none_or(|s| !Arc::ptr_eq(s, &current)) {
             checks.reconcile(&current, &shared);
             seen = Some(current);
@@ -235,6 +242,9 @@ pub async fn run(shared: Arc<Shared>) {
             .min();
         let wait = next_readmission
             .map(|t| Duration::from_millis(t.saturating_sub(now_ms())))
+            .into_iter()
+            .chain(warm_up_due.map(|due| due.saturating_duration_since(Instant::now())))
+            .min()
             .unwrap_or(Duration::from_secs(3600));
         tokio::select! {
             ev = events.recv() => {
@@ -244,6 +254,7 @@ pub async fn run(shared: Arc<Shared>) {
                 // Coalesce a burst of transitions into one rebuild.
                 while events.try_recv().is_ok() {}
                 shared.rebuild();
+                warm_up_due = None;
             }
             _ = tokio::time::sleep(wait) => {
                 let now = now_ms();
@@ -254,8 +265,11 @@ pub async fn run(shared: Arc<Shared>) {
                         any = true;
                     }
                 }
-                if any {
+                // A warm-up tick rebuilds even with no readmission: the ramp moved on.
+                let warm_up = warm_up_due.is_some_and(|due| due <= Instant::now());
+                if any || warm_up {
                     shared.rebuild();
+                    warm_up_due = None;
                 }
             }
             _ = shared.table_changed.notified() => {}

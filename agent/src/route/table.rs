@@ -17,6 +17,11 @@
 //! table). Only named, changed routes are converted again; what remains proportional to the
 //! table's size is copying two maps of pointers. Endpoint state is not in the routes but in
 //! [`crate::health::Endpoints`], looked up by address, so it carries over either way.
+//!
+//! Slow start is applied here as well: a build scales the weight of every endpoint still in
+//! its ramp ([`slow_start_weights`]) and marks its route [`RouteRt::warming`], and the
+//! control thread rebuilds such a table every [`Table::warm_up_tick`] until the ramps are
+//! over — the request path only ever sees ordinary weights.
 
 use super::matcher::{MatchError, MatchRt};
 use super::retry::RetryRt;
@@ -72,6 +77,51 @@ pub(crate) const MIN_RETRY_CONCURRENCY: u32 = 10;
 /// Share of a zone's even share of the weight that keeps traffic in the zone.
 pub(crate) const LOCALITY_MIN_PERCENT: u32 = 70;
 
+/// Bounds of the rebuild period while endpoints warm up: often enough that the ramp looks
+/// smooth, rarely enough that a long window does not rebuild for nothing.
+pub(crate) const MIN_WARM_UP_TICK: Duration = Duration::from_millis(100);
+pub(crate) const MAX_WARM_UP_TICK: Duration = Duration::from_secs(5);
+
+/// A route's slow start (`loadBalancer.slowStart`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct SlowStart {
+    pub(crate) window_ms: u64,
+    pub(crate) min_percent: u32,
+}
+
+impl SlowStart {
+    fn from_proto(lb: &pb::LoadBalancer) -> Option<Self> {
+        (lb.slow_start_window_ms > 0).then_some(Self {
+            window_ms: lb.slow_start_window_ms,
+            min_percent: lb.slow_start_min_percent,
+        })
+    }
+
+    /// How often a table with warming endpoints is rebuilt: a tenth of the window, within
+    /// [`MIN_WARM_UP_TICK`]..=[`MAX_WARM_UP_TICK`].
+    fn tick(&self) -> Duration {
+        Duration::from_millis(self.window_ms / 10).clamp(MIN_WARM_UP_TICK, MAX_WARM_UP_TICK)
+    }
+}
+
+/// `weights` with each scaled by its slow-start factor (`permille`, 1000 for an endpoint
+/// not warming). Everything is multiplied by 1000 rather than divided, so that a warming
+/// weight of 1 still ramps; a positive weight stays positive. The pickers reduce by the gcd.
+pub(crate) fn slow_start_weights(weights: &[u32], permille: &[u32]) -> Vec<u32> {
+    weights
+        .iter()
+        .zip(permille)
+        .map(|(&w, &p)| {
+            let scaled = u64::from(w) * u64::from(p.min(1000));
+            match u32::try_from(scaled) {
+                Ok(v) if w > 0 => v.max(1),
+                Ok(v) => v,
+                Err(_) => u32::MAX,
+            }
+        })
+        .collect()
+}
+
 /// What a table is built with besides the routes.
 pub(crate) struct BuildCtx<'a> {
     /// The table in force, whose response caches carry over to routes whose cache settings
@@ -118,6 +168,11 @@ pub(crate) struct RouteRt {
     pub(crate) hash_on: Option<HashOnRt>,
     /// The route's response cache, if `spec.cache` enables one.
     pub(crate) cache: Option<crate::cache::Cache>,
+    /// `loadBalancer.slowStart`, if set.
+    pub(crate) slow_start: Option<SlowStart>,
+    /// Some endpoint got less than its weight for slow start when this was built: the
+    /// control thread rebuilds until none does.
+    pub(crate) warming: bool,
     /// Live requests and retries, for the retry budget.
     pub(crate) active: AtomicU32,
     pub(crate) active_retries: AtomicU32,
@@ -142,6 +197,8 @@ pub(crate) struct RuleRt {
     pub(crate) members: Box<[Arc<EndpointHealth>]>,
     /// The rule with the weights in force (after local health), for `/config`.
     pub(crate) effective: pb::Rule,
+    /// Some target's weight was cut for slow start.
+    warming: bool,
 }
 
 #[derive(Debug)]
@@ -280,6 +337,16 @@ impl Table {
         self.routes.len()
     }
 
+    /// How soon this table should be rebuilt for slow start: `None` when no endpoint is
+    /// warming, else the shortest tick of the routes that have one.
+    pub(crate) fn warm_up_tick(&self) -> Option<Duration> {
+        self.routes
+            .values()
+            .filter(|r| r.warming)
+            .filter_map(|r| r.slow_start.map(|s| s.tick()))
+            .min()
+    }
+
     pub(crate) fn is_empty(&self) -> bool {
         self.routes.is_empty()
     }
@@ -312,6 +379,7 @@ impl RouteRt {
             return Err(err("no hosts".into()));
         }
         let lb = route.load_balancer.clone().unwrap_or_default();
+        let slow_start = SlowStart::from_proto(&lb);
         let (algorithm, note) = match Algorithm::try_from(lb.algorithm) {
             Ok(a) => (a, None),
             Err(_) => (
@@ -340,10 +408,18 @@ impl RouteRt {
         let mut rules = Vec::with_capacity(route.rules.len());
         for (i, rule) in route.rules.iter().enumerate() {
             rules.push(
-                RuleRt::build(rule, algorithm, lb.hash_balance_factor, min_healthy, ctx)
-                    .map_err(|m| err(format!("rules[{i}]: {m}")))?,
+                RuleRt::build(
+                    rule,
+                    algorithm,
+                    lb.hash_balance_factor,
+                    slow_start,
+                    min_healthy,
+                    ctx,
+                )
+                .map_err(|m| err(format!("rules[{i}]: {m}")))?,
             );
         }
+        let warming = rules.iter().any(|r| r.warming);
         let outlier = match &route.outlier_detection {
             None => OutlierConfig::default(),
             Some(o) => {
@@ -413,6 +489,8 @@ impl RouteRt {
                 .filter(|m| *m > 0)
                 .unwrap_or(DEFAULT_MAX_PER_ENDPOINT),
             hash_on,
+            slow_start,
+            warming,
             active: AtomicU32::new(0),
             active_retries: AtomicU32::new(0),
             source: route,
@@ -462,9 +540,12 @@ impl RuleRt {
         rule: &pb::Rule,
         algorithm: Algorithm,
         hash_balance_factor: u32,
+        slow_start: Option<SlowStart>,
         min_healthy: u32,
         ctx: &BuildCtx<'_>,
     ) -> Result<Self, RuleError> {
+        // Endpoints in the agent's first table were serving before it came up: no ramp.
+        let initial = ctx.previous.is_none_or(Table::is_empty);
         let mut matches = Vec::with_capacity(rule.matches.len());
         for m in &rule.matches {
             matches.push(MatchRt::build(m)?);
@@ -485,6 +566,7 @@ impl RuleRt {
                     ep.ready = false;
                     local_differs = true;
                 }
+                health.note_serving(ep.ready, ctx.now_ms, initial);
                 members.push(health);
             }
         }
@@ -543,6 +625,20 @@ impl RuleRt {
                 weights.retain(|w| *w > 0);
             }
         }
+        let mut warming = false;
+        if let Some(ss) = slow_start {
+            let permille: Vec<u32> = targets
+                .iter()
+                .map(|t| {
+                    t.health
+                        .slow_start_permille(ctx.now_ms, ss.window_ms, ss.min_percent)
+                })
+                .collect();
+            if permille.iter().any(|&p| p < 1000) {
+                warming = true;
+                weights = slow_start_weights(&weights, &permille);
+            }
+        }
         let loads: Vec<Arc<EndpointLoad>> = targets.iter().map(|t| t.health.load.clone()).collect();
         Ok(Self {
             matches: matches.into_boxed_slice(),
@@ -552,6 +648,7 @@ impl RuleRt {
             loads: loads.into_boxed_slice(),
             members: members.into_boxed_slice(),
             effective,
+            warming,
         })
     }
 
@@ -661,6 +758,76 @@ mod tests {
             picked.into_iter().collect::<Vec<_>>(),
             ["127.0.0.1:80", "127.0.0.2:80"]
         );
+    }
+
+    #[test]
+    fn slow_start_scales_weights_by_per_mille_and_keeps_them_positive() {
+        assert_eq!(
+            slow_start_weights(&[1, 1, 1], &[1000, 1000, 100]),
+            [1000, 1000, 100]
+        );
+        assert_eq!(slow_start_weights(&[0, 3], &[10, 500]), [0, 1500]);
+        assert_eq!(slow_start_weights(&[u32::MAX], &[1000]), [u32::MAX]);
+    }
+
+    #[test]
+    fn an_endpoint_added_after_the_first_table_warms_and_the_others_do_not() {
+        let window_ms = 30_000;
+        let with_slow_start = |eps: &[(&str, u32)]| {
+            let mut r = route("a/b", &["shop"], eps);
+            r.load_balancer = Some(pb::LoadBalancer {
+                algorithm: Algorithm::WeightedRoundRobin as i32,
+                slow_start_window_ms: window_ms,
+                slow_start_min_percent: 10,
+                ..Default::default()
+            });
+            r
+        };
+        let metrics = Metrics::new();
+        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        let endpoints = Endpoints::new(tx);
+        let ctx = |previous, now_ms| BuildCtx {
+            previous,
+            metrics: &metrics,
+            endpoints: &endpoints,
+            zone: "",
+            now_ms,
+        };
+        let two = [("127.0.0.1:80", 1), ("127.0.0.2:80", 1)];
+        let first = Table::build(1, [with_slow_start(&two)], &ctx(None, 1)).expect("table");
+        assert!(!first.get("a/b").expect("route").warming);
+        assert_eq!(first.warm_up_tick(), None);
+
+        let three = [two[0], two[1], ("127.0.0.3:80", 1)];
+        let second =
+            Table::build(2, [with_slow_start(&three)], &ctx(Some(&first), 1_000)).expect("table");
+        let rt = second.get("a/b").expect("route");
+        assert!(rt.warming);
+        assert_eq!(second.warm_up_tick(), Some(Duration::from_secs(3)));
+        let until: Vec<Option<u64>> = rt.rules[0]
+            .members
+            .iter()
+            .map(|m| m.warming_until(1_000, window_ms))
+            .collect();
+        assert_eq!(until, [None, None, Some(31_000)]);
+        // At 10 %: 100 of every 2100 picks.
+        let mut picks = [0u32; 3];
+        for _ in 0..2100 {
+            let t = rt.rules[0].pick(None).expect("a target");
+            let i = three
+                .iter()
+                .position(|(a, _)| *a == t.addr.to_string())
+                .expect("a known endpoint");
+            picks[i] += 1;
+        }
+        assert_eq!(picks, [1000, 1000, 100]);
+
+        // Half-way: 50 %. Once the window is over: full weight, and no more rebuilds.
+        let half = second.rebuild(&ctx(Some(&second), 16_000)).expect("table");
+        assert!(half.get("a/b").expect("route").warming);
+        let done = half.rebuild(&ctx(Some(&half), 31_000)).expect("table");
+        assert!(!done.get("a/b").expect("route").warming);
+        assert_eq!(done.warm_up_tick(), None);
     }
 
     #[test]

@@ -14,10 +14,12 @@
 //! the proto, which the agent reads as "use your default".
 
 use crate::model::{
-    ALGORITHMS, BackendRef, Cache, DEFAULT_EVICTION, DEFAULT_MIN_HEALTHY_PERCENT, EVICTION_NAMES,
-    EVICTIONS, HealthCheck, LoadBalancer, MAX_HASH_BALANCE_FACTOR, MAX_PRIORITY,
-    MAX_RETRY_ATTEMPTS, MAX_WEIGHT, MIN_HASH_BALANCE_FACTOR, Match, OutlierDetection,
-    RETRY_CONDITIONS, Retry, Rule, TrafficPolicySpec,
+    ALGORITHMS, BackendRef, Cache, DEFAULT_EVICTION, DEFAULT_MIN_HEALTHY_PERCENT,
+    DEFAULT_SLOW_START_PERCENT, EVICTION_NAMES, EVICTIONS, HealthCheck, LoadBalancer,
+    MAX_HASH_BALANCE_FACTOR, MAX_PRIORITY, MAX_RETRY_ATTEMPTS, MAX_SLOW_START_PERCENT,
+    MAX_SLOW_START_WINDOW_MS, MAX_WEIGHT, MIN_HASH_BALANCE_FACTOR, MIN_SLOW_START_PERCENT,
+    MIN_SLOW_START_WINDOW_MS, Match, OutlierDetection, RETRY_CONDITIONS, Retry, Rule, SlowStart,
+    TrafficPolicySpec,
 };
 mod syntax;
 #[cfg(test)]
@@ -260,11 +262,68 @@ impl Validator {
             }
             Some(f) => f,
         };
+        let (slow_start_window_ms, slow_start_min_percent) =
+            match lb.and_then(|lb| lb.slow_start.as_ref()) {
+                None => (0, 0),
+                Some(_) if needs_key => {
+                    self.error(
+                        format_args!("spec.loadBalancer.slowStart"),
+                        "cannot be combined with RingHash or Maglev: weights that ramp up would \
+                         move keys between endpoints during every warm-up",
+                    );
+                    (0, 0)
+                }
+                Some(ss) => self.slow_start(ss),
+            };
         pb::LoadBalancer {
             algorithm: algorithm as i32,
             hash_on: hash_on.map(|key| pb::HashOn { key: Some(key) }),
             load_aware,
             hash_balance_factor,
+            slow_start_window_ms,
+            slow_start_min_percent,
+        }
+    }
+
+    /// `(window_ms, min_percent)` of a slow start; `(0, 0)` (off) when either is invalid.
+    fn slow_start(&mut self, ss: &SlowStart) -> (u64, u32) {
+        let window = match self.duration_ms(
+            format_args!("spec.loadBalancer.slowStart.window"),
+            &ss.window,
+        ) {
+            Some(ms) if (MIN_SLOW_START_WINDOW_MS..=MAX_SLOW_START_WINDOW_MS).contains(&ms) => {
+                Some(ms)
+            }
+            Some(_) => {
+                self.error(
+                    format_args!("spec.loadBalancer.slowStart.window"),
+                    format_args!(
+                        "{:?} is out of range: from {} s to {} min (the time a new endpoint \
+                         takes to reach its full weight)",
+                        ss.window,
+                        MIN_SLOW_START_WINDOW_MS / 1000,
+                        MAX_SLOW_START_WINDOW_MS / 60_000
+                    ),
+                );
+                None
+            }
+            None => None,
+        };
+        let percent = ss.min_weight_percent.unwrap_or(DEFAULT_SLOW_START_PERCENT);
+        let percent_ok = (MIN_SLOW_START_PERCENT..=MAX_SLOW_START_PERCENT).contains(&percent);
+        if !percent_ok {
+            self.error(
+                format_args!("spec.loadBalancer.slowStart.minWeightPercent"),
+                format_args!(
+                    "{percent} is out of range: the percent of its weight a warming endpoint \
+                     starts with, from {MIN_SLOW_START_PERCENT} to {MAX_SLOW_START_PERCENT} \
+                     (0 would leave it no traffic to warm up on)"
+                ),
+            );
+        }
+        match window {
+            Some(w) if percent_ok => (w, percent),
+            _ => (0, 0),
         }
     }
 

@@ -53,6 +53,8 @@ fn a_minimal_policy_gets_the_documented_defaults() {
             hash_on: None,
             load_aware: false,
             hash_balance_factor: 0,
+            slow_start_window_ms: 0,
+            slow_start_min_percent: 0,
         })
     );
     assert_eq!(route.min_healthy_percent, DEFAULT_MIN_HEALTHY_PERCENT);
@@ -118,6 +120,8 @@ fn the_full_design_doc_example_normalises_every_field() {
             }),
             load_aware: false,
             hash_balance_factor: 0,
+            slow_start_window_ms: 0,
+            slow_start_min_percent: 0,
         })
     );
     assert_eq!(route.rules.len(), 2);
@@ -397,6 +401,7 @@ fn every_documented_algorithm_is_accepted() {
             }),
             load_aware: None,
             hash_balance_factor: None,
+            slow_start: None,
         });
         let lb = valid(&spec).load_balancer.expect("always set");
         assert_eq!(lb.algorithm, algorithm as i32);
@@ -798,6 +803,7 @@ fn load_aware_weights_are_off_by_default_and_refused_with_consistent_hashing() {
         }),
         load_aware: Some(true),
         hash_balance_factor: None,
+        slow_start: None,
     });
     let errs = errors(&spec);
     assert_eq!(errs.len(), 1, "{errs:?}");
@@ -853,4 +859,82 @@ fn hash_balance_factor_is_checked_and_needs_consistent_hashing() {
         "spec.loadBalancer.hashBalanceFactor: 125 is set but only applies to RingHash and Maglev \
          (bounded-load consistent hashing); remove it or choose one of those algorithms",
     );
+}
+
+#[test]
+fn slow_start_is_checked_and_refused_with_consistent_hashing() {
+    let with = |algorithm: &str, window: &str, min: Option<u32>| {
+        let mut spec = minimal();
+        spec.load_balancer = Some(LoadBalancer {
+            algorithm: Some(algorithm.to_owned()),
+            slow_start: Some(SlowStart {
+                window: window.to_owned(),
+                min_weight_percent: min,
+            }),
+            ..LoadBalancer::default()
+        });
+        spec
+    };
+    let lb = valid(&minimal()).load_balancer.expect("set");
+    assert_eq!((lb.slow_start_window_ms, lb.slow_start_min_percent), (0, 0));
+    for algorithm in [
+        "RoundRobin",
+        "WeightedRoundRobin",
+        "LeastRequest",
+        "PeakEwma",
+        "Random",
+    ] {
+        let lb = valid(&with(algorithm, "30s", None))
+            .load_balancer
+            .expect("set");
+        assert_eq!(
+            (lb.slow_start_window_ms, lb.slow_start_min_percent),
+            (30_000, 10)
+        );
+    }
+    for (window, ms) in [("1s", 1_000), ("1m 30s", 90_000), ("10m", 600_000)] {
+        let lb = valid(&with("RoundRobin", window, Some(100)))
+            .load_balancer
+            .expect("set");
+        assert_eq!(
+            (lb.slow_start_window_ms, lb.slow_start_min_percent),
+            (ms, 100)
+        );
+    }
+    for window in ["999ms", "11m"] {
+        assert_single_error(
+            &with("RoundRobin", window, Some(1)),
+            &format!(
+                "spec.loadBalancer.slowStart.window: {window:?} is out of range: from 1 s to 10 \
+                 min (the time a new endpoint takes to reach its full weight)"
+            ),
+        );
+    }
+    let errs = errors(&with("RoundRobin", "soon", None));
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(errs[0].starts_with("spec.loadBalancer.slowStart.window: invalid duration"));
+    for min in [0, 101] {
+        assert_single_error(
+            &with("RoundRobin", "30s", Some(min)),
+            &format!(
+                "spec.loadBalancer.slowStart.minWeightPercent: {min} is out of range: the \
+                 percent of its weight a warming endpoint starts with, from 1 to 100 (0 would \
+                 leave it no traffic to warm up on)"
+            ),
+        );
+    }
+    for algorithm in ["RingHash", "Maglev"] {
+        let mut spec = with(algorithm, "30s", None);
+        if let Some(lb) = spec.load_balancer.as_mut() {
+            lb.hash_on = Some(HashOn {
+                path: Some(true),
+                ..HashOn::default()
+            });
+        }
+        assert_single_error(
+            &spec,
+            "spec.loadBalancer.slowStart: cannot be combined with RingHash or Maglev: weights \
+             that ramp up would move keys between endpoints during every warm-up",
+        );
+    }
 }
