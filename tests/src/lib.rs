@@ -68,6 +68,11 @@ pub fn free_port(ip: &str) -> u16 {
         .expect("free port")
 }
 
+/// A free port on 127.0.0.1, as an address.
+pub fn free_local_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], free_port("127.0.0.1")))
+}
+
 /// A child process that is killed when dropped.
 pub struct Proc {
     pub child: Child,
@@ -318,8 +323,8 @@ impl Controller {
     /// every reflector has listed once. The agent stream is plain text unless `extra` has
     /// `--tls-cert`.
     pub async fn start_kube(kubeconfig: &Path, extra: &[&str]) -> anyhow::Result<Self> {
-        let grpc = SocketAddr::from(([127, 0, 0, 1], free_port("127.0.0.1")));
-        let admin = SocketAddr::from(([127, 0, 0, 1], free_port("127.0.0.1")));
+        let grpc = free_local_addr();
+        let admin = free_local_addr();
         let mut args: Vec<String> = vec![
             "--grpc-addr".into(),
             grpc.to_string(),
@@ -341,8 +346,8 @@ impl Controller {
     }
 
     pub async fn start(dir: &Path) -> anyhow::Result<Self> {
-        let grpc = SocketAddr::from(([127, 0, 0, 1], free_port("127.0.0.1")));
-        let admin = SocketAddr::from(([127, 0, 0, 1], free_port("127.0.0.1")));
+        let grpc = free_local_addr();
+        let admin = free_local_addr();
         Self::start_at(dir, grpc, admin).await
     }
 
@@ -366,8 +371,8 @@ impl Agent {
     /// Starts an agent on free ports and waits until its admin API answers (not for a
     /// table: see [`Agent::wait_ready`]).
     pub async fn start(controller_url: &str, state_dir: Option<&Path>) -> anyhow::Result<Self> {
-        let listen = SocketAddr::from(([127, 0, 0, 1], free_port("127.0.0.1")));
-        let admin = SocketAddr::from(([127, 0, 0, 1], free_port("127.0.0.1")));
+        let listen = free_local_addr();
+        let admin = free_local_addr();
         Self::start_at(controller_url, listen, admin, state_dir).await
     }
 

@@ -4,18 +4,14 @@
 //! flags (`--load-round`, `--load-report-interval`) so the test does not wait for the
 //! defaults; nothing here asserts a duration.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use weir_tests::backend::{Mode, start_group};
 use weir_tests::manifests::{docs, policy, service, slice};
 use weir_tests::{
-    Agent, Controller, WAIT, endpoint_weight, free_port, get, http_client, wait_for, write_manifest,
+    Agent, Controller, WAIT, endpoint_weight, free_local_addr, get, http_client, wait_for,
+    write_manifest,
 };
-
-fn local(port: u16) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], port))
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn weight_moves_away_from_an_endpoint_that_every_agent_sees_slow() {
@@ -47,16 +43,16 @@ async fn weight_moves_away_from_an_endpoint_that_every_agent_sees_slow() {
     );
     let controller = Controller::start_with(
         dir.path(),
-        local(free_port("127.0.0.1")),
-        local(free_port("127.0.0.1")),
+        free_local_addr(),
+        free_local_addr(),
         &["--load-round", "500ms"],
     )
     .await
     .expect("controller");
     let agent = Agent::start_with(
         &controller.url(),
-        local(free_port("127.0.0.1")),
-        local(free_port("127.0.0.1")),
+        free_local_addr(),
+        free_local_addr(),
         None,
         &["--load-report-interval", "200ms"],
     )

@@ -142,13 +142,7 @@ impl DirSource {
     /// Whether `path` is a visible folder under this source's, or was one (files are known
     /// under it): an event about it may stand for files that came or went.
     pub(crate) fn is_folder(&self, path: &Path) -> bool {
-        let Ok(rel) = path.strip_prefix(&self.dir) else {
-            return false;
-        };
-        if rel
-            .components()
-            .any(|c| c.as_os_str().to_string_lossy().starts_with('.'))
-        {
+        if !self.is_visible(path) {
             return false;
         }
         path.is_dir()
@@ -162,13 +156,15 @@ impl DirSource {
     /// Whether `path` is a manifest this source reads: under the folder, no hidden part,
     /// a `.yaml` / `.yml` name.
     pub(crate) fn is_manifest_path(&self, path: &Path) -> bool {
-        let Ok(rel) = path.strip_prefix(&self.dir) else {
-            return false;
-        };
-        let visible = rel
-            .components()
-            .all(|c| !c.as_os_str().to_string_lossy().starts_with('.'));
-        visible && is_manifest_name(path)
+        self.is_visible(path) && is_manifest_name(path)
+    }
+
+    /// Under the folder, with no hidden part (editors' swap files, ConfigMap `..data`).
+    fn is_visible(&self, path: &Path) -> bool {
+        path.strip_prefix(&self.dir).is_ok_and(|rel| {
+            rel.components()
+                .all(|c| !c.as_os_str().to_string_lossy().starts_with('.'))
+        })
     }
 
     /// Reads and parses one file; returns whether its objects or errors changed.
