@@ -92,6 +92,12 @@ pub const MAX_PRIORITY: i64 = 15;
 /// The most retries a request may get.
 pub const MAX_RETRY_ATTEMPTS: i64 = 10;
 
+/// Bounds of `rateLimit.requestsPerSecond` and `rateLimit.burst`.
+pub const MAX_RATE_LIMIT_RPS: i64 = 1_000_000;
+pub const MAX_RATE_LIMIT_BURST: i64 = 10_000_000;
+/// Default of `rules[].mirror.percent`: every request.
+pub const DEFAULT_MIRROR_PERCENT: u32 = 100;
+
 /// The algorithm names alone, for the CRD schema's `enum`.
 pub const ALGORITHM_NAMES: [&str; ALGORITHMS.len()] = names(ALGORITHMS);
 
@@ -123,7 +129,7 @@ const HEADER_VALUE_PATTERN: &str = r"^[^\x00-\x08\x0a-\x1f\x7f]*$";
 /// An absolute path without spaces or control characters.
 const PATH_PATTERN: &str = r"^/[^\x00-\x20\x7f]*$";
 /// A retry condition of [`RETRY_CONDITIONS`] or a 5xx status code (a test keeps the two equal).
-const RETRY_ON_PATTERN: &str = "^(connect-failure|reset|timeout|refused-stream|5xx|gateway-error|cancelled|deadline-exceeded|internal|resource-exhausted|unavailable|5[0-9][0-9])$";
+const RETRY_ON_PATTERN: &str = "^(connect-failure|reset|timeout|refused-stream|5xx|gateway-error|cancelled|deadline-exceeded|internal|resource-exhausted|unavailable|429|5[0-9][0-9])$";
 
 /// Drops the `default` that `#[serde(default)]` puts in the schema of a field that must not be
 /// empty: the API server refuses a CRD whose defaults fail their own schema.
@@ -213,6 +219,28 @@ pub struct TrafficPolicySpec {
     pub cache: Option<Cache>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub circuit_breaker: Option<CircuitBreaker>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
+}
+
+/// Local rate limiting (Envoy's local rate limit, nginx's `limit_req`): a token bucket per
+/// policy in **each agent**, shared by the agent's workers, refilled at `requestsPerSecond`
+/// and holding at most `burst` tokens. A request that finds the bucket empty is answered
+/// `429 Too Many Requests` with `Retry-After` (seconds until a token is due) and
+/// `x-weir-error: rate-limited`; a gRPC call gets `RESOURCE_EXHAUSTED`. Every request of the
+/// policy counts, cache hits included, and it never reaches an origin. The limit is per
+/// agent: N agents together admit up to N × the rate.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RateLimit {
+    /// Sustained rate. Valid: 1–1000000.
+    #[schemars(range(min = 1, max = 1_000_000))]
+    pub requests_per_second: i64,
+    /// Requests admitted at once after a quiet spell (default: `requestsPerSecond`).
+    /// Valid: 1–10000000.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 10_000_000))]
+    pub burst: Option<i64>,
 }
 
 /// Load shedding per endpoint.
@@ -302,6 +330,37 @@ pub struct Rule {
     pub matches: Vec<Match>,
     #[schemars(length(min = 1))]
     pub backend_refs: Vec<BackendRef>,
+    /// Copy a share of this rule's requests to a shadow Service (Gateway API's
+    /// `RequestMirror`): the copy goes to one of its ready endpoints with the same method,
+    /// path and headers plus `x-weir-mirror: 1`; its response is discarded, and a slow or
+    /// failing shadow never delays or fails the real request (copies beyond 64 in flight per
+    /// agent and route, or whose body the shadow does not take as fast as the real request
+    /// sends it, are dropped and counted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirror: Option<Mirror>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Mirror {
+    /// The shadow Service, in the policy's namespace (`weight` and `priority` do not apply).
+    pub backend_ref: MirrorRef,
+    /// Share of the rule's requests copied (default 100). Valid: 1–100.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100))]
+    pub percent: Option<i64>,
+}
+
+/// A Service port in the policy's namespace that receives copies.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct MirrorRef {
+    #[schemars(length(max = 63), regex(pattern = DNS_LABEL_PATTERN))]
+    pub name: String,
+    /// The Service port; may be omitted when the Service has exactly one port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: Option<i32>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
@@ -559,7 +618,7 @@ mod tests {
 
     #[test]
     fn the_schema_patterns_and_enums_follow_the_name_tables() {
-        let conditions = format!("^({}|5[0-9][0-9])$", RETRY_CONDITIONS.join("|"));
+        let conditions = format!("^({}|429|5[0-9][0-9])$", RETRY_CONDITIONS.join("|"));
         assert_eq!(RETRY_ON_PATTERN, conditions);
         assert_eq!(
             ALGORITHM_NAMES.to_vec(),

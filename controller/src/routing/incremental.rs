@@ -15,7 +15,9 @@
 //! so the hub and the server can tell what changed by pointer.
 
 use super::load::{LoadFactors, stamp};
-use super::resolve::{Cluster, SliceIndex, index_slices, slice_owner};
+use super::resolve::{
+    Cluster, SliceIndex, index_slices, rule_backends, rule_backends_mut, slice_owner,
+};
 use super::{Computed, LastGood, PolicyState, Snapshot, backend_statuses, compute_indexed};
 use crate::model::ObjectKey;
 use std::collections::{BTreeMap, BTreeSet};
@@ -164,7 +166,7 @@ impl Routing {
             };
             let mut route = (**old).clone();
             for rule in &mut route.rules {
-                for backend in &mut rule.backends {
+                for backend in rule_backends_mut(rule) {
                     let svc = (namespace.to_owned(), backend.service.clone());
                     if touched.contains(&svc) {
                         // The Service and its ports are unchanged, so this resolves exactly
@@ -249,7 +251,7 @@ fn users_of(
         let Some((namespace, _)) = name.split_once('/') else {
             continue;
         };
-        for backend in route.rules.iter().flat_map(|r| &r.backends) {
+        for backend in route.rules.iter().flat_map(rule_backends) {
             users
                 .entry((namespace.to_owned(), backend.service.clone()))
                 .or_default()

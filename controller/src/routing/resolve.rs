@@ -21,6 +21,20 @@ pub(crate) const H2C_APP_PROTOCOL: &str = "kubernetes.io/h2c";
 /// every slice.
 pub(crate) type SliceIndex = BTreeMap<(String, String), BTreeSet<ObjectKey>>;
 
+/// Every Service port a rule sends requests to: its backends and its mirror's shadow.
+pub(super) fn rule_backends(rule: &pb::Rule) -> impl Iterator<Item = &pb::Backend> {
+    rule.backends
+        .iter()
+        .chain(rule.mirror.as_ref().and_then(|m| m.backend.as_ref()))
+}
+
+/// [`rule_backends`], to resolve in place.
+pub(super) fn rule_backends_mut(rule: &mut pb::Rule) -> impl Iterator<Item = &mut pb::Backend> {
+    rule.backends
+        .iter_mut()
+        .chain(rule.mirror.as_mut().and_then(|m| m.backend.as_mut()))
+}
+
 /// The Service an EndpointSlice belongs to (its `kubernetes.io/service-name` label), as a
 /// [`SliceIndex`] key.
 pub(crate) fn slice_owner(key: &ObjectKey, slice: &EndpointSlice) -> Option<(String, String)> {
@@ -125,6 +139,19 @@ impl<'a> Cluster<'a> {
                     ));
                     unresolved.insert(backend.service.clone());
                 }
+            }
+            if let Some(backend) = rule.mirror.as_mut().and_then(|m| m.backend.as_mut())
+                && let Err(why) = self.resolve_backend(namespace, backend)
+            {
+                errors.push(format!(
+                    "spec.rules[{i}].mirror.backendRef{}",
+                    UnresolvedMessage {
+                        namespace,
+                        service: &backend.service,
+                        why: &why,
+                    }
+                ));
+                unresolved.insert(backend.service.clone());
             }
         }
     }

@@ -97,6 +97,7 @@ fn spec(hosts: &[&str], backends: &[(&str, i64, i64)]) -> TrafficPolicySpec {
                     priority: Some(*priority),
                 })
                 .collect(),
+            mirror: None,
         }],
         ..TrafficPolicySpec::default()
     }
@@ -1158,4 +1159,60 @@ mod incremental {
         // Nothing changed: nothing to send.
         assert!(routing.update(snap).is_empty());
     }
+}
+
+/// A rule's mirror is resolved like a backend, takes no part in the weights, and a change to
+/// the shadow Service's endpoints reaches the route through the incremental path.
+#[test]
+fn a_mirror_is_resolved_and_follows_its_service_endpoints() {
+    let mut world = World::default();
+    world
+        .service("shop-v1")
+        .pods("shop-v1", 2, 0)
+        .service("shop-shadow")
+        .pods("shop-shadow", 1, 0);
+    let mut spec = spec(&["shop"], &[("shop-v1", 1, 0)]);
+    spec.rules[0].mirror = Some(crate::model::Mirror {
+        backend_ref: crate::model::MirrorRef {
+            name: "shop-shadow".to_owned(),
+            port: None,
+        },
+        percent: Some(25),
+    });
+    world.policy("shop", spec.clone());
+    let computed = world.compute(&LastGood::default());
+    let rule = &route(&computed, "shop").rules[0];
+    let mirror = rule.mirror.as_ref().expect("mirror");
+    let shadow = mirror.backend.as_ref().expect("backend");
+    assert_eq!((mirror.percent, shadow.port), (25, 80));
+    assert_eq!(shadow.endpoints.len(), 1);
+    assert!(shadow.endpoints[0].ready);
+    assert_eq!(rule.backends.len(), 1, "the shadow is not a backend");
+    assert_eq!(weights(&computed, "shop")[0].1, vec![1, 1]);
+    assert!(state(&computed, "shop").unresolved_refs.is_empty());
+
+    let mut routing = Routing::new();
+    routing.update(world.snapshot.clone());
+    world.repods("shop-shadow", 2, 1);
+    let changes = routing.update(world.snapshot.clone());
+    assert!(!changes.full, "endpoint changes take the incremental path");
+    assert_eq!(changes.upserted, ["default/shop"]);
+    let route = &routing.routes()["default/shop"];
+    let shadow = route.rules[0]
+        .mirror
+        .as_ref()
+        .and_then(|m| m.backend.as_ref());
+    assert_eq!(shadow.map(|b| b.endpoints.len()), Some(3));
+
+    // A mirror of a Service that does not exist is an unresolved ref, like a backend's.
+    spec.rules[0].mirror.as_mut().expect("set").backend_ref.name = "nope".to_owned();
+    world.policy("shop", spec);
+    let computed = world.compute(&LastGood::default());
+    let errors = &state(&computed, "shop").errors;
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.starts_with("spec.rules[0].mirror.backendRef")),
+        "{errors:?}"
+    );
 }

@@ -15,11 +15,11 @@
 
 use crate::model::{
     ALGORITHMS, BackendRef, Cache, DEFAULT_EVICTION, DEFAULT_MIN_HEALTHY_PERCENT,
-    DEFAULT_SLOW_START_PERCENT, EVICTION_NAMES, EVICTIONS, HealthCheck, LoadBalancer,
-    MAX_HASH_BALANCE_FACTOR, MAX_PRIORITY, MAX_RETRY_ATTEMPTS, MAX_SLOW_START_PERCENT,
-    MAX_SLOW_START_WINDOW_MS, MAX_WEIGHT, MIN_HASH_BALANCE_FACTOR, MIN_SLOW_START_PERCENT,
-    MIN_SLOW_START_WINDOW_MS, Match, OutlierDetection, RETRY_CONDITIONS, Retry, Rule, SlowStart,
-    TrafficPolicySpec,
+    DEFAULT_MIRROR_PERCENT, DEFAULT_SLOW_START_PERCENT, EVICTION_NAMES, EVICTIONS, HealthCheck,
+    LoadBalancer, MAX_HASH_BALANCE_FACTOR, MAX_PRIORITY, MAX_RATE_LIMIT_BURST, MAX_RATE_LIMIT_RPS,
+    MAX_RETRY_ATTEMPTS, MAX_SLOW_START_PERCENT, MAX_SLOW_START_WINDOW_MS, MAX_WEIGHT,
+    MIN_HASH_BALANCE_FACTOR, MIN_SLOW_START_PERCENT, MIN_SLOW_START_WINDOW_MS, Match, Mirror,
+    OutlierDetection, RETRY_CONDITIONS, RateLimit, Retry, Rule, SlowStart, TrafficPolicySpec,
 };
 mod syntax;
 #[cfg(test)]
@@ -75,6 +75,7 @@ pub(crate) fn validate(spec: &TrafficPolicySpec) -> Result<pb::Route, Vec<String
                 1_000_000,
             ),
         }),
+        rate_limit: spec.rate_limit.as_ref().map(|r| v.rate_limit(r)),
     };
     if v.errors.is_empty() {
         Ok(route)
@@ -371,6 +372,7 @@ impl Validator {
                 backends: self.backends(i, &rule.backend_refs),
                 active_tier: 0,
                 panic: false,
+                mirror: rule.mirror.as_ref().map(|m| self.mirror(i, m)),
             })
             .collect()
     }
@@ -513,6 +515,74 @@ impl Validator {
             .collect()
     }
 
+    fn service_name(&mut self, path: fmt::Arguments<'_>, name: &str) {
+        if name.is_empty() {
+            self.error(path, "must name a Service");
+        } else if !is_dns_label(name) {
+            self.error(
+                path,
+                format_args!(
+                    "{name:?} is not a Service name (lower-case letters, digits and '-', at \
+                     most 63 characters)"
+                ),
+            );
+        }
+    }
+
+    fn mirror(&mut self, i: usize, m: &Mirror) -> pb::Mirror {
+        let r = &m.backend_ref;
+        self.service_name(
+            format_args!("spec.rules[{i}].mirror.backendRef.name"),
+            &r.name,
+        );
+        let port = self.int_in(
+            format_args!("spec.rules[{i}].mirror.backendRef.port"),
+            r.port.map(i64::from),
+            0,
+            1,
+            65535,
+        );
+        let percent = self.int_in(
+            format_args!("spec.rules[{i}].mirror.percent"),
+            m.percent,
+            DEFAULT_MIRROR_PERCENT,
+            1,
+            100,
+        );
+        pb::Mirror {
+            backend: Some(pb::Backend {
+                service: r.name.clone(),
+                port,
+                tier: 0,
+                weight: 0,
+                protocol: pb::Protocol::Http1 as i32,
+                endpoints: Vec::new(),
+            }),
+            percent,
+        }
+    }
+
+    fn rate_limit(&mut self, r: &RateLimit) -> pb::RateLimit {
+        let requests_per_second = self.int_in(
+            format_args!("spec.rateLimit.requestsPerSecond"),
+            Some(r.requests_per_second),
+            1,
+            1,
+            MAX_RATE_LIMIT_RPS,
+        );
+        let burst = self.int_in(
+            format_args!("spec.rateLimit.burst"),
+            r.burst,
+            requests_per_second,
+            1,
+            MAX_RATE_LIMIT_BURST,
+        );
+        pb::RateLimit {
+            requests_per_second,
+            burst,
+        }
+    }
+
     fn min_healthy_percent(&mut self, spec: &TrafficPolicySpec) -> u32 {
         self.int_in(
             format_args!("spec.failover.minHealthyPercent"),
@@ -543,8 +613,8 @@ impl Validator {
                 self.error(
                     format_args!("spec.retry.on[{k}]"),
                     format_args!(
-                        "unknown retry condition {on:?}; expected a 5xx status code such as \
-                         \"503\" or one of {}",
+                        "unknown retry condition {on:?}; expected 429, a 5xx status code \
+                         such as \"503\", or one of {}",
                         RETRY_CONDITIONS.join(", ")
                     ),
                 );

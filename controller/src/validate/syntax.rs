@@ -94,6 +94,7 @@ pub(super) fn check_path(path: &str) -> Result<(), String> {
 
 pub(super) fn is_retry_condition(on: &str) -> bool {
     RETRY_CONDITIONS.contains(&on)
+        || on == "429"
         || (on.len() == 3 && on.starts_with('5') && on.bytes().all(|b| b.is_ascii_digit()))
 }
 

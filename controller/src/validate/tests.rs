@@ -17,6 +17,7 @@ fn minimal() -> TrafficPolicySpec {
         rules: vec![Rule {
             matches: vec![],
             backend_refs: vec![backend("shop-v1")],
+            mirror: None,
         }],
         ..TrafficPolicySpec::default()
     }
@@ -329,6 +330,7 @@ fn weight_must_be_between_zero_and_a_million() {
             weight: Some(-3),
             ..backend("b")
         }],
+        mirror: None,
     });
     assert_single_error(
         &spec,
@@ -937,4 +939,91 @@ fn slow_start_is_checked_and_refused_with_consistent_hashing() {
              that ramp up would move keys between endpoints during every warm-up",
         );
     }
+}
+
+#[test]
+fn rate_limit_is_checked_and_burst_defaults_to_the_rate() {
+    let with = |rps: i64, burst: Option<i64>| {
+        let mut spec = minimal();
+        spec.rate_limit = Some(RateLimit {
+            requests_per_second: rps,
+            burst,
+        });
+        spec
+    };
+    assert_eq!(valid(&minimal()).rate_limit, None);
+    let r = valid(&with(100, None)).rate_limit.expect("set");
+    assert_eq!((r.requests_per_second, r.burst), (100, 100));
+    let r = valid(&with(5, Some(50))).rate_limit.expect("set");
+    assert_eq!((r.requests_per_second, r.burst), (5, 50));
+    assert_single_error(
+        &with(0, None),
+        "spec.rateLimit.requestsPerSecond: must be >= 1, got 0",
+    );
+    assert_single_error(
+        &with(1_000_001, None),
+        "spec.rateLimit.requestsPerSecond: must be <= 1000000, got 1000001",
+    );
+    assert_single_error(
+        &with(10, Some(0)),
+        "spec.rateLimit.burst: must be >= 1, got 0",
+    );
+}
+
+#[test]
+fn a_mirror_names_a_service_and_a_percent() {
+    let with = |name: &str, port: Option<i32>, percent: Option<i64>| {
+        let mut spec = minimal();
+        spec.rules[0].mirror = Some(Mirror {
+            backend_ref: crate::model::MirrorRef {
+                name: name.to_owned(),
+                port,
+            },
+            percent,
+        });
+        spec
+    };
+    assert_eq!(valid(&minimal()).rules[0].mirror, None);
+    let m = valid(&with("shop-shadow", Some(8080), None)).rules[0]
+        .mirror
+        .clone()
+        .expect("set");
+    assert_eq!(m.percent, 100);
+    let b = m.backend.expect("backend");
+    assert_eq!((b.service.as_str(), b.port), ("shop-shadow", 8080));
+    let m = valid(&with("shop-shadow", None, Some(5))).rules[0]
+        .mirror
+        .clone()
+        .expect("set");
+    assert_eq!((m.percent, m.backend.expect("backend").port), (5, 0));
+    assert_single_error(
+        &with("shop-shadow", None, Some(0)),
+        "spec.rules[0].mirror.percent: must be >= 1, got 0",
+    );
+    assert_single_error(
+        &with("shop-shadow", None, Some(101)),
+        "spec.rules[0].mirror.percent: must be <= 100, got 101",
+    );
+    assert_single_error(
+        &with("Shop_Shadow", None, None),
+        "spec.rules[0].mirror.backendRef.name: \"Shop_Shadow\" is not a Service name \
+         (lower-case letters, digits and '-', at most 63 characters)",
+    );
+    assert_single_error(
+        &with("", None, None),
+        "spec.rules[0].mirror.backendRef.name: must name a Service",
+    );
+}
+
+#[test]
+fn retry_on_accepts_429() {
+    let mut spec = minimal();
+    spec.retry = Some(Retry {
+        on: vec!["429".to_owned(), "503".to_owned()],
+        ..Retry::default()
+    });
+    assert_eq!(
+        valid(&spec).retry.expect("set").on,
+        vec!["429".to_owned(), "503".to_owned()]
+    );
 }
