@@ -158,6 +158,10 @@ pub(crate) fn config_json(shared: &Shared) -> Value {
                     "budgetPercent": rt.retry.budget_percent,
                 },
                 "maxRequestsPerEndpoint": rt.max_per_endpoint,
+                "rateLimit": rt.rate_limit.as_ref().map(|l| json!({
+                    "requestsPerSecond": l.requests_per_second,
+                    "burst": l.burst,
+                })),
                 "cache": rt.cache.as_ref().map(|c| {
                     let st = c.stats();
                     let lookups = st.hits + st.misses + st.stale;
@@ -198,6 +202,11 @@ fn rule_json(rt: &RuleRt, now: u64, slow_start_ms: u64) -> Value {
         })).collect::<Vec<_>>(),
         "activeTier": rule.active_tier,
         "panic": rule.panic,
+        "mirror": rt.mirror.as_ref().map(|m| json!({
+            "service": m.service,
+            "percent": m.percent,
+            "endpoints": m.targets().map(|a| a.to_string()).collect::<Vec<_>>(),
+        })),
         "backends": rule.backends.iter().map(|b| json!({
             "service": b.service,
             "port": b.port,
@@ -224,6 +233,10 @@ fn rule_json(rt: &RuleRt, now: u64, slow_start_ms: u64) -> Value {
                 // Wall-clock, unlike the agent's monotonic `now_ms`, so an operator can read it.
                 if let Some(until) = health.and_then(|h| h.warming_until(now, slow_start_ms)) {
                     v["warmingUntilUnixMs"] = json!(unix_ms() + (until - now));
+                }
+                // Asked for less traffic (429 / 503 with Retry-After) until then.
+                if let Some(until) = health.and_then(|h| h.throttled_until(now)) {
+                    v["throttledUntilUnixMs"] = json!(unix_ms() + (until - now));
                 }
                 // The controller's load-aware factor, only where it moved off an even share.
                 if e.load_permille != 0 {

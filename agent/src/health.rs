@@ -101,7 +101,16 @@ pub(crate) struct EndpointHealth {
     /// while it is not, [`SERVING_FROM_START`] if it already served in the agent's first
     /// table. Written only by table builds.
     serving_since: AtomicU64,
+    /// `now_ms` until which the endpoint asked for less traffic (429 / 503 with
+    /// `Retry-After`); 0 when it did not. Read by every pick, written by such answers.
+    throttled_until: AtomicU64,
 }
+
+/// How long an endpoint that answers 429 without `Retry-After` gets less traffic.
+pub(crate) const DEFAULT_THROTTLE: Duration = Duration::from_secs(1);
+/// The longest `Retry-After` honoured: a bogus or mistaken header must not starve an endpoint
+/// for hours (Envoy caps its rate-limited retry back-off similarly).
+pub(crate) const MAX_THROTTLE: Duration = Duration::from_secs(60);
 
 /// [`EndpointHealth::serving_since`] of an endpoint that is not serving (or not seen yet).
 const NOT_SERVING: u64 = u64::MAX;
@@ -132,6 +141,7 @@ impl EndpointHealth {
             consecutive_failures: AtomicU32::new(0),
             reason: Mutex::new(None),
             serving_since: AtomicU64::new(NOT_SERVING),
+            throttled_until: AtomicU64::new(0),
         }
     }
 
@@ -173,6 +183,26 @@ impl EndpointHealth {
     /// Healthy as far as this agent knows (active check passing and not ejected).
     pub(crate) fn is_healthy(&self, now_ms: u64) -> bool {
         self.active_ok.load(Ordering::Relaxed) && !self.is_ejected(now_ms)
+    }
+
+    /// The endpoint asked for less traffic until `until_ms` (a later answer may extend it,
+    /// never shorten it).
+    pub(crate) fn throttle(&self, until_ms: u64) {
+        if self.throttled_until.fetch_max(until_ms, Ordering::Relaxed) < until_ms {
+            self.counters.throttles.inc();
+        }
+    }
+
+    /// Whether the endpoint asked for less traffic and the time it asked for is not over.
+    #[inline]
+    pub(crate) fn is_throttled(&self, now_ms: u64) -> bool {
+        self.throttled_until.load(Ordering::Relaxed) > now_ms
+    }
+
+    /// When the current throttle ends, if the endpoint is throttled at `now_ms`.
+    pub(crate) fn throttled_until(&self, now_ms: u64) -> Option<u64> {
+        let until = self.throttled_until.load(Ordering::Relaxed);
+        (until > now_ms).then_some(until)
     }
 
     pub(crate) fn is_ejected(&self, now_ms: u64) -> bool {

@@ -52,6 +52,20 @@ pub(crate) struct GrpcLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct MirrorLabels {
+    pub(crate) route: String,
+    pub(crate) outcome: &'static str,
+}
+
+/// Counter handles of one route's mirror.
+#[derive(Debug, Clone)]
+pub(crate) struct MirrorCounters {
+    pub(crate) sent: Counter,
+    pub(crate) failed: Counter,
+    pub(crate) dropped: Counter,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct ReplyLabels {
     pub(crate) route: String,
     pub(crate) reason: &'static str,
@@ -75,6 +89,8 @@ pub(crate) struct EndpointCounters {
     pub(crate) requests: Counter,
     pub(crate) failures: Counter,
     ejections: Counter,
+    /// Answers (429, or 503 with `Retry-After`) that made the agent send it less traffic.
+    pub(crate) throttles: Counter,
 }
 
 impl EndpointCounters {
@@ -170,6 +186,9 @@ pub(crate) struct Metrics {
     endpoint_requests: Family<EndpointLabels, Counter>,
     endpoint_failures: Family<EndpointLabels, Counter>,
     endpoint_ejections: Family<EndpointLabels, Counter>,
+    endpoint_throttles: Family<EndpointLabels, Counter>,
+    /// Mirrored copies by route and outcome (see [`MirrorCounters`]).
+    mirrors: Family<MirrorLabels, Counter>,
     /// Response cache counters and sizes, by route; refreshed when scraped.
     pub(crate) cache: Family<CacheLabels, Gauge<i64, AtomicI64>>,
     /// gRPC calls by final status, route and endpoint.
@@ -229,6 +248,8 @@ impl Metrics {
         let endpoint_requests = Family::<EndpointLabels, Counter>::default();
         let endpoint_failures = Family::<EndpointLabels, Counter>::default();
         let endpoint_ejections = Family::<EndpointLabels, Counter>::default();
+        let endpoint_throttles = Family::<EndpointLabels, Counter>::default();
+        let mirrors = Family::<MirrorLabels, Counter>::default();
         let endpoint_healthy = Family::<EndpointLabels, Gauge<i64, AtomicI64>>::default();
         let grpc_calls = GrpcCallsFamily::default();
         let cache = Family::<CacheLabels, Gauge<i64, AtomicI64>>::default();
@@ -269,6 +290,16 @@ impl Metrics {
             endpoint_ejections.clone(),
         );
         registry.register(
+            "endpoint_throttles",
+            "Answers (429, or 503 with Retry-After) after which the endpoint got less traffic for the time it asked, by endpoint",
+            endpoint_throttles.clone(),
+        );
+        registry.register(
+            "mirror_requests",
+            "Mirrored copies by route and outcome: sent (answered by the shadow), failed (no answer), dropped (not sent, or cut: the shadow was too slow or too busy)",
+            mirrors.clone(),
+        );
+        registry.register(
             "endpoint_healthy",
             "1 while the endpoint may receive traffic (ready, passing checks, not ejected)",
             endpoint_healthy.clone(),
@@ -291,6 +322,8 @@ impl Metrics {
             endpoint_requests,
             endpoint_failures,
             endpoint_ejections,
+            endpoint_throttles,
+            mirrors,
             endpoint_healthy,
             grpc_calls,
             cache,
@@ -323,6 +356,22 @@ impl Metrics {
             requests: self.endpoint_requests.get_or_create_owned(&l),
             failures: self.endpoint_failures.get_or_create_owned(&l),
             ejections: self.endpoint_ejections.get_or_create_owned(&l),
+            throttles: self.endpoint_throttles.get_or_create_owned(&l),
+        }
+    }
+
+    /// The mirror counters of `route`, created on first use.
+    pub(crate) fn mirror_counters(&self, route: &str) -> MirrorCounters {
+        let get = |outcome| {
+            self.mirrors.get_or_create_owned(&MirrorLabels {
+                route: route.to_owned(),
+                outcome,
+            })
+        };
+        MirrorCounters {
+            sent: get("sent"),
+            failed: get("failed"),
+            dropped: get("dropped"),
         }
     }
 
@@ -342,6 +391,7 @@ impl Metrics {
         self.endpoint_requests.remove(&l);
         self.endpoint_failures.remove(&l);
         self.endpoint_ejections.remove(&l);
+        self.endpoint_throttles.remove(&l);
         self.endpoint_healthy.remove(&l);
     }
 
@@ -365,6 +415,12 @@ impl Metrics {
         self.retries.remove(&l);
         self.in_flight.remove(&l);
         self.latency.remove(&l);
+        for outcome in ["sent", "failed", "dropped"] {
+            self.mirrors.remove(&MirrorLabels {
+                route: route.to_string(),
+                outcome,
+            });
+        }
     }
 
     pub(crate) fn encode(&self) -> Result<String, std::fmt::Error> {

@@ -27,7 +27,12 @@ pub enum Mode {
     Status(u16),
     /// Answers normally after this many milliseconds.
     Delay(u64),
+    /// Answers `429 Too Many Requests` with `Retry-After` of this many seconds.
+    Throttle(u64),
 }
+
+/// [`Mode::Throttle`]'s encoding starts here (above every [`Mode::Delay`] in use).
+const THROTTLE_BASE: u64 = 1 << 40;
 
 impl Mode {
     fn encode(self) -> u64 {
@@ -36,6 +41,7 @@ impl Mode {
             Mode::Hang => 1,
             Mode::Status(s) => u64::from(s),
             Mode::Delay(ms) => 1_000_000 + ms,
+            Mode::Throttle(secs) => THROTTLE_BASE + secs,
         }
     }
 
@@ -43,18 +49,20 @@ impl Mode {
         match v {
             0 => Mode::Normal,
             1 => Mode::Hang,
+            v if v >= THROTTLE_BASE => Mode::Throttle(v - THROTTLE_BASE),
             v if v >= 1_000_000 => Mode::Delay(v - 1_000_000),
             v => Mode::Status(v as u16),
         }
     }
 
-    /// Parses `normal`, `hang`, `status:503` or `delay:50`.
+    /// Parses `normal`, `hang`, `status:503`, `delay:50` or `throttle:60`.
     pub fn parse(s: &str) -> Option<Self> {
         match s.split_once(':') {
             None if s == "normal" => Some(Mode::Normal),
             None if s == "hang" => Some(Mode::Hang),
             Some(("status", n)) => n.parse().ok().map(Mode::Status),
             Some(("delay", n)) => n.parse().ok().map(Mode::Delay),
+            Some(("throttle", n)) => n.parse().ok().map(Mode::Throttle),
             _ => None,
         }
     }
@@ -137,6 +145,11 @@ pub async fn serve(
                 if let Mode::Status(code) = mode {
                     *resp.status_mut() = http::StatusCode::from_u16(code)
                         .unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
+                }
+                if let Mode::Throttle(secs) = mode {
+                    *resp.status_mut() = http::StatusCode::TOO_MANY_REQUESTS;
+                    resp.headers_mut()
+                        .insert(http::header::RETRY_AFTER, http::HeaderValue::from(secs));
                 }
                 resp.headers_mut().insert("x-backend", name.clone());
                 // Echo what the proxy forwarded, for header tests.

@@ -10,6 +10,7 @@
 //! because it has to fit hyper 1's `Body` and our retry loop).
 
 use super::h2::H2Body;
+use super::tee::{ShadowBody, ShadowTee};
 use bytes::Bytes;
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
@@ -169,6 +170,10 @@ pub(crate) enum UpBody {
     Replay(ReplayBody),
     /// No body (a request the agent makes itself, such as a cache refresh).
     Empty,
+    /// A body copied to a mirror as it streams (boxed: rare, and it nests an `UpBody`).
+    Tee(Box<ShadowTee<UpBody>>),
+    /// The mirror's copy.
+    Shadow(ShadowBody),
 }
 
 impl Body for UpBody {
@@ -183,6 +188,8 @@ impl Body for UpBody {
             UpBody::Stream(b) => Pin::new(b).poll_frame(cx),
             UpBody::Replay(b) => Pin::new(b).poll_frame(cx),
             UpBody::Empty => Poll::Ready(None),
+            UpBody::Tee(b) => Pin::new(&mut **b).poll_frame(cx),
+            UpBody::Shadow(b) => Pin::new(b).poll_frame(cx),
         }
     }
 
@@ -191,6 +198,8 @@ impl Body for UpBody {
             UpBody::Stream(b) => b.is_end_stream(),
             UpBody::Replay(b) => b.is_end_stream(),
             UpBody::Empty => true,
+            UpBody::Tee(b) => b.is_end_stream(),
+            UpBody::Shadow(b) => b.is_end_stream(),
         }
     }
 
@@ -199,6 +208,8 @@ impl Body for UpBody {
             UpBody::Stream(b) => b.size_hint(),
             UpBody::Replay(b) => b.size_hint(),
             UpBody::Empty => SizeHint::with_exact(0),
+            UpBody::Tee(b) => b.size_hint(),
+            UpBody::Shadow(b) => b.size_hint(),
         }
     }
 }

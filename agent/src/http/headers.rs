@@ -146,6 +146,23 @@ pub(crate) fn peer_header(ip: IpAddr) -> HeaderValue {
     HeaderValue::from_str(&ip.to_string()).unwrap_or(HeaderValue::from_static("unknown"))
 }
 
+/// The wait a `Retry-After` value asks for (RFC 9110 §10.2.3): delta-seconds, or an
+/// HTTP-date taken relative to `now` (a date in the past is no wait). `None` when malformed.
+pub(crate) fn retry_after(
+    value: &HeaderValue,
+    now: std::time::SystemTime,
+) -> Option<std::time::Duration> {
+    let text = value.to_str().ok()?.trim();
+    if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+        // Saturates rather than failing on absurd values; callers cap the wait anyway.
+        return Some(std::time::Duration::from_secs(
+            text.parse().unwrap_or(u64::MAX),
+        ));
+    }
+    let at = httpdate::parse_http_date(text).ok()?;
+    Some(at.duration_since(now).unwrap_or_default())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -197,5 +214,23 @@ mod tests {
         append_forwarded_for(&mut h, HeaderValue::from_static("10.0.0.1"));
         append_forwarded_for(&mut h, HeaderValue::from_static("10.0.0.2"));
         assert_eq!(h.get(&X_FORWARDED_FOR).expect("xff"), "10.0.0.1, 10.0.0.2");
+    }
+
+    #[test]
+    fn retry_after_takes_seconds_or_a_date() {
+        use std::time::{Duration, SystemTime, UNIX_EPOCH};
+        let now = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let v = |s: &'static str| HeaderValue::from_static(s);
+        assert_eq!(retry_after(&v("7"), now), Some(Duration::from_secs(7)));
+        assert_eq!(retry_after(&v(" 0 "), now), Some(Duration::ZERO));
+        let later = httpdate::fmt_http_date(now + Duration::from_secs(30));
+        let later = HeaderValue::from_str(&later).expect("date");
+        assert_eq!(retry_after(&later, now), Some(Duration::from_secs(30)));
+        let past =
+            HeaderValue::from_str(&httpdate::fmt_http_date(SystemTime::UNIX_EPOCH)).expect("date");
+        assert_eq!(retry_after(&past, now), Some(Duration::ZERO));
+        assert_eq!(retry_after(&v("soon"), now), None);
+        assert_eq!(retry_after(&v("-5"), now), None);
+        assert_eq!(retry_after(&v(""), now), None);
     }
 }

@@ -20,10 +20,12 @@ pub(crate) enum LocalReply {
     /// Ambiguous or unsupported request framing (RFC 9112 §6.1); the connection is closed.
     BadFraming,
     CircuitOpen,
+    /// The route's local rate limit is exhausted (`429` with `Retry-After`).
+    RateLimited,
 }
 
 impl LocalReply {
-    pub(crate) const ALL: [LocalReply; 8] = [
+    pub(crate) const ALL: [LocalReply; 9] = [
         LocalReply::NoRoute,
         LocalReply::NoHealthyEndpoint,
         LocalReply::UpstreamConnect,
@@ -32,6 +34,7 @@ impl LocalReply {
         LocalReply::BadRequest,
         LocalReply::BadFraming,
         LocalReply::CircuitOpen,
+        LocalReply::RateLimited,
     ];
 
     /// The value of the `x-weir-error` header and the metric label.
@@ -45,6 +48,7 @@ impl LocalReply {
             LocalReply::BadRequest => "bad-request",
             LocalReply::BadFraming => "bad-framing",
             LocalReply::CircuitOpen => "circuit-open",
+            LocalReply::RateLimited => "rate-limited",
         }
     }
 
@@ -58,6 +62,7 @@ impl LocalReply {
             LocalReply::NoHealthyEndpoint
             | LocalReply::UpstreamConnect
             | LocalReply::CircuitOpen => 14,
+            LocalReply::RateLimited => 8, // RESOURCE_EXHAUSTED
         }
     }
 
@@ -69,6 +74,7 @@ impl LocalReply {
             LocalReply::UpstreamConnect | LocalReply::UpstreamError => S::BAD_GATEWAY,
             LocalReply::UpstreamTimeout => S::GATEWAY_TIMEOUT,
             LocalReply::BadRequest | LocalReply::BadFraming => S::BAD_REQUEST,
+            LocalReply::RateLimited => S::TOO_MANY_REQUESTS,
         }
     }
 }

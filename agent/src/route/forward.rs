@@ -8,7 +8,7 @@ use super::table::{RouteRt, RuleRt, Target};
 use super::{Body, DEFAULT_TIMEOUT, Routed, Worker, local_reply};
 use crate::balance::InFlight;
 use crate::cache::Fill;
-use crate::health::nanos_at;
+use crate::health::{ms_at, nanos_at};
 use crate::http::body::{ReplayBody, UpBody};
 use crate::http::grpc::grpc_timeout;
 use crate::http::headers::{VIA_2, VIA_11, is_idempotent, strip_hop_by_hop};
@@ -88,6 +88,20 @@ impl Worker {
             },
         };
 
+        if let Some(mirror) = rule.mirror.as_ref().filter(|m| m.sample()) {
+            first_body = first_body.map(|body| {
+                mirror.start(
+                    &self.pool,
+                    &parts.method,
+                    &parts.headers,
+                    pq.clone(),
+                    body,
+                    &fwd,
+                    budget,
+                )
+            });
+        }
+
         let mut tries = 0u32;
         let mut previous: Option<SocketAddr> = None;
         // A request the pool gave back unsent (connect failure): the next try reuses it.
@@ -96,7 +110,13 @@ impl Worker {
         let mut have_head = true;
         let resends = route.retry.resends_after_send(idempotent, grpc);
         loop {
-            let Some(target) = pick_target(rule, hash, previous, route.max_per_endpoint) else {
+            let now_ms = if tries == 0 {
+                ms_at(started)
+            } else {
+                ms_at(Instant::now())
+            };
+            let Some(target) = pick_target(rule, hash, previous, route.max_per_endpoint, now_ms)
+            else {
                 let reply = if rule.targets.is_empty() {
                     (LocalReply::NoHealthyEndpoint, "no healthy endpoint")
                 } else {
@@ -127,6 +147,13 @@ impl Worker {
                             let replica = b.replica();
                             replay = replica;
                             UpBody::Replay(b)
+                        }
+                        // Mirrored: the copy is fed from the first try, a retry replays.
+                        Some(UpBody::Tee(t)) => {
+                            if let UpBody::Replay(b) = t.inner() {
+                                replay = b.replica();
+                            }
+                            UpBody::Tee(t)
                         }
                         Some(other) => other,
                         None if body_empty => UpBody::Empty,
@@ -192,6 +219,9 @@ impl Worker {
             // out too: the client has given up by now, so it gets DEADLINE_EXCEEDED, not a
             // race. (Decided before the `match`: a guard arm there cost 9k instructions.)
             let result = result.filter(|_| !(grpc && done >= deadline));
+            if let Some(Ok((resp, _))) = &result {
+                outcome::note_throttle(resp, target, done);
+            }
             let verdict = retry::classify(result.as_ref(), &route.retry, idempotent, grpc);
             let outcome = match result {
                 Some(Ok(answer)) => Ok(answer),
@@ -273,33 +303,57 @@ impl Drop for Active<'_> {
 }
 
 /// Picks an endpoint below its in-flight limit, preferring one other than `avoid` (the
-/// endpoint a retry is moving away from). A few draws, not a scan: the pickers already favour
-/// lightly loaded endpoints.
+/// endpoint a retry is moving away from) and one that has not asked for less traffic (a 429
+/// or a 503 with `Retry-After`, see `outcome::note_throttle`). A few draws, not a scan: the
+/// pickers already favour lightly loaded endpoints. A throttled endpoint still gets the
+/// request when no other can take it: a slow answer beats none.
 fn pick_target(
     rule: &RuleRt,
     hash: Option<u64>,
     avoid: Option<SocketAddr>,
     max_in_flight: u32,
+    now_ms: u64,
 ) -> Option<&Target> {
-    let mut fallback = None;
+    let usable = |t: &Target| t.health.load.in_flight() < max_in_flight;
+    let mut fallback: Option<&Target> = None;
     for _ in 0..3 {
         let t = rule.pick(hash)?;
-        if t.health.load.in_flight() >= max_in_flight {
+        if !usable(t) {
             continue;
         }
-        if Some(t.addr) != avoid || rule.targets.len() == 1 {
+        let throttled = t.health.is_throttled(now_ms);
+        if !throttled && (Some(t.addr) != avoid || rule.targets.len() == 1) {
             return Some(t);
         }
-        fallback = Some(t);
+        // A second choice that is not throttled beats one that is.
+        if fallback.is_none_or(|f| !throttled && f.health.is_throttled(now_ms)) {
+            fallback = Some(t);
+        }
         if hash.is_some() {
             break; // the same key keeps mapping to the same endpoint
         }
     }
-    fallback.or_else(|| {
-        rule.targets
-            .iter()
-            .find(|t| t.health.load.in_flight() < max_in_flight)
-    })
+    pick_fallback(rule, fallback, max_in_flight, now_ms)
+}
+
+/// Past the draws: the second choice unless it is throttled, else the first usable endpoint
+/// that is not, else any usable one.
+#[cold]
+fn pick_fallback<'r>(
+    rule: &'r RuleRt,
+    fallback: Option<&'r Target>,
+    max_in_flight: u32,
+    now_ms: u64,
+) -> Option<&'r Target> {
+    let usable = |t: &Target| t.health.load.in_flight() < max_in_flight;
+    if let Some(f) = fallback.filter(|f| !f.health.is_throttled(now_ms)) {
+        return Some(f);
+    }
+    rule.targets
+        .iter()
+        .find(|t| usable(t) && !t.health.is_throttled(now_ms))
+        .or(fallback)
+        .or_else(|| rule.targets.iter().find(|t| usable(t)))
 }
 
 /// Builds the upstream URI for the request's path and query: absolute (scheme and the

@@ -8,7 +8,9 @@
 
 mod cached;
 mod forward;
+pub(crate) mod limit;
 pub(crate) mod matcher;
+pub(crate) mod mirror;
 mod outcome;
 pub(crate) mod retry;
 pub(crate) mod table;
@@ -156,6 +158,11 @@ impl Worker {
                     &msg,
                 ));
             };
+            if let Some(limit) = &route.rate_limit
+                && let Err(wait) = limit.check()
+            {
+                return Ok(rate_limited(grpc, route, wait));
+            }
             let method = req.method();
             let (path, headers) = (req.uri().path(), req.headers());
             let Some(idx) = route
@@ -200,6 +207,23 @@ pub(crate) fn local_reply(
 ) -> Response<Body> {
     counters.reply(kind);
     reply::local_reply(grpc, kind, msg).map(Either::Right)
+}
+
+/// `429` (gRPC: `RESOURCE_EXHAUSTED`) with `Retry-After`: the route's bucket is empty for
+/// `wait` more.
+#[cold]
+fn rate_limited(grpc: bool, route: &RouteRt, wait: Duration) -> Response<Body> {
+    let mut resp = local_reply(
+        grpc,
+        &route.counters,
+        LocalReply::RateLimited,
+        "rate limit exceeded",
+    );
+    resp.headers_mut().insert(
+        header::RETRY_AFTER,
+        HeaderValue::from(limit::retry_after_secs(wait)),
+    );
+    resp
 }
 
 /// The upstream body for a client's request body. Most requests have none: nothing to

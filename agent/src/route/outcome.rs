@@ -5,14 +5,14 @@
 use super::table::{RouteRt, RuleRt, Target};
 use super::{Body, local_reply};
 use crate::cache::{Fill, FillAction, TeeBody};
-use crate::health::{Endpoints, Event, Outcome, ms_at};
+use crate::health::{DEFAULT_THROTTLE, Endpoints, Event, MAX_THROTTLE, Outcome, ms_at};
 use crate::http::grpc::head_grpc_status;
-use crate::http::headers::{VIA_11, strip_hop_by_hop};
+use crate::http::headers::{VIA_11, retry_after, strip_hop_by_hop};
 use crate::http::reply::LocalReply;
 use crate::metrics::Metrics;
 use crate::upstream::{self, DownBody, Lease, RespBody, RetryKind};
-use http::Response;
 use http::header;
+use http::{Response, StatusCode};
 use http_body_util::{Either, Full};
 use std::time::{Instant, SystemTime};
 
@@ -65,6 +65,36 @@ pub(super) fn record(
     {
         tracing::warn!(route = %route.name, endpoint = %target.addr, "endpoint ejected by outlier detection");
         endpoints.notify(Event::EjectedUntil(until));
+    }
+}
+
+/// An endpoint that answers `429`, or `503` with `Retry-After`, asked for less traffic: the
+/// pickers pass it over while another endpoint can take the request (see
+/// `forward::pick_target`), for the time it asked (at most [`MAX_THROTTLE`]; a 429 without
+/// `Retry-After` for [`DEFAULT_THROTTLE`]).
+#[inline]
+pub(super) fn note_throttle(resp: &Response<RespBody>, target: &Target, done: Instant) {
+    let status = resp.status();
+    if status != StatusCode::TOO_MANY_REQUESTS && status != StatusCode::SERVICE_UNAVAILABLE {
+        return;
+    }
+    throttle(resp, status, target, done);
+}
+
+#[cold]
+fn throttle(resp: &Response<RespBody>, status: StatusCode, target: &Target, done: Instant) {
+    let asked = resp
+        .headers()
+        .get(header::RETRY_AFTER)
+        .and_then(|v| retry_after(v, SystemTime::now()));
+    let wait = match asked {
+        Some(wait) => wait.min(MAX_THROTTLE),
+        None if status == StatusCode::TOO_MANY_REQUESTS => DEFAULT_THROTTLE,
+        None => return,
+    };
+    if !wait.is_zero() {
+        let until = ms_at(done) + u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
+        target.health.throttle(until);
     }
 }
 

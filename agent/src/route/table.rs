@@ -23,7 +23,9 @@
 //! control thread rebuilds such a table every [`Table::warm_up_tick`] until the ramps are
 //! over — the request path only ever sees ordinary weights.
 
+use super::limit::RateLimitRt;
 use super::matcher::{MatchError, MatchRt};
+use super::mirror::MirrorRt;
 use super::retry::RetryRt;
 use crate::balance::{EndpointLoad, Picker, Placement, endpoint_id, zone_aware_weights};
 use crate::health::{EndpointHealth, Endpoints, OutlierConfig};
@@ -170,6 +172,8 @@ pub(crate) struct RouteRt {
     pub(crate) cache: Option<crate::cache::Cache>,
     /// `loadBalancer.slowStart`, if set.
     pub(crate) slow_start: Option<SlowStart>,
+    /// `spec.rateLimit`, if set: the agent's token bucket for the route.
+    pub(crate) rate_limit: Option<RateLimitRt>,
     /// Some endpoint got less than its weight for slow start when this was built: the
     /// control thread rebuilds until none does.
     pub(crate) warming: bool,
@@ -199,6 +203,8 @@ pub(crate) struct RuleRt {
     pub(crate) effective: pb::Rule,
     /// Some target's weight was cut for slow start.
     warming: bool,
+    /// `mirror`, if set.
+    pub(crate) mirror: Option<MirrorRt>,
 }
 
 #[derive(Debug)]
@@ -407,18 +413,27 @@ impl RouteRt {
         };
         let mut rules = Vec::with_capacity(route.rules.len());
         for (i, rule) in route.rules.iter().enumerate() {
-            rules.push(
-                RuleRt::build(
-                    rule,
-                    algorithm,
-                    lb.hash_balance_factor,
-                    slow_start,
-                    min_healthy,
-                    ctx,
-                )
-                .map_err(|m| err(format!("rules[{i}]: {m}")))?,
-            );
+            let mut built = RuleRt::build(
+                rule,
+                algorithm,
+                lb.hash_balance_factor,
+                slow_start,
+                min_healthy,
+                ctx,
+            )
+            .map_err(|m| err(format!("rules[{i}]: {m}")))?;
+            if let Some(m) = &rule.mirror {
+                built.mirror = MirrorRt::build(m, ctx.metrics.mirror_counters(&route.name))
+                    .map_err(|m| err(format!("rules[{i}]: {m}")))?;
+            }
+            rules.push(built);
         }
+        // The bucket carries over rebuilds and updates that keep the same limit.
+        let previous = ctx.previous.and_then(|t| t.routes.get(route.name.as_str()));
+        let rate_limit = route
+            .rate_limit
+            .as_ref()
+            .and_then(|r| RateLimitRt::from_proto(r, previous.and_then(|p| p.rate_limit.as_ref())));
         let warming = rules.iter().any(|r| r.warming);
         let outlier = match &route.outlier_detection {
             None => OutlierConfig::default(),
@@ -490,6 +505,7 @@ impl RouteRt {
                 .unwrap_or(DEFAULT_MAX_PER_ENDPOINT),
             hash_on,
             slow_start,
+            rate_limit,
             warming,
             active: AtomicU32::new(0),
             active_retries: AtomicU32::new(0),
@@ -649,6 +665,7 @@ impl RuleRt {
             members: members.into_boxed_slice(),
             effective,
             warming,
+            mirror: None,
         })
     }
 
