@@ -1,6 +1,10 @@
 //! A real HTTP/1.1 + h2c demo backend: answers every request with its own name, and counts
 //! what it served so tests can check where traffic went.
 //!
+//! For the cache demo, a `max-age=N` query parameter makes it answer with
+//! `Cache-Control: public, max-age=N` and say in the body which of its requests this was, so
+//! a cached copy is easy to tell from a fresh one.
+//!
 //! Used in-process by the e2e tests and by the quickstart, and as the `weir-demo-backend`
 //! binary where a test must kill a backend process.
 
@@ -139,9 +143,21 @@ pub async fn serve(
         let mode = mode.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                hits.fetch_add(1, Ordering::Relaxed);
+                let n = hits.fetch_add(1, Ordering::Relaxed) + 1;
                 let mode = Mode::decode(mode.load(Ordering::Relaxed));
-                let mut resp = Response::new(Full::new(body.clone()));
+                let max_age = cacheable_for(req.uri());
+                let mut resp = Response::new(Full::new(match max_age {
+                    None => body.clone(),
+                    Some(_) => {
+                        let text = String::from_utf8_lossy(&body);
+                        Bytes::from(format!("{}, request #{n}\n", text.trim_end()))
+                    }
+                }));
+                if let Some(secs) = max_age {
+                    if let Ok(v) = http::HeaderValue::from_str(&format!("public, max-age={secs}")) {
+                        resp.headers_mut().insert(http::header::CACHE_CONTROL, v);
+                    }
+                }
                 if let Mode::Status(code) = mode {
                     *resp.status_mut() = http::StatusCode::from_u16(code)
                         .unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
@@ -187,6 +203,14 @@ pub async fn serve(
                 .await;
         });
     }
+}
+
+/// The `max-age=N` query parameter of a request, if any.
+fn cacheable_for(uri: &http::Uri) -> Option<u64> {
+    uri.query()?
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("max-age="))
+        .and_then(|v| v.parse().ok())
 }
 
 /// Starts one backend on each of `ips`, all on the same port (an EndpointSlice gives one

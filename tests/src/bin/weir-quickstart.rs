@@ -29,6 +29,11 @@ struct Args {
     controller_admin: SocketAddr,
 }
 
+/// A progress line, so a first run that builds for minutes does not look stuck.
+fn step(what: &str) {
+    eprintln!("weir-quickstart: {what} ...");
+}
+
 /// Every (service, ip:port) an EndpointSlice in `dir` names.
 fn endpoints(dir: &std::path::Path) -> anyhow::Result<Vec<(String, SocketAddr)>> {
     use serde::Deserialize;
@@ -76,11 +81,13 @@ async fn main() -> anyhow::Result<()> {
     let dir = dir
         .canonicalize()
         .with_context(|| format!("config dir {}", dir.display()))?;
-    // Under `cargo run`, make sure the controller and agent binaries are current too.
+    // Under `cargo run`, make sure the controller and agent binaries are current too. Not
+    // quiet: on a fresh machine this is minutes of work, and cargo's progress shows it moves.
     if let Ok(cargo) = std::env::var("CARGO") {
         let release = weir_tests::profile_dir().ends_with("release");
+        step("building weir-controller and weir-agent (the first build takes a few minutes)");
         let mut cmd = std::process::Command::new(cargo);
-        cmd.args(["build", "-q", "-p", "weir-controller", "-p", "weir-agent"]);
+        cmd.args(["build", "-p", "weir-controller", "-p", "weir-agent"]);
         if release {
             cmd.arg("--release");
         }
@@ -88,13 +95,16 @@ async fn main() -> anyhow::Result<()> {
     }
 
     let mut backends = Vec::new();
+    step("starting the demo backends");
     for (svc, addr) in endpoints(&dir)? {
         let b = Backend::start(addr, &svc)
             .await
             .with_context(|| format!("demo backend {svc} on {addr}"))?;
         backends.push(b);
     }
+    step(&format!("starting the controller on {}", dir.display()));
     let controller = Controller::start_at(&dir, args.grpc, args.controller_admin).await?;
+    step("starting the agent and waiting for its first routing table");
     let state_dir = std::env::temp_dir().join("weir-quickstart-state");
     let agent = Agent::start_at(
         &controller.url(),
@@ -120,6 +130,12 @@ async fn main() -> anyhow::Result<()> {
     println!("  curl -s -H 'Host: shop' http://{l}/");
     println!(
         "  for i in $(seq 100); do curl -s -H 'Host: shop' http://{l}/; done | sort | uniq -c"
+    );
+    println!();
+    println!("The cache (policy `catalog`): the first answer is a MISS, the next ones HITs with");
+    println!("an Age, and after 10 s the copy expires and the origin answers again:");
+    println!(
+        "  curl -si -H 'Host: catalog' 'http://{l}/item/1?max-age=10' | grep -iE '^(x-cache|age)|request #'"
     );
     println!();
     println!(
