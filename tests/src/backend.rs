@@ -153,10 +153,10 @@ pub async fn serve(
                         Bytes::from(format!("{}, request #{n}\n", text.trim_end()))
                     }
                 }));
-                if let Some(secs) = max_age {
-                    if let Ok(v) = http::HeaderValue::from_str(&format!("public, max-age={secs}")) {
-                        resp.headers_mut().insert(http::header::CACHE_CONTROL, v);
-                    }
+                if let Some(secs) = max_age
+                    && let Ok(v) = http::HeaderValue::from_str(&format!("public, max-age={secs}"))
+                {
+                    resp.headers_mut().insert(http::header::CACHE_CONTROL, v);
                 }
                 if let Mode::Status(code) = mode {
                     *resp.status_mut() = http::StatusCode::from_u16(code)
