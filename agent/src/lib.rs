@@ -40,5 +40,6 @@ pub(crate) mod health;
 pub(crate) mod http;
 pub mod listen;
 pub(crate) mod metrics;
+pub mod observe;
 pub(crate) mod route;
 pub(crate) mod upstream;

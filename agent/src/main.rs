@@ -7,7 +7,17 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use weir_agent::control::{checks, client, state, state::Shared};
-use weir_agent::{admin, listen};
+use weir_agent::{admin, listen, observe};
+
+/// A share between 0 and 1.
+fn ratio(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
+        _ => Err(format!(
+            "{text:?} is not a share between 0 and 1 (e.g. 0.05)"
+        )),
+    }
+}
 
 #[derive(Parser, Debug)]
 #[command(name = "weir-agent", version, about)]
@@ -50,6 +60,22 @@ struct Args {
     /// connections still open are cut and the agent exits, e.g. `30s`.
     #[arg(long, env = "WEIR_DRAIN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     drain_timeout: std::time::Duration,
+    /// Access log on standard output, one line per request: `json`, `common` (NCSA common
+    /// log format plus route, upstream, cache verdict and milliseconds to the response head),
+    /// or off when unset.
+    #[arg(long, env = "WEIR_ACCESS_LOG", value_enum)]
+    access_log: Option<observe::Format>,
+    /// Share of requests the access log writes, 0–1 (e.g. `0.01` for 1 %).
+    #[arg(long, env = "WEIR_ACCESS_LOG_SAMPLE", default_value_t = 1.0, value_parser = ratio)]
+    access_log_sample: f64,
+    /// OTLP/HTTP collector to export request spans to, e.g. `http://127.0.0.1:4318`
+    /// (`/v1/traces` is appended); tracing is off when unset.
+    #[arg(long, env = "WEIR_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
+    /// Share of requests without a sampled `traceparent` that start a trace, 0–1. Requests
+    /// whose `traceparent` is sampled are always recorded (parent-based sampling).
+    #[arg(long, env = "WEIR_TRACE_SAMPLE", default_value_t = 0.01, value_parser = ratio)]
+    trace_sample: f64,
     /// Client certificate for the controller stream (PEM).
     #[arg(long, env = "WEIR_TLS_CERT")]
     tls_cert: Option<PathBuf>,
@@ -93,6 +119,22 @@ fn main() -> anyhow::Result<()> {
         args.state_dir.clone(),
     ));
     shared.load_persisted();
+    let access = args
+        .access_log
+        .map(|format| observe::AccessLog::stdout(format, args.access_log_sample))
+        .transpose()
+        .context("cannot start the access log writer")?;
+    let (tracer, exporter) = match &args.otlp_endpoint {
+        None => (None, None),
+        Some(url) => {
+            let (t, e) = observe::Tracer::new(url, args.trace_sample, &args.node_name)
+                .map_err(|e| anyhow::anyhow!("--otlp-endpoint: {e}"))?;
+            (Some(t), Some(e))
+        }
+    };
+    shared
+        .routing()
+        .set_observe(observe::Observe::new(access, tracer));
 
     let workers = args
         .workers
@@ -142,6 +184,9 @@ fn main() -> anyhow::Result<()> {
         tokio::spawn(admin::serve(admin_listener, shared.clone()));
         tokio::spawn(checks::run(shared.clone()));
         tokio::spawn(state::persist_loop(shared.clone()));
+        if let Some(exporter) = exporter {
+            tokio::spawn(exporter.run());
+        }
         tokio::spawn(client::run(
             args.controllers,
             shared.clone(),

@@ -169,7 +169,7 @@ pub async fn serve(
                 }
                 resp.headers_mut().insert("x-backend", name.clone());
                 // Echo what the proxy forwarded, for header tests.
-                for h in ["x-forwarded-for", "via", "host"] {
+                for h in ["x-forwarded-for", "via", "host", "traceparent"] {
                     if let Some(v) = req.headers().get(h) {
                         let echo = format!("x-echo-{h}");
                         if let (Ok(n), v) =

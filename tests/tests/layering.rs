@@ -18,7 +18,7 @@ const CONTROLLER: &[&[&str]] = &[
 
 const AGENT: &[&[&str]] = &[
     &["http"],
-    &["metrics", "balance", "cache"],
+    &["metrics", "balance", "cache", "observe"],
     &["health", "upstream"],
     &["route"],
     &["listen", "control"],

@@ -268,7 +268,7 @@ impl Worker {
                 .counters
                 .latency
                 .observe(done.saturating_duration_since(started));
-            return match outcome {
+            let mut resp = match outcome {
                 Ok((resp, lease)) => outcome::respond(
                     resp,
                     lease,
@@ -280,6 +280,11 @@ impl Worker {
                 ),
                 Err(reply) => outcome::fail(reply, fill.take(), grpc, &route),
             };
+            if self.routing.observing() {
+                resp.extensions_mut()
+                    .insert(crate::observe::Upstream(target.addr));
+            }
+            return resp;
         }
     }
 }

@@ -22,6 +22,7 @@ use crate::http::grpc::is_grpc;
 use crate::http::headers::normalize_host;
 use crate::http::reply::{self, LocalReply};
 use crate::metrics::{Metrics, RouteCounters};
+use crate::observe::{Exchange, Observe, Outcome};
 use crate::upstream::{DownBody, Pool};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -30,7 +31,8 @@ use http::{Method, Request, Response};
 use http_body_util::{Either, Full};
 use hyper::body::Body as _;
 use std::convert::Infallible;
-use std::sync::Arc;
+use std::future::Future;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use table::{RouteRt, Table};
 
@@ -49,6 +51,8 @@ pub struct Routing {
     pub(crate) table: ArcSwap<Table>,
     pub(crate) metrics: Metrics,
     pub(crate) endpoints: Endpoints,
+    /// Access logs and tracing, set once at start (unset: off).
+    observe: OnceLock<Observe>,
 }
 
 impl Routing {
@@ -57,7 +61,20 @@ impl Routing {
             table: ArcSwap::from_pointee(Table::default()),
             metrics,
             endpoints,
+            observe: OnceLock::new(),
         }
+    }
+
+    /// Switches on access logs and tracing; only the first call counts (at start, before
+    /// the workers serve).
+    pub fn set_observe(&self, observe: Observe) {
+        let _ = self.observe.set(observe);
+    }
+
+    /// Access logs or tracing is on.
+    #[inline]
+    pub(crate) fn observing(&self) -> bool {
+        self.observe.get().is_some_and(Observe::enabled)
     }
 }
 
@@ -94,8 +111,59 @@ impl Worker {
         &self.pool
     }
 
-    /// Handles one request from `peer` (its IP pre-rendered as a header value).
-    pub(crate) async fn handle(
+    /// Handles one request from `peer` (its IP pre-rendered as a header value). Not an
+    /// `async fn` over the two paths: that would wrap every request's future in one more
+    /// layer; unobserved requests get [`Worker::route`]'s future as it is.
+    pub(crate) fn handle(
+        self: Arc<Self>,
+        req: Request<ReqBody>,
+        peer: HeaderValue,
+    ) -> impl Future<Output = Result<Response<Body>, Infallible>> + Send + 'static {
+        if self.routing.observing() {
+            futures::future::Either::Left(Box::pin(self.handle_observed(req, peer)))
+        } else {
+            futures::future::Either::Right(self.route(req, peer))
+        }
+    }
+
+    /// [`Worker::route`] with an access log line and a span, where they are sampled.
+    #[cold]
+    async fn handle_observed(
+        self: Arc<Self>,
+        mut req: Request<ReqBody>,
+        peer: HeaderValue,
+    ) -> Result<Response<Body>, Infallible> {
+        let routing = self.routing.clone();
+        let Some(observe) = routing.observe.get() else {
+            return self.route(req, peer).await;
+        };
+        let (method, version, uri) = (req.method().clone(), req.version(), req.uri().clone());
+        let exchange: Option<Exchange> =
+            observe.begin(&method, version, &uri, req.headers_mut(), &peer);
+        let Some(exchange) = exchange else {
+            return self.route(req, peer).await;
+        };
+        let route = self.route_name(&req);
+        let resp = self.route(req, peer).await?;
+        exchange.finish(observe, &Outcome::of(&resp, route.as_ref()));
+        Ok(resp)
+    }
+
+    /// The name of the route a request goes to (for logs and spans).
+    fn route_name(&self, req: &Request<ReqBody>) -> Option<Arc<str>> {
+        let host = match req.uri().authority() {
+            Some(a) => a.as_str().as_bytes(),
+            None => req.headers().get(header::HOST)?.as_bytes(),
+        };
+        let mut buf = [0u8; 256];
+        let host = normalize_host(host, &mut buf)?;
+        let table = self.routing.table.load();
+        table.route(host).map(|r| r.shared_name.clone())
+    }
+
+    /// Routes one request: the host picks the route, the request a rule; then the cache or
+    /// the try loop.
+    async fn route(
         self: Arc<Self>,
         req: Request<ReqBody>,
         peer: HeaderValue,
