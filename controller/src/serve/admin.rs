@@ -303,3 +303,38 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::serve::server::NackState;
+
+    fn agent(applied: u64, nacked: Option<u64>) -> AgentState {
+        AgentState {
+            node_name: "n1".into(),
+            zone: String::new(),
+            agent_version: String::new(),
+            peer: String::new(),
+            connected_at_unix_ms: 0,
+            sent_version: 9,
+            applied_version: applied,
+            last_ack_unix_ms: None,
+            last_nack: nacked.map(|version| NackState {
+                version,
+                error: "bad route".into(),
+                at_unix_ms: 0,
+            }),
+            cache: None,
+        }
+    }
+
+    #[test]
+    fn agents_are_synced_behind_or_stuck_on_a_nack() {
+        assert_eq!(agent_state(&agent(9, None), 9), "synced");
+        assert_eq!(agent_state(&agent(8, None), 9), "behind");
+        assert_eq!(agent_state(&agent(8, Some(9)), 9), "nacked");
+        // A NACK it has since moved past (it ACKed a newer version) is history.
+        assert_eq!(agent_state(&agent(8, Some(7)), 9), "behind");
+        assert_eq!(agent_state(&agent(9, Some(8)), 9), "synced");
+    }
+}
