@@ -101,15 +101,15 @@ fn kubernetes_formats(schema: &mut serde_json::Value) {
     let Value::Object(map) = schema else {
         return;
     };
-    if let Some(Value::String(format)) = map.get("format") {
-        if !KUBERNETES_FORMATS.contains(&format.as_str()) {
-            match kubernetes_integer_format(format) {
-                Some(known) => {
-                    map.insert("format".into(), Value::String(known.into()));
-                }
-                None => {
-                    map.remove("format");
-                }
+    if let Some(Value::String(format)) = map.get("format")
+        && !KUBERNETES_FORMATS.contains(&format.as_str())
+    {
+        match kubernetes_integer_format(format) {
+            Some(known) => {
+                map.insert("format".into(), Value::String(known.into()));
+            }
+            None => {
+                map.remove("format");
             }
         }
     }
