@@ -817,3 +817,22 @@ def test_the_promtool_unit_tests_cover_firing_and_silence():
         for case in t.get("alert_rule_test", []):
             (fired if case["exp_alerts"] else silent).add(case["alertname"])
     assert len(fired & silent) >= 2, (fired, silent)
+
+
+@pytest.mark.parametrize(
+    "values, where",
+    [
+        ({"monitoring": {"grafanaDashboard": {"enabled": True}}}, "grafanaDashboard"),
+        ({"monitoring": {"prometheusRule": {"enabled": "yes"}}}, "/monitoring/prometheusRule/enabled"),
+        ({"monitoring": {"prometheusRule": {"high5xxRatio": 5}}}, "/monitoring/prometheusRule/high5xxRatio"),
+        (
+            {"monitoring": {"prometheusRule": {"cacheHitRatioDropFactor": 0}}},
+            "/monitoring/prometheusRule/cacheHitRatioDropFactor",
+        ),
+    ],
+)
+def test_the_values_schema_rejects_monitoring_mistakes(values, where):
+    with helm.Chart.load(CHART) as chart:
+        with pytest.raises(helm.HelmValuesError) as e:
+            chart.render(values, name="weir", namespace=NAMESPACE)
+    assert where in str(e.value)

@@ -51,8 +51,8 @@ pub(crate) struct Table {
     seen: Vec<(u64, Instant)>,
 }
 
-/// How many versions' change times a table carries. An agent more versions behind than
-/// this has only its latest changes timed (its older ones were timed by the ones it lacks).
+/// How many versions' change times a table carries. Of an agent more versions behind than
+/// this, only the latest [`SEEN_VERSIONS`] changes are timed when it catches up.
 const SEEN_VERSIONS: usize = 16;
 
 #[derive(Debug)]
@@ -477,6 +477,38 @@ mod tests {
         let update = decode(&full);
         assert!(update.full);
         assert_eq!(update.upserted.len(), 2);
+    }
+
+    #[test]
+    fn tables_remember_when_their_recent_versions_changes_were_seen() {
+        use crate::model::ObjectKey;
+        use crate::routing::PolicyInput;
+        let hub = Hub::new(1);
+        let start = Instant::now();
+        let mut versions = Vec::new();
+        for i in 0..SEEN_VERSIONS + 4 {
+            let spec = serde_json::from_value(serde_json::json!({
+                "hosts": [format!("h{i}")], "rules": [{"backendRefs": [{"name": "web", "port": 80}]}]
+            }))
+            .expect("spec");
+            let snapshot = Snapshot {
+                policies: vec![Arc::new(PolicyInput {
+                    key: ObjectKey::new("default", "a"),
+                    source: "a.yaml".into(),
+                    generation: None,
+                    spec: Ok(spec),
+                })],
+                ..Snapshot::default()
+            };
+            let at = start + std::time::Duration::from_millis(i as u64);
+            versions.push((hub.update_seen(snapshot, Vec::new(), at), at));
+        }
+        let table = hub.current();
+        assert_eq!(
+            table.seen(),
+            &versions[versions.len() - SEEN_VERSIONS..],
+            "the last {SEEN_VERSIONS} versions, oldest first, each with its own time"
+        );
     }
 
     #[test]
