@@ -18,9 +18,11 @@
 #   deploy/e2e-kind.sh
 #   KEEP=1 CLUSTER=weir-dev deploy/e2e-kind.sh
 #
-# Status: this script needs the controller's Kubernetes mode (watchers, status, leader
-# election). Until that lands, the controller exits at start-up ("Kubernetes mode is not
-# available in this build yet") and the script fails at step 3.
+# What it exercises: the controller's Kubernetes mode (reflectors on TrafficPolicies,
+# Services and EndpointSlices, leader election on the Lease weir-controller, status and
+# NodeAgent writing; README "Kubernetes mode"), the agents' mTLS stream to it, and the chart.
+# weir's CI has no Docker, so there the same code paths run against a fake API server
+# (tests/tests/kube_mode.rs) and the chart is checked without a cluster (tests/chart/run.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -40,6 +40,7 @@ THIRD_PARTY_KINDS = {
     ("cert-manager.io/v1", "Certificate"),
     ("cert-manager.io/v1", "Issuer"),
     ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("monitoring.coreos.com/v1", "PrometheusRule"),
 }
 
 # Values the chart is rendered with besides its defaults. Each one flips something a user
@@ -59,6 +60,13 @@ SCENARIOS: dict[str, dict[str, Any] | None] = {
         }
     },
     "service-monitor": {"serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}}},
+    "monitoring": {
+        "serviceMonitor": {"enabled": True},
+        "monitoring": {
+            "grafanaDashboards": {"enabled": True, "annotations": {"grafana_folder": "weir"}},
+            "prometheusRule": {"enabled": True, "labels": {"release": "prometheus"}},
+        },
+    },
     "single-replica": {
         "controller": {"replicas": 1, "podAntiAffinity": "none", "podDisruptionBudget": {"enabled": False}}
     },

@@ -672,3 +672,167 @@ def test_scripts_are_valid_bash(script):
     from chartlib import REPO
 
     subprocess.run(["bash", "-n", str(REPO / script)], check=True)
+
+
+# --- monitoring: dashboards and alerts ----------------------------------------------------
+
+import json  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import yaml  # noqa: E402
+
+from chartlib import REPO  # noqa: E402
+
+DASHBOARDS = sorted((CHART / "dashboards").glob("*.json"))
+ALERTS = {
+    "WeirControllerDown",
+    "WeirAgentNotSynced",
+    "WeirConfigNacked",
+    "WeirFailoverActive",
+    "WeirHigh5xxRatio",
+    "WeirCacheHitRatioDrop",
+}
+
+
+def test_monitoring_objects_are_off_by_default():
+    r = rendered("default")
+    assert not r.of_kind("PrometheusRule")
+    assert not [c for c in r.of_kind("ConfigMap") if c["metadata"]["name"].endswith("-dashboards")]
+
+
+def _dashboards_configmap(r):
+    (cm,) = [c for c in r.of_kind("ConfigMap") if c["metadata"]["name"].endswith("-dashboards")]
+    return cm
+
+
+def test_the_dashboards_configmap_ships_every_dashboard_for_the_grafana_sidecar():
+    cm = _dashboards_configmap(rendered("monitoring"))
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert cm["metadata"]["annotations"] == {"grafana_folder": "weir"}
+    assert cm["metadata"]["namespace"] == NAMESPACE
+    assert sorted(cm["data"]) == [p.name for p in DASHBOARDS]
+    assert len(DASHBOARDS) >= 3
+    uids = set()
+    for name, text in cm["data"].items():
+        # Shipped byte for byte: the sidecar hands the file to Grafana as it is.
+        assert text == (CHART / "dashboards" / name).read_text().rstrip("\n")
+        d = json.loads(text)
+        assert d["uid"] not in uids, name
+        uids.add(d["uid"])
+        assert d["title"].startswith("weir"), name
+        assert d["panels"], name
+        ids = [p["id"] for p in d["panels"]]
+        assert len(ids) == len(set(ids)), f"{name}: duplicate panel ids"
+        for p in d["panels"]:
+            assert p["targets"] and all(t["expr"].strip() for t in p["targets"]), (name, p["title"])
+            assert p["datasource"]["uid"] == "${datasource}", (name, p["title"])
+
+
+def test_the_sidecar_label_is_configurable():
+    cm = _dashboards_configmap(
+        render({"monitoring": {"grafanaDashboards": {"enabled": True, "label": "grafana.io/dashboard", "labelValue": "weir"}}})
+    )
+    assert cm["metadata"]["labels"]["grafana.io/dashboard"] == "weir"
+    assert "grafana_dashboard" not in cm["metadata"]["labels"]
+
+
+def _metric_names(text: str) -> set[str]:
+    return set(re.findall(r"(?<![A-Za-z0-9_.])weir_[a-z0-9_]+", text))
+
+
+def _declared_metrics() -> set[str]:
+    """Metric families the Rust sources register: the agent's (prefix weir_agent) and the
+    controller's (prefix weir_controller, or a full weir_ name on its root registry)."""
+    names = set()
+    register = re.compile(r'register\(\s*"([a-z0-9_]+)"')
+    for n in register.findall((REPO / "agent/src/metrics.rs").read_text()):
+        names.add(f"weir_agent_{n}")
+    for n in register.findall((REPO / "controller/src/serve/admin.rs").read_text()):
+        names.add(n if n.startswith("weir_") else f"weir_controller_{n}")
+    return names
+
+
+def _family(sample_name: str) -> str:
+    """The family a sample name belongs to: without _bucket/_sum/_count, then _total."""
+    base = re.sub(r"_(bucket|sum|count)$", "", sample_name)
+    return re.sub(r"_total$", "", base)
+
+
+def test_dashboards_and_alerts_use_only_metrics_the_binaries_register():
+    # tests/tests/metrics.rs checks the same names against a real /metrics scrape.
+    declared = _declared_metrics()
+    assert "weir_controller_push_latency_seconds" in declared and "weir_agent_requests" in declared
+    used = set()
+    for path in DASHBOARDS + [CHART / "templates/prometheusrule.yaml"]:
+        used |= _metric_names(path.read_text())
+    assert len(used) >= 15
+    unknown = sorted(n for n in used if n not in declared and _family(n) not in declared)
+    assert not unknown, f"metrics no binary registers: {unknown}"
+
+
+def _prometheus_rule():
+    return rendered("monitoring").one("PrometheusRule")
+
+
+def test_every_alert_has_a_duration_severity_summary_and_description():
+    rule = _prometheus_rule()
+    assert rule["metadata"]["labels"]["release"] == "prometheus"
+    alerts = [r for g in rule["spec"]["groups"] for r in g["rules"]]
+    assert {a["alert"] for a in alerts} == ALERTS
+    for a in alerts:
+        assert a["for"], a["alert"]
+        assert a["labels"]["severity"] in {"warning", "critical"}, a["alert"]
+        assert a["annotations"]["summary"] and len(a["annotations"]["description"]) > 80, a["alert"]
+
+
+def _promtool() -> str:
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool is missing: install Debian's prometheus package (.ci/run does)"
+    return promtool
+
+
+def test_the_alert_rules_pass_promtool_check_and_unit_tests():
+    promtool = _promtool()
+    with tempfile.TemporaryDirectory() as tmp:
+        rules = Path(tmp) / "rules.yaml"
+        rules.write_text(yaml.safe_dump({"groups": _prometheus_rule()["spec"]["groups"]}, sort_keys=False))
+        check = subprocess.run([promtool, "check", "rules", str(rules)], capture_output=True, text=True)
+        assert check.returncode == 0, check.stdout + check.stderr
+        assert f"SUCCESS: {len(ALERTS)} rules found" in check.stdout, check.stdout
+        shutil.copy(REPO / "tests/chart/rules_test.yaml", Path(tmp) / "rules_test.yaml")
+        test = subprocess.run(
+            [promtool, "test", "rules", "rules_test.yaml"], cwd=tmp, capture_output=True, text=True
+        )
+        assert test.returncode == 0, test.stdout + test.stderr
+        assert "SUCCESS" in test.stdout, test.stdout
+
+
+def test_the_promtool_unit_tests_cover_firing_and_silence():
+    tests = yaml.safe_load((REPO / "tests/chart/rules_test.yaml").read_text())
+    fired, silent = set(), set()
+    for t in tests["tests"]:
+        for case in t.get("alert_rule_test", []):
+            (fired if case["exp_alerts"] else silent).add(case["alertname"])
+    assert len(fired & silent) >= 2, (fired, silent)
+
+
+@pytest.mark.parametrize(
+    "values, where",
+    [
+        ({"monitoring": {"grafanaDashboard": {"enabled": True}}}, "grafanaDashboard"),
+        ({"monitoring": {"prometheusRule": {"enabled": "yes"}}}, "/monitoring/prometheusRule/enabled"),
+        ({"monitoring": {"prometheusRule": {"high5xxRatio": 5}}}, "/monitoring/prometheusRule/high5xxRatio"),
+        (
+            {"monitoring": {"prometheusRule": {"cacheHitRatioDropFactor": 0}}},
+            "/monitoring/prometheusRule/cacheHitRatioDropFactor",
+        ),
+    ],
+)
+def test_the_values_schema_rejects_monitoring_mistakes(values, where):
+    with helm.Chart.load(CHART) as chart:
+        with pytest.raises(helm.HelmValuesError) as e:
+            chart.render(values, name="weir", namespace=NAMESPACE)
+    assert where in str(e.value)

@@ -361,3 +361,38 @@ def test_the_rendered_notes_example_is_applied_in_a_real_namespace():
 
 def test_example_paths_exist():
     assert Path(CHART_CRDS).is_file()
+
+
+# Formats the API server knows (apiextensions' OpenAPI validation: kube-openapi's strfmt
+# registry plus OpenAPI's numeric formats); any other makes `kubectl apply` warn.
+KUBERNETES_FORMATS = {
+    "int32", "int64", "float", "double", "byte", "binary", "password", "date", "date-time",
+    "datetime", "duration", "uri", "email", "hostname", "ipv4", "ipv6", "cidr", "mac", "uuid",
+    "uuid3", "uuid4", "uuid5", "isbn", "isbn10", "isbn13", "creditcard", "ssn", "hexcolor",
+    "rgbcolor",
+}  # fmt: skip
+
+
+def _formats(node, path=""):
+    """Every `format` of a schema, wherever it sits (properties, items, anyOf, ...)."""
+    if isinstance(node, dict):
+        if isinstance(node.get("format"), str):
+            yield path, node["format"]
+        for key, sub in node.items():
+            if key == "properties" and isinstance(sub, dict):
+                for name, prop in sub.items():
+                    yield from _formats(prop, f"{path}.{name}")
+            elif key != "properties":
+                yield from _formats(sub, f"{path}/{key}")
+    elif isinstance(node, list):
+        for i, sub in enumerate(node):
+            yield from _formats(sub, f"{path}[{i}]")
+
+
+@pytest.mark.parametrize("kind", sorted(CRDS))
+def test_crd_schemas_use_only_formats_kubernetes_knows(kind):
+    found = list(_formats(crd_version_schema(CRDS[kind])))
+    unknown = [(path, f) for path, f in found if f not in KUBERNETES_FORMATS]
+    assert not unknown, f"formats the API server does not know (kubectl apply warns): {unknown}"
+    # Mapped, not only dropped: the integer fields still say how wide they are.
+    assert any(f == "int64" for _, f in found), found

@@ -255,7 +255,7 @@ impl FakeApiServer {
     /// Creates or replaces the objects of a (multi-document) YAML manifest, as `kubectl
     /// apply` would; `metadata.generation` goes up when the spec changes.
     pub fn apply(&self, yaml: &str) -> anyhow::Result<()> {
-        for doc in serde_yaml::Deserializer::from_str(yaml) {
+        for doc in yaml_serde::Deserializer::from_str(yaml) {
             let v: Value = serde::Deserialize::deserialize(doc)?;
             if v.is_null() {
                 continue;

@@ -12,6 +12,7 @@ use crate::routing::{Changes, PolicyState, Routing, Snapshot};
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
 use tokio::sync::watch;
 use weir_proto::Encoded;
 use weir_proto::v1::{ControllerMessage, Route, RoutingUpdate, controller_message};
@@ -44,7 +45,15 @@ pub(crate) struct Table {
     full: OnceLock<Encoded>,
     /// Deltas from older versions, by base version; a few at most (see [`MAX_DELTAS`]).
     deltas: Mutex<Vec<(u64, Encoded)>>,
+    /// This version and up to [`SEEN_VERSIONS`] before it, each with when the change it
+    /// published was first seen: what sessions time the push latency from when an agent
+    /// ACKs (an agent that skipped versions gets all their changes at once).
+    seen: Vec<(u64, Instant)>,
 }
+
+/// How many versions' change times a table carries. Of an agent more versions behind than
+/// this, only the latest [`SEEN_VERSIONS`] changes are timed when it catches up.
+const SEEN_VERSIONS: usize = 16;
 
 #[derive(Debug)]
 struct Step {
@@ -66,6 +75,11 @@ impl Table {
             routes,
             ..Self::default()
         }
+    }
+
+    /// Recent versions up to this one, each with when its change was first seen.
+    pub(crate) fn seen(&self) -> &[(u64, Instant)] {
+        &self.seen
     }
 
     /// The whole table as one update, encoded once.
@@ -259,6 +273,17 @@ impl Hub {
     /// changed); publishes a new version if any route changed. Returns the version in force
     /// afterwards.
     pub(crate) fn update(&self, snapshot: Snapshot, files: Vec<FileReport>) -> u64 {
+        self.update_seen(snapshot, files, Instant::now())
+    }
+
+    /// [`Hub::update`] for a change first seen at `seen_at` (the debounce's first event): the
+    /// start of the push latency that agents' ACKs of the new version are timed against.
+    pub(crate) fn update_seen(
+        &self,
+        snapshot: Snapshot,
+        files: Vec<FileReport>,
+        seen_at: Instant,
+    ) -> u64 {
         let mut guard = self.lock();
         let inner = &mut *guard;
         let changes = inner.routing.update(snapshot);
@@ -289,7 +314,7 @@ impl Hub {
         }
 
         let first = !inner.state.loaded;
-        let version = self.publish(inner, changes, first);
+        let version = self.publish(inner, changes, first, seen_at);
         // Endpoint changes only touch the states of the routes they changed, but the state is
         // rebuilt whole: it is a copy for readers (`/state`, status writers), not a hot path.
         let policies: BTreeMap<String, PolicyState> = inner
@@ -317,7 +342,7 @@ impl Hub {
         let mut guard = self.lock();
         let inner = &mut *guard;
         let changes = inner.routing.set_load(factors);
-        let version = self.publish(inner, changes, false);
+        let version = self.publish(inner, changes, false, Instant::now());
         inner.state.version = version;
         inner.state.load_factors = inner.routing.load().clone();
         version
@@ -325,13 +350,17 @@ impl Hub {
 
     /// Publishes the routes in force as a new version when `changes` changed any (or when
     /// `force`d, for the first table); returns the version in force.
-    fn publish(&self, inner: &mut Inner, changes: Changes, force: bool) -> u64 {
+    fn publish(&self, inner: &mut Inner, changes: Changes, force: bool, seen: Instant) -> u64 {
         let current = self.current();
         if changes.is_empty() && !force {
             return current.version;
         }
         let version = inner.next_version;
         inner.next_version += 1;
+        let kept = current.seen.len().min(SEEN_VERSIONS - 1);
+        let mut seen_versions = Vec::with_capacity(kept + 1);
+        seen_versions.extend_from_slice(&current.seen[current.seen.len() - kept..]);
+        seen_versions.push((version, seen));
         let table = Arc::new(Table {
             version,
             routes: inner.routing.routes().clone(),
@@ -340,6 +369,7 @@ impl Hub {
                 upserted: changes.upserted,
                 removed: changes.removed,
             }),
+            seen: seen_versions,
             ..Table::default()
         });
         tracing::debug!(
@@ -447,6 +477,38 @@ mod tests {
         let update = decode(&full);
         assert!(update.full);
         assert_eq!(update.upserted.len(), 2);
+    }
+
+    #[test]
+    fn tables_remember_when_their_recent_versions_changes_were_seen() {
+        use crate::model::ObjectKey;
+        use crate::routing::PolicyInput;
+        let hub = Hub::new(1);
+        let start = Instant::now();
+        let mut versions = Vec::new();
+        for i in 0..SEEN_VERSIONS + 4 {
+            let spec = serde_json::from_value(serde_json::json!({
+                "hosts": [format!("h{i}")], "rules": [{"backendRefs": [{"name": "web", "port": 80}]}]
+            }))
+            .expect("spec");
+            let snapshot = Snapshot {
+                policies: vec![Arc::new(PolicyInput {
+                    key: ObjectKey::new("default", "a"),
+                    source: "a.yaml".into(),
+                    generation: None,
+                    spec: Ok(spec),
+                })],
+                ..Snapshot::default()
+            };
+            let at = start + std::time::Duration::from_millis(i as u64);
+            versions.push((hub.update_seen(snapshot, Vec::new(), at), at));
+        }
+        let table = hub.current();
+        assert_eq!(
+            table.seen(),
+            &versions[versions.len() - SEEN_VERSIONS..],
+            "the last {SEEN_VERSIONS} versions, oldest first, each with its own time"
+        );
     }
 
     #[test]

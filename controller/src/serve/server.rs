@@ -8,6 +8,8 @@
 
 use crate::routing::load::Sample;
 use crate::serve::hub::{Hub, Table};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::pin::Pin;
@@ -68,7 +70,6 @@ pub(crate) struct NackState {
 }
 
 /// The agents connected to this controller, by session id.
-#[derive(Default)]
 pub struct Agents {
     sessions: Mutex<BTreeMap<u64, AgentState>>,
     /// Endpoint figures of every agent's load reports since the last round of load-aware
@@ -78,7 +79,27 @@ pub struct Agents {
     pub updates_sent: AtomicU64,
     /// Bytes of routing updates sent, over all sessions.
     pub bytes_sent: AtomicU64,
-    pub nacks: AtomicU64,
+    /// Routing updates agents rejected, over all sessions.
+    pub(crate) nacks: Counter,
+    /// Seconds from a change the controller saw (the first event of its debounce) to each
+    /// agent's ACK of a version carrying it; one observation per change and agent.
+    pub(crate) push_latency: Histogram,
+}
+
+impl Default for Agents {
+    fn default() -> Self {
+        Self {
+            sessions: Mutex::default(),
+            samples: Mutex::default(),
+            next_id: AtomicU64::default(),
+            updates_sent: AtomicU64::default(),
+            bytes_sent: AtomicU64::default(),
+            nacks: Counter::default(),
+            // 5 ms to ~41 s: local mode's debounce alone is 30–60 ms, and a slow or
+            // reconnecting agent can take seconds.
+            push_latency: Histogram::new(exponential_buckets(0.005, 2.0, 14)),
+        }
+    }
 }
 
 impl Agents {
@@ -88,10 +109,6 @@ impl Agents {
 
     pub(crate) fn list(&self) -> Vec<AgentState> {
         self.lock().values().cloned().collect()
-    }
-
-    pub(crate) fn count(&self) -> usize {
-        self.lock().len()
     }
 
     /// Takes the endpoint figures gathered since the last call.
@@ -226,6 +243,7 @@ impl DiscoveryService {
             tx,
             sent: None,
             last_full_version: None,
+            acked: 0,
             stop: self.stop.clone(),
         };
         tokio::spawn(session.run());
@@ -241,12 +259,16 @@ struct Session {
     /// The table last sent; `None` forces a full table next.
     sent: Option<Arc<Table>>,
     last_full_version: Option<u64>,
+    /// The highest version ACKed in this session, or the first version sent: changes up to
+    /// it are not timed again (those before the session are not this agent's push latency).
+    acked: u64,
     stop: tokio::sync::watch::Receiver<bool>,
 }
 
 impl Session {
     async fn run(mut self) {
         let table = self.tables.borrow_and_update().clone();
+        self.acked = table.version;
         if !self.send_table(table).await {
             return;
         }
@@ -300,13 +322,14 @@ impl Session {
     async fn on_message(&mut self, msg: AgentMessage) -> bool {
         match msg.kind {
             Some(agent_message::Kind::Ack(ack)) => {
+                self.time_push(ack.version);
                 self.guard.agents.with(self.guard.id, |a| {
                     a.applied_version = a.applied_version.max(ack.version);
                     a.last_ack_unix_ms = Some(now_ms());
                 });
             }
             Some(agent_message::Kind::Nack(nack)) => {
-                self.guard.agents.nacks.fetch_add(1, Ordering::Relaxed);
+                self.guard.agents.nacks.inc();
                 let mut node = String::new();
                 self.guard.agents.with(self.guard.id, |a| {
                     node = a.node_name.clone();
@@ -351,6 +374,28 @@ impl Session {
             Some(agent_message::Kind::Ping(_)) | None => {}
         }
         true
+    }
+
+    /// Observes the push latency of every change the ACK of `version` brings to this agent:
+    /// those of the versions after the last one it ACKed, up to `version`, as far as the
+    /// table last sent remembers them.
+    fn time_push(&mut self, version: u64) {
+        if version <= self.acked {
+            return;
+        }
+        if let Some(sent) = &self.sent {
+            let now = std::time::Instant::now();
+            for &(v, seen) in sent.seen() {
+                if v > self.acked && v <= version {
+                    let latency = now.saturating_duration_since(seen);
+                    self.guard
+                        .agents
+                        .push_latency
+                        .observe(latency.as_secs_f64());
+                }
+            }
+        }
+        self.acked = version;
     }
 
     /// Sends `table` whole or as a delta on top of the last table sent; false if the agent

@@ -335,9 +335,9 @@ fn parse_file(path: &str, content: &[u8]) -> Result<(FileObjects, Vec<String>), 
     let text = std::str::from_utf8(content).map_err(|e| format!("{path}: not UTF-8: {e}"))?;
     let mut objects = FileObjects::default();
     let mut warnings = Vec::new();
-    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+    for (i, doc) in yaml_serde::Deserializer::from_str(text).enumerate() {
         let n = i + 1;
-        let value = serde_yaml::Value::deserialize(doc)
+        let value = yaml_serde::Value::deserialize(doc)
             .map_err(|e| format!("{path}: document {n}: invalid YAML: {e}"))?;
         if value.is_null() {
             continue;
@@ -368,7 +368,7 @@ fn parse_file(path: &str, content: &[u8]) -> Result<(FileObjects, Vec<String>), 
                     .get("metadata")
                     .and_then(|m| m.get("generation"))
                     .and_then(|g| g.as_i64());
-                let spec = serde_yaml::from_value::<TrafficPolicy>(value)
+                let spec = yaml_serde::from_value::<TrafficPolicy>(value)
                     .map(|tp| tp.spec)
                     .map_err(|e| format!("{path}: not a valid TrafficPolicy: {e}"));
                 objects.policies.push(Arc::new(PolicyInput {
@@ -379,12 +379,12 @@ fn parse_file(path: &str, content: &[u8]) -> Result<(FileObjects, Vec<String>), 
                 }));
             }
             ("Service", "v1") => {
-                let svc = serde_yaml::from_value::<Service>(value)
+                let svc = yaml_serde::from_value::<Service>(value)
                     .map_err(|e| format!("{what}: not a valid Service: {e}"))?;
                 objects.services.push((key, Arc::new(svc)));
             }
             ("EndpointSlice", "discovery.k8s.io/v1") => {
-                let slice = serde_yaml::from_value::<EndpointSlice>(value)
+                let slice = yaml_serde::from_value::<EndpointSlice>(value)
                     .map_err(|e| format!("{what}: not a valid EndpointSlice: {e}"))?;
                 objects.slices.push((key, Arc::new(slice)));
             }

@@ -250,14 +250,15 @@ impl Source {
                         return Err(Error::WatchStopped("every"));
                     }
                     // Debounce: wait for a quiet moment, but not longer than MAX_DELAY.
-                    let deadline = Instant::now() + MAX_DELAY;
+                    let seen = Instant::now();
+                    let deadline = seen + MAX_DELAY;
                     while let Some(left) = deadline.checked_duration_since(Instant::now()) {
                         match tokio::time::timeout(DEBOUNCE.min(left), wake.recv()).await {
                             Ok(Some(())) => continue,
                             Ok(None) | Err(_) => break,
                         }
                     }
-                    hub.update(stores.snapshot(), Vec::new());
+                    hub.update_seen(stores.snapshot(), Vec::new(), seen);
                 }
                 (r, _, _) = &mut tasks => return Err(stopped(r)),
             }

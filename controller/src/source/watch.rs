@@ -94,11 +94,13 @@ pub async fn run(dir: PathBuf, hub: Arc<Hub>) -> anyhow::Result<()> {
 
     loop {
         let mut batch = Batch::default();
-        tokio::select! {
+        // `seen`: when the change was first seen, where its push latency starts.
+        let seen = tokio::select! {
             wake = rx.recv() => {
                 let Some(wake) = wake else {
                     anyhow::bail!("file watcher stopped");
                 };
+                let seen = std::time::Instant::now();
                 batch.add(wake);
                 let deadline = Instant::now() + MAX_DELAY;
                 loop {
@@ -109,9 +111,13 @@ pub async fn run(dir: PathBuf, hub: Arc<Hub>) -> anyhow::Result<()> {
                         Err(_) => break,
                     }
                 }
+                seen
             }
-            _ = tokio::time::sleep(RESCAN_EVERY) => batch.rescan = true,
-        }
+            _ = tokio::time::sleep(RESCAN_EVERY) => {
+                batch.rescan = true;
+                std::time::Instant::now()
+            }
+        };
         // A path that is (or was) a folder, rather than a manifest, means files may have
         // come or gone under it: rescan.
         let folder_event = batch.paths.iter().any(|p| source.is_folder(p));
@@ -122,7 +128,7 @@ pub async fn run(dir: PathBuf, hub: Arc<Hub>) -> anyhow::Result<()> {
         };
         match changed {
             Ok(true) => {
-                hub.update(source.snapshot(), source.reports());
+                hub.update_seen(source.snapshot(), source.reports(), seen);
             }
             Ok(false) => {}
             Err(e) => {

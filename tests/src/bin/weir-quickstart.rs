@@ -47,8 +47,8 @@ fn endpoints(dir: &std::path::Path) -> anyhow::Result<Vec<(String, SocketAddr)>>
             continue;
         }
         let text = std::fs::read_to_string(&path)?;
-        for doc in serde_yaml::Deserializer::from_str(&text) {
-            let v = serde_yaml::Value::deserialize(doc)
+        for doc in yaml_serde::Deserializer::from_str(&text) {
+            let v = yaml_serde::Value::deserialize(doc)
                 .with_context(|| format!("{}", path.display()))?;
             if v["kind"].as_str() != Some("EndpointSlice") {
                 continue;
