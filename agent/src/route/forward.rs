@@ -275,7 +275,7 @@ impl Drop for Active<'_> {
 /// Picks an endpoint below its in-flight limit, preferring one other than `avoid` (the
 /// endpoint a retry is moving away from). A few draws, not a scan: the pickers already favour
 /// lightly loaded endpoints.
-fn pick_target(
+pub(super) fn pick_target(
     rule: &RuleRt,
     hash: Option<u64>,
     avoid: Option<SocketAddr>,

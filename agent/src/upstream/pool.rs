@@ -162,7 +162,8 @@ impl Pool {
         }
     }
 
-    async fn tcp(&self, addr: SocketAddr) -> std::io::Result<tokio::net::TcpStream> {
+    /// A fresh connection to `addr` (never pooled: upgrades take one for good).
+    pub(crate) async fn tcp(&self, addr: SocketAddr) -> std::io::Result<tokio::net::TcpStream> {
         let stream =
             tokio::time::timeout(self.connect_timeout, tokio::net::TcpStream::connect(addr))
                 .await
