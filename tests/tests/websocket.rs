@@ -62,6 +62,8 @@ impl WsOrigin {
                         refuse_handshake(stream, status, name).await;
                         return;
                     }
+                    // tungstenite's callback type fixes the error variant's size.
+                    #[allow(clippy::result_large_err)]
                     let callback = |req: &WsRequest, mut resp: WsResponse| {
                         *l.lock().expect("lock") = Some(req.headers().clone());
                         resp.headers_mut()
@@ -73,14 +75,11 @@ impl WsOrigin {
                         return;
                     };
                     while let Some(Ok(msg)) = ws.next().await {
-                        match msg {
-                            Message::Text(_) | Message::Binary(_) => {
-                                if ws.send(msg).await.is_err() {
-                                    return;
-                                }
-                            }
-                            Message::Close(_) => return,
-                            _ => {}
+                        if msg.is_close() {
+                            return;
+                        }
+                        if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
+                            return;
                         }
                     }
                 });

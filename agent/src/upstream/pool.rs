@@ -357,7 +357,7 @@ impl Pool {
 
     /// Idle HTTP/1.1 and open HTTP/2 connections.
     #[cfg(test)]
-    fn counts(&self) -> (usize, usize) {
+    pub(crate) fn counts(&self) -> (usize, usize) {
         let map = self.endpoints.lock();
         map.values()
             .fold((0, 0), |(a, b), ep| (a + ep.idle.len(), b + ep.h2.len()))
