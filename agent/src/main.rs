@@ -76,6 +76,10 @@ struct Args {
     /// whose `traceparent` is sampled are always recorded (parent-based sampling).
     #[arg(long, env = "WEIR_TRACE_SAMPLE", default_value_t = 0.01, value_parser = ratio)]
     trace_sample: f64,
+    /// An upgraded connection (WebSocket or other `Upgrade`, h2 extended CONNECT) with no
+    /// byte in either direction for this long is closed, e.g. `5m` (at least 1s).
+    #[arg(long, env = "WEIR_UPGRADE_IDLE_TIMEOUT", default_value = "5m", value_parser = parse_upgrade_idle_timeout)]
+    upgrade_idle_timeout: std::time::Duration,
     /// Client certificate for the controller stream (PEM).
     #[arg(long, env = "WEIR_TLS_CERT")]
     tls_cert: Option<PathBuf>,
@@ -149,6 +153,7 @@ fn main() -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on --listen {}", args.listen))?;
     let limits = listen::Limits {
         header_read_timeout: args.header_read_timeout,
+        upgrade_idle_timeout: args.upgrade_idle_timeout,
     };
     let drain = listen::Drain::new();
     for (i, listener) in listeners.into_iter().enumerate() {
@@ -215,6 +220,18 @@ fn main() -> anyhow::Result<()> {
         }
         anyhow::Ok(())
     })
+}
+
+/// `--upgrade-idle-timeout`: a duration of at least a second (shorter would cut tunnels
+/// between a client's keep-alive pings; zero would close them at once).
+fn parse_upgrade_idle_timeout(s: &str) -> Result<std::time::Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("{e} (expected e.g. 5m, 90s)"))?;
+    if d < std::time::Duration::from_secs(1) {
+        return Err(format!(
+            "{s} is too short: the upgrade idle timeout must be at least 1s"
+        ));
+    }
+    Ok(d)
 }
 
 async fn shutdown_signal() {

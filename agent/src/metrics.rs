@@ -71,6 +71,22 @@ pub(crate) struct ReplyLabels {
     pub(crate) reason: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct UpgradeLabels {
+    /// `accepted` (the origin switched protocols) or `refused` (it answered anything else).
+    pub(crate) result: &'static str,
+}
+
+/// Protocol upgrades (HTTP/1.1 `Upgrade`, WebSocket over h2 extended CONNECT): handles taken
+/// once, so counting one is an atomic increment.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct UpgradeCounters {
+    pub(crate) accepted: Counter,
+    pub(crate) refused: Counter,
+    /// Tunnels open now (upgraded connections copying bytes).
+    pub(crate) open: Gauge<i64, AtomicI64>,
+}
+
 const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
 /// Counter handles of one route.
@@ -201,6 +217,8 @@ pub(crate) struct Metrics {
     pub(crate) updates_rejected: Counter,
     /// Counters for requests that matched no route.
     pub(crate) unrouted: RouteCounters,
+    /// Upgrades accepted / refused by the origin, and tunnels open.
+    pub(crate) upgrades: UpgradeCounters,
 }
 
 impl Metrics {
@@ -304,6 +322,22 @@ impl Metrics {
             "1 while the endpoint may receive traffic (ready, passing checks, not ejected)",
             endpoint_healthy.clone(),
         );
+        let upgrade_results = Family::<UpgradeLabels, Counter>::default();
+        registry.register(
+            "upgrades",
+            "Upgrade requests (WebSocket and other Upgrade tokens, h2 extended CONNECT) that reached an origin, by result: accepted (101) or refused (any other answer)",
+            upgrade_results.clone(),
+        );
+        let upgrades = UpgradeCounters {
+            accepted: upgrade_results.get_or_create_owned(&UpgradeLabels { result: "accepted" }),
+            refused: upgrade_results.get_or_create_owned(&UpgradeLabels { result: "refused" }),
+            open: Gauge::default(),
+        };
+        registry.register(
+            "tunnels_open",
+            "Upgraded connections (tunnels) open now",
+            upgrades.open.clone(),
+        );
         let parts = Parts {
             requests: &requests,
             replies: &replies,
@@ -332,6 +366,7 @@ impl Metrics {
             updates_applied,
             updates_rejected,
             unrouted,
+            upgrades,
         }
     }
 

@@ -11,16 +11,20 @@ use super::Limits;
 use super::detect::Rewind;
 use super::drain::Drain;
 use super::framing::{FramingScan, bad_framing};
+use super::tunnel;
 use crate::http::reply::{LocalReply, local_reply};
+use crate::http::upgrade;
 use crate::route::Worker;
 use futures::future;
-use http::{HeaderValue, Request};
+use http::{HeaderValue, Method, Request};
 use http_body_util::Either;
+use hyper::body::Body as _;
 use hyper::body::Incoming;
 use hyper::server::conn::http1::Builder;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
+use std::time::Duration;
 
 /// hyper's HTTP/1.1 server, configured once per worker.
 pub(super) fn builder(limits: Limits) -> Builder {
@@ -41,7 +45,10 @@ pub(super) async fn serve_h1(
     worker: Arc<Worker>,
     peer: HeaderValue,
     drain: &Drain,
+    upgrade_idle: Duration,
 ) {
+    // Tunnels outlive the connection's task: they count as open connections of their own.
+    let tunnel_drain = drain.clone();
     let ambiguous = Arc::new(AtomicBool::new(false));
     let mut io = io;
     io.scan_framing(FramingScan::new(ambiguous.clone()));
@@ -51,9 +58,29 @@ pub(super) async fn serve_h1(
             let resp = local_reply(false, LocalReply::BadFraming, why).map(Either::Right);
             return future::Either::Left(future::ready(Ok(resp)));
         }
-        future::Either::Right(worker.clone().handle(req.map(Either::Left), peer.clone()))
+        // An upgrade carries no body; one that comes with a body goes on as a plain request
+        // (its `Upgrade` dropped as hop-by-hop).
+        if let Some(upgrade) = upgrade::requested(req.headers())
+            && req.method() != Method::CONNECT
+            && req.body().is_end_stream()
+        {
+            let upgrade = upgrade.clone();
+            let tunnel = tunnel::h1(
+                worker.clone(),
+                req,
+                upgrade,
+                peer.clone(),
+                upgrade_idle,
+                tunnel_drain.clone(),
+            );
+            return future::Either::Right(future::Either::Right(Box::pin(tunnel)));
+        }
+        let handle = worker.clone().handle(req.map(Either::Left), peer.clone());
+        future::Either::Right(future::Either::Left(handle))
     });
-    let conn = http1.serve_connection(TokioIo::new(io), svc);
+    let conn = http1
+        .serve_connection(TokioIo::new(io), svc)
+        .with_upgrades();
     tokio::pin!(conn);
     let served = tokio::select! {
         biased;

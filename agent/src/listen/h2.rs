@@ -12,13 +12,14 @@
 
 use super::detect::Rewind;
 use super::drain::Drain;
+use super::tunnel;
 use crate::http::h2::{H2Body, Pipe, keepalive};
 use crate::route::{Body, Worker};
 use bytes::Bytes;
 use futures::stream::{FuturesUnordered, StreamExt};
 use futures::task::AtomicWaker;
-use http::HeaderValue;
 use http::header::CONTENT_LENGTH;
+use http::{HeaderValue, Method};
 use http_body::Body as _;
 use http_body_util::Either;
 use std::future::{Future, poll_fn};
@@ -44,7 +45,17 @@ const PING_TIMEOUT: Duration = Duration::from_secs(20);
 /// When `drain` starts, the client gets a GOAWAY (h2's graceful shutdown: a first one with
 /// the largest stream id, then one naming the last stream accepted); the streams in
 /// flight finish and the connection closes when they have.
-pub(super) async fn serve_h2(io: Rewind, worker: Arc<Worker>, peer: HeaderValue, drain: &Drain) {
+///
+/// Extended CONNECT (RFC 8441) is on: a CONNECT with `:protocol` is a WebSocket for the
+/// origin ([`tunnel::h2`], a task of its own holding the stream); a plain CONNECT goes to
+/// the router, which refuses it (weir is never a tunnel).
+pub(super) async fn serve_h2(
+    io: Rewind,
+    worker: Arc<Worker>,
+    peer: HeaderValue,
+    drain: &Drain,
+    upgrade_idle: Duration,
+) {
     // Windows as hyper's server sets them (1 MiB per stream and per connection).
     let conn = h2::server::Builder::new()
         .max_concurrent_streams(1024)
@@ -54,6 +65,7 @@ pub(super) async fn serve_h2(io: Rewind, worker: Arc<Worker>, peer: HeaderValue,
         .initial_window_size(1024 * 1024)
         .initial_connection_window_size(1024 * 1024)
         .max_send_buffer_size(400 * 1024)
+        .enable_connect_protocol()
         .handshake::<_, Bytes>(io)
         .await;
     let mut conn = match conn {
@@ -89,6 +101,19 @@ pub(super) async fn serve_h2(io: Rewind, worker: Arc<Worker>, peer: HeaderValue,
             loop {
                 match conn.poll_accept(&mut ccx) {
                     Poll::Ready(Some(Ok((req, respond)))) => {
+                        if req.method() == Method::CONNECT
+                            && req.extensions().get::<h2::ext::Protocol>().is_some()
+                        {
+                            let tunnel = tunnel::h2(
+                                worker.clone(),
+                                req,
+                                respond,
+                                peer.clone(),
+                                upgrade_idle,
+                            );
+                            tokio::spawn(tunnel);
+                            continue;
+                        }
                         let len = content_length(req.headers());
                         let req = req.map(|recv| Either::Right(H2Body::request(recv, len)));
                         // Boxed where it is made: the request future is large, and every
@@ -168,7 +193,7 @@ fn content_length(headers: &http::HeaderMap) -> Option<u64> {
 
 /// One stream: the request handled, its answer sent, its body piped with flow control.
 /// Dropped (cancelling the upstream call) as soon as the client resets the stream.
-async fn stream<F>(mut handle: Pin<Box<F>>, mut respond: h2::server::SendResponse<Bytes>)
+pub(super) async fn stream<F>(mut handle: Pin<Box<F>>, mut respond: h2::server::SendResponse<Bytes>)
 where
     F: Future<Output = Result<http::Response<Body>, std::convert::Infallible>>,
 {
@@ -181,6 +206,11 @@ where
     .await;
     let Some(Ok(resp)) = resp else { return };
     let (mut parts, body) = resp.into_parts();
+    // A local `400` says `Connection: close` for HTTP/1.1 clients; HTTP/2 forbids that field,
+    // and h2 would refuse the whole head (the client would see a bare RST_STREAM).
+    if parts.status == http::StatusCode::BAD_REQUEST {
+        parts.headers.remove(http::header::CONNECTION);
+    }
     if let Some(n) = body.size_hint().exact()
         && !parts.headers.contains_key(CONTENT_LENGTH)
     {

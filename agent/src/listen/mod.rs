@@ -1,6 +1,7 @@
 //! The listener: binds the `SO_REUSEPORT` sockets ([`bind`]), tells each connection's protocol
 //! by its first bytes ([`detect`]) and serves it — HTTP/1.1 through hyper ([`h1`]), h2c on the
-//! `h2` crate ([`h2`]) — handing every request to a [`route::Worker`](crate::route).
+//! `h2` crate ([`h2`]) — handing every request to a [`route::Worker`](crate::route); upgraded
+//! connections (WebSocket and other `Upgrade`s, h2 extended CONNECT) become [`tunnel`]s.
 //!
 //! Threading: one current-thread tokio runtime per worker, each with its own `SO_REUSEPORT`
 //! listener and its own upstream pool. The kernel spreads connections over workers, a request
@@ -14,6 +15,7 @@ mod drain;
 mod framing;
 mod h1;
 mod h2;
+mod tunnel;
 
 pub use bind::bind_listeners;
 pub use drain::Drain;
@@ -26,17 +28,26 @@ use std::time::{Duration, Instant};
 /// Time a client has to send a complete request head (slowloris guard).
 pub(crate) const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// An upgraded connection (tunnel) with no byte either way for this long is closed. Envoy's
+/// stream idle timeout: WebSocket libraries ping every 20–60 s, so a live tunnel is never
+/// this quiet, while a dead peer (gone without a FIN) stops counting against its endpoint's
+/// in-flight figure and frees its sockets within minutes rather than hours.
+pub const UPGRADE_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+
 /// Limits that protect the listener from slow or greedy clients.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     /// A request head must arrive within this time, or the connection is closed.
     pub header_read_timeout: Duration,
+    /// A tunnel (upgraded connection) idle this long is closed.
+    pub upgrade_idle_timeout: Duration,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Self {
             header_read_timeout: HEADER_READ_TIMEOUT,
+            upgrade_idle_timeout: UPGRADE_IDLE_TIMEOUT,
         }
     }
 }
@@ -83,6 +94,7 @@ pub async fn serve(
         let worker = worker.clone();
         let http1 = http1.clone();
         let first_bytes = limits.header_read_timeout;
+        let upgrade_idle = limits.upgrade_idle_timeout;
         let drain = drain.clone();
         let guard = drain.track();
         tokio::spawn(async move {
@@ -99,9 +111,11 @@ pub async fn serve(
                 return;
             };
             match proto {
-                detect::Protocol::H2(io) => h2::serve_h2(io, worker, peer, &drain).await,
+                detect::Protocol::H2(io) => {
+                    h2::serve_h2(io, worker, peer, &drain, upgrade_idle).await;
+                }
                 detect::Protocol::Http1(io) => {
-                    h1::serve_h1(&http1, io, worker, peer, &drain).await;
+                    h1::serve_h1(&http1, io, worker, peer, &drain, upgrade_idle).await;
                 }
             }
         });

@@ -312,7 +312,7 @@ impl Drop for Active<'_> {
 /// or a 503 with `Retry-After`, see `outcome::note_throttle`). A few draws, not a scan: the
 /// pickers already favour lightly loaded endpoints. A throttled endpoint still gets the
 /// request when no other can take it: a slow answer beats none.
-fn pick_target(
+pub(super) fn pick_target(
     rule: &RuleRt,
     hash: Option<u64>,
     avoid: Option<SocketAddr>,

@@ -14,6 +14,9 @@ pub(crate) mod mirror;
 mod outcome;
 pub(crate) mod retry;
 pub(crate) mod table;
+mod upgrade;
+
+pub(crate) use upgrade::{Downstream, Switched, Upgrade};
 
 use crate::cache::TeeBody;
 use crate::health::Endpoints;
@@ -27,9 +30,10 @@ use crate::upstream::{DownBody, Pool};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
-use http::{Method, Request, Response};
+use http::{HeaderMap, Method, Request, Response, Uri};
 use http_body_util::{Either, Full};
 use hyper::body::Body as _;
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::{Arc, OnceLock};
@@ -178,74 +182,15 @@ impl Worker {
                 "CONNECT is not supported",
             ));
         }
-        // RFC 9112 §3.2.2: the request-target's authority wins over Host. For HTTP/2 the
-        // URI holds :authority.
-        let from_uri = req.uri().authority().is_some();
-        let host_bytes: &[u8] = match req.uri().authority() {
-            Some(a) => {
-                if req.uri().scheme() != Some(&http::uri::Scheme::HTTP) {
-                    return Ok(local_reply(
-                        grpc,
-                        &self.routing.metrics.unrouted,
-                        LocalReply::BadRequest,
-                        "only http:// absolute-form targets are accepted",
-                    ));
-                }
-                a.as_str().as_bytes()
-            }
-            None => match req.headers().get(header::HOST) {
-                Some(h) => h.as_bytes(),
-                None => {
-                    return Ok(local_reply(
-                        grpc,
-                        &self.routing.metrics.unrouted,
-                        LocalReply::BadRequest,
-                        "request has no Host",
-                    ));
-                }
-            },
-        };
         let mut buf = [0u8; 256];
-        let Some(host) = normalize_host(host_bytes, &mut buf) else {
-            return Ok(local_reply(
-                grpc,
-                &self.routing.metrics.unrouted,
-                LocalReply::BadRequest,
-                "malformed Host",
-            ));
-        };
-
-        let (route, rule_idx) = {
-            let table = self.routing.table.load();
-            let Some(route) = table.route(host) else {
-                let msg = format!("no route for host {host:?}");
-                return Ok(local_reply(
-                    grpc,
-                    &self.routing.metrics.unrouted,
-                    LocalReply::NoRoute,
-                    &msg,
-                ));
-            };
-            if let Some(limit) = &route.rate_limit
-                && let Err(wait) = limit.check()
-            {
-                return Ok(rate_limited(grpc, route, wait));
-            }
-            let method = req.method();
-            let (path, headers) = (req.uri().path(), req.headers());
-            let Some(idx) = route
-                .rules
-                .iter()
-                .position(|r| r.matches(method, path, headers))
-            else {
-                return Ok(local_reply(
-                    grpc,
-                    &route.counters,
-                    LocalReply::NoRoute,
-                    "no rule of the route matches this request",
-                ));
-            };
-            (route.clone(), idx)
+        let Selected {
+            route,
+            rule_idx,
+            from_uri,
+            host,
+        } = match self.select(req.method(), req.uri(), req.headers(), &mut buf) {
+            Ok(s) => s,
+            Err(u) => return Ok(self.refuse(grpc, u)),
         };
         let (parts, body) = req.into_parts();
         let routed = Routed {
@@ -264,6 +209,122 @@ impl Worker {
         // request's future (which hyper moves into place) that large too.
         Ok(Box::pin(self.cached(cache, host, parts, body, routed)).await)
     }
+
+    /// The route and rule of a request, by its authority (RFC 9112 §3.2.2: the
+    /// request-target's authority wins over Host; for HTTP/2 the URI holds `:authority`),
+    /// then its method, path and headers. `host` is normalized into `buf`.
+    #[inline(always)]
+    fn select<'b>(
+        &self,
+        method: &Method,
+        uri: &Uri,
+        headers: &HeaderMap,
+        buf: &'b mut [u8; 256],
+    ) -> Result<Selected<'b>, Unrouted> {
+        let from_uri = uri.authority().is_some();
+        let host_bytes: &[u8] = match uri.authority() {
+            Some(a) => {
+                if uri.scheme() != Some(&http::uri::Scheme::HTTP) {
+                    return Err(Unrouted::bad(
+                        "only http:// absolute-form targets are accepted",
+                    ));
+                }
+                a.as_str().as_bytes()
+            }
+            None => match headers.get(header::HOST) {
+                Some(h) => h.as_bytes(),
+                None => return Err(Unrouted::bad("request has no Host")),
+            },
+        };
+        let Some(host) = normalize_host(host_bytes, buf) else {
+            return Err(Unrouted::bad("malformed Host"));
+        };
+        let table = self.routing.table.load();
+        let Some(route) = table.route(host) else {
+            return Err(Unrouted {
+                route: None,
+                kind: LocalReply::NoRoute,
+                msg: format!("no route for host {host:?}").into(),
+                retry_after: None,
+            });
+        };
+        if let Some(limit) = &route.rate_limit
+            && let Err(wait) = limit.check()
+        {
+            return Err(Unrouted {
+                route: Some(route.clone()),
+                kind: LocalReply::RateLimited,
+                msg: "rate limit exceeded".into(),
+                retry_after: Some(limit::retry_after_secs(wait)),
+            });
+        }
+        let path = uri.path();
+        let Some(rule_idx) = route
+            .rules
+            .iter()
+            .position(|r| r.matches(method, path, headers))
+        else {
+            return Err(Unrouted {
+                route: Some(route.clone()),
+                kind: LocalReply::NoRoute,
+                msg: "no rule of the route matches this request".into(),
+                retry_after: None,
+            });
+        };
+        Ok(Selected {
+            route: route.clone(),
+            rule_idx,
+            from_uri,
+            host,
+        })
+    }
+
+    /// The local reply to a request [`Worker::select`] could not route.
+    #[cold]
+    fn refuse(&self, grpc: bool, u: Unrouted) -> Response<Body> {
+        let counters = match &u.route {
+            Some(r) => &r.counters,
+            None => &self.routing.metrics.unrouted,
+        };
+        let mut resp = local_reply(grpc, counters, u.kind, &u.msg);
+        // A rate-limited request learns when a token is due.
+        if let Some(secs) = u.retry_after {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        resp
+    }
+}
+
+/// What [`Worker::select`] chose.
+struct Selected<'b> {
+    route: Arc<RouteRt>,
+    rule_idx: usize,
+    /// The authority came from the request-target rather than from `Host`.
+    from_uri: bool,
+    /// The normalized host.
+    host: &'b str,
+}
+
+/// Why [`Worker::select`] found no route: the reply's kind and message, and the route when
+/// the host had one (its counters count the reply).
+struct Unrouted {
+    route: Option<Arc<RouteRt>>,
+    kind: LocalReply,
+    msg: Cow<'static, str>,
+    /// `Retry-After` in seconds (rate limiting).
+    retry_after: Option<u64>,
+}
+
+impl Unrouted {
+    fn bad(msg: &'static str) -> Self {
+        Self {
+            route: None,
+            kind: LocalReply::BadRequest,
+            msg: msg.into(),
+            retry_after: None,
+        }
+    }
 }
 
 /// A local reply, counted on the route (or on the unrouted counters).
@@ -275,23 +336,6 @@ pub(crate) fn local_reply(
 ) -> Response<Body> {
     counters.reply(kind);
     reply::local_reply(grpc, kind, msg).map(Either::Right)
-}
-
-/// `429` (gRPC: `RESOURCE_EXHAUSTED`) with `Retry-After`: the route's bucket is empty for
-/// `wait` more.
-#[cold]
-fn rate_limited(grpc: bool, route: &RouteRt, wait: Duration) -> Response<Body> {
-    let mut resp = local_reply(
-        grpc,
-        &route.counters,
-        LocalReply::RateLimited,
-        "rate limit exceeded",
-    );
-    resp.headers_mut().insert(
-        header::RETRY_AFTER,
-        HeaderValue::from(limit::retry_after_secs(wait)),
-    );
-    resp
 }
 
 /// The upstream body for a client's request body. Most requests have none: nothing to

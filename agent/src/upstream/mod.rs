@@ -24,6 +24,8 @@
 //!   opens one connection, not one per call. A connection that received GOAWAY takes no
 //!   new calls (they go to a fresh one) while its open streams finish; every connection is
 //!   PINGed every [`H2_PING_INTERVAL`] and dropped when a PING goes unanswered.
+//! - **Upgrades** (WebSocket and other `Upgrade`s) take a fresh connection ([`Pool::tcp`])
+//!   that never enters the pool: after a `101` it belongs to the tunnel ([`h1::upgrade`]).
 //! - A connect failure returns the request untouched ([`Error::Connect`]), so retrying it
 //!   costs no copy of its head.
 //!

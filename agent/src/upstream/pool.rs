@@ -162,7 +162,8 @@ impl Pool {
         }
     }
 
-    async fn tcp(&self, addr: SocketAddr) -> std::io::Result<tokio::net::TcpStream> {
+    /// A fresh connection to `addr` (never pooled: upgrades take one for good).
+    pub(crate) async fn tcp(&self, addr: SocketAddr) -> std::io::Result<tokio::net::TcpStream> {
         let stream =
             tokio::time::timeout(self.connect_timeout, tokio::net::TcpStream::connect(addr))
                 .await
@@ -356,7 +357,7 @@ impl Pool {
 
     /// Idle HTTP/1.1 and open HTTP/2 connections.
     #[cfg(test)]
-    fn counts(&self) -> (usize, usize) {
+    pub(crate) fn counts(&self) -> (usize, usize) {
         let map = self.endpoints.lock();
         map.values()
             .fold((0, 0), |(a, b), ep| (a + ep.idle.len(), b + ep.h2.len()))

@@ -15,8 +15,14 @@
 //! - **Request framing** is weir's: `Content-Length` from the body's exact size, else
 //!   `Transfer-Encoding: chunked`; the downstream's own framing headers are not copied.
 //! - **Response heads** are parsed by `httparse` (at most [`MAX_HEADERS`] headers and
-//!   [`MAX_HEAD`] bytes). Interim 1xx answers are skipped; `101` is refused (hop-by-hop
-//!   `Upgrade` is never forwarded, so no upstream may switch protocols).
+//!   [`MAX_HEAD`] bytes). Interim 1xx answers are skipped; `101` is refused on a pooled
+//!   exchange (`Upgrade` is hop-by-hop and stripped from plain requests, so no upstream may
+//!   switch protocols unasked).
+//! - **Upgrades** (WebSocket and any other `Upgrade` token, see [`upgrade`]) never use the
+//!   pool: the request goes on a connection of its own with `Connection: upgrade` and
+//!   `Upgrade` kept; a `101` hands that connection to the caller for good (the listener copies
+//!   bytes both ways), any other answer is read as a normal response and the connection
+//!   closed after it.
 //! - **Response framing** follows RFC 9112 §6.3: no body for HEAD, 1xx, 204 and 304;
 //!   chunked when it is the last transfer coding (decoded here, trailers passed on);
 //!   `Content-Length` when present (several must agree); otherwise the body runs to the
@@ -39,11 +45,13 @@
 mod body;
 mod encode;
 mod parse;
+mod upgrade;
 
 pub(crate) use body::H1Body;
 use body::*;
 use encode::*;
 use parse::*;
+pub(crate) use upgrade::{Answer, upgrade};
 
 use super::Forwarded;
 use crate::http::body::{BoxError, UpBody};
@@ -51,7 +59,7 @@ use crate::http::headers::{
     VIA_11, X_FORWARDED_FOR, hop_by_hop_index, is_idempotent, remove_connection_named,
 };
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
+use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING, UPGRADE};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use std::io::{self, IoSlice};
@@ -194,7 +202,7 @@ pub(crate) async fn exchange(
         if !up.head_sent {
             return Poll::Pending;
         }
-        match poll_head(&mut conn, cx, head_req) {
+        match poll_head(&mut conn, cx, head_req, false) {
             Poll::Ready(Ok(head)) => Poll::Ready(Ok(head)),
             Poll::Ready(Err(e)) => Poll::Ready(Err(write_error.take().unwrap_or(e))),
             Poll::Pending => Poll::Pending,

@@ -13,15 +13,17 @@ pub(super) struct Head {
     pub(super) keep_alive: bool,
 }
 
-/// Reads until a final (non-1xx) response head is complete.
+/// Reads until a final (non-1xx) response head is complete; with `upgrade` (the request
+/// asked to switch protocols) a `101` is final too.
 pub(super) fn poll_head(
     conn: &mut Conn,
     cx: &mut Context<'_>,
     head_req: bool,
+    upgrade: bool,
 ) -> Poll<Result<Head, H1Error>> {
     loop {
         if !conn.rbuf.is_empty() {
-            match parse_head(&mut conn.rbuf, head_req)? {
+            match parse_head(&mut conn.rbuf, head_req, upgrade)? {
                 Some(head) => return Poll::Ready(Ok(head)),
                 None if conn.rbuf.len() >= MAX_HEAD => {
                     return Poll::Ready(Err(H1Error::Invalid("response head too large")));
@@ -36,8 +38,14 @@ pub(super) fn poll_head(
 }
 
 /// Parses a response head at the start of `rbuf`; `None` if it is not complete yet. An interim
-/// (1xx) answer is consumed and the next head parsed.
-pub(super) fn parse_head(rbuf: &mut BytesMut, head_req: bool) -> Result<Option<Head>, H1Error> {
+/// (1xx) answer is consumed and the next head parsed. A `101` is refused unless `upgrade`
+/// (the request asked for it): then it is the final head, keeps its `Upgrade` field, and
+/// what follows it in `rbuf` is the new protocol's.
+pub(super) fn parse_head(
+    rbuf: &mut BytesMut,
+    head_req: bool,
+    upgrade: bool,
+) -> Result<Option<Head>, H1Error> {
     loop {
         let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
         let mut resp = httparse::Response::new(&mut []);
@@ -54,12 +62,13 @@ pub(super) fn parse_head(rbuf: &mut BytesMut, head_req: bool) -> Result<Option<H
         let code = resp.code.unwrap_or(0);
         let status =
             StatusCode::from_u16(code).map_err(|_| H1Error::Invalid("bad response status"))?;
-        if status == StatusCode::SWITCHING_PROTOCOLS {
+        let switched = status == StatusCode::SWITCHING_PROTOCOLS;
+        if switched && !upgrade {
             return Err(H1Error::Invalid(
                 "101 Switching Protocols was not asked for",
             ));
         }
-        if status.is_informational() {
+        if status.is_informational() && !switched {
             rbuf.advance(len);
             continue;
         }
@@ -125,15 +134,35 @@ pub(super) fn parse_head(rbuf: &mut BytesMut, head_req: bool) -> Result<Option<H
                     }
                 }
             }
-            // Hop-by-hop fields end here; the proxy passes the rest on.
-            if hop_by_hop_index(&name).is_none() {
+            // Hop-by-hop fields end here; the proxy passes the rest on (and a `101`'s
+            // `Upgrade`, which names the protocol the client is switched to).
+            if hop_by_hop_index(&name).is_none() || (switched && name == UPGRADE) {
                 headers.append(name, value);
             }
         }
         if let Some(conn) = names_more {
+            // A `101` says `Connection: upgrade`; its `Upgrade` stays all the same.
+            let up = if switched {
+                headers.remove(UPGRADE)
+            } else {
+                None
+            };
             remove_connection_named(&mut headers, &conn);
+            if let Some(up) = up {
+                headers.insert(UPGRADE, up);
+            }
         }
         headers.append(http::header::VIA, VIA_11);
+        if switched {
+            // No body: the bytes after the head belong to the new protocol.
+            return Ok(Some(Head {
+                status,
+                version,
+                headers,
+                framing: Framing::Done,
+                keep_alive: false,
+            }));
+        }
         let bodyless =
             head_req || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
         let framing = if bodyless {

@@ -862,3 +862,74 @@ async fn hop_by_hop_fields_of_a_response_stay_behind() {
     assert_eq!(names, ["content-length", "via", "x-kept"]);
     assert_eq!(&body(resp).await.expect("body")[..], b"ok");
 }
+
+/// Sends the upgrade request `req` to `origin` on a fresh connection.
+async fn send_upgrade(origin: &Origin, pool: &Arc<Pool>, req: &Request<UpBody>) -> Answer {
+    let io = tokio::net::TcpStream::connect(origin.addr)
+        .await
+        .expect("connect");
+    let home = Home {
+        pool: pool.clone(),
+        addr: origin.addr,
+    };
+    within(upgrade(io, req, home, None)).await.expect("upgrade")
+}
+
+fn websocket_upgrade() -> Request<UpBody> {
+    let mut req = get("/chat");
+    let h = req.headers_mut();
+    h.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+    h.insert(UPGRADE, HeaderValue::from_static("websocket"));
+    req
+}
+
+#[tokio::test]
+async fn an_upgrade_answered_101_hands_over_the_connection_with_the_bytes_already_sent() {
+    let mut o = always(
+        b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nx-origin: a\r\n\r\n\x81\x02hi",
+    )
+    .await;
+    let pool = new_pool();
+    let Answer::Switched {
+        head,
+        mut io,
+        early,
+    } = send_upgrade(&o, &pool, &websocket_upgrade()).await
+    else {
+        panic!("expected a switch");
+    };
+    assert_eq!(head.status, StatusCode::SWITCHING_PROTOCOLS);
+    // `Upgrade` survives although `Connection` names it; `Connection` itself does not.
+    assert_eq!(head.headers["upgrade"], "websocket");
+    assert!(!head.headers.contains_key("connection"));
+    assert_eq!(head.headers["x-origin"], "a");
+    assert_eq!(&early[..], b"\x81\x02hi");
+    // The request went out with its upgrade fields.
+    let (_, raw) = o.requests().pop().expect("request");
+    let raw = String::from_utf8_lossy(&raw).to_ascii_lowercase();
+    assert!(raw.starts_with("get /chat http/1.1\r\n"), "{raw}");
+    assert!(raw.contains("connection: upgrade\r\n") && raw.contains("upgrade: websocket\r\n"));
+    // The connection is the caller's now: it speaks the new protocol, not HTTP.
+    io.write_all(b"ping").await.expect("write");
+    assert_eq!(
+        pool.counts().0,
+        0,
+        "an upgrade's connection is never pooled"
+    );
+}
+
+#[tokio::test]
+async fn an_upgrade_answered_otherwise_is_a_normal_response_and_its_connection_not_kept() {
+    let o = always(b"HTTP/1.1 403 Forbidden\r\ncontent-length: 4\r\n\r\nnope").await;
+    let pool = new_pool();
+    let Answer::Refused(resp) = send_upgrade(&o, &pool, &websocket_upgrade()).await else {
+        panic!("expected a refusal");
+    };
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    assert_eq!(&body(resp).await.expect("body")[..], b"nope");
+    assert_eq!(
+        pool.counts().0,
+        0,
+        "an upgrade's connection is never pooled"
+    );
+}
