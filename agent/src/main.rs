@@ -65,6 +65,11 @@ struct Args {
     /// Default: `<state-dir>/handoff.sock` with `--state-dir`, else none; `off` turns it off.
     #[arg(long, env = "WEIR_HANDOFF_SOCKET")]
     handoff_socket: Option<PathBuf>,
+    /// After handing the sockets to a new agent and draining, exit (`true`), or stay idle
+    /// until SIGTERM (`false`: under a supervisor that would restart an exited agent, such as
+    /// a Kubernetes pod, which would then take the sockets back).
+    #[arg(long, env = "WEIR_EXIT_AFTER_HANDOFF", default_value_t = true, action = clap::ArgAction::Set)]
+    exit_after_handoff: bool,
     /// Log filter, in `tracing_subscriber::EnvFilter` syntax.
     #[arg(long, env = "WEIR_LOG", default_value = "info")]
     log: String,
@@ -211,6 +216,10 @@ fn main() -> anyhow::Result<()> {
         let cut = drain.wait_closed(args.drain_timeout).await;
         if cut > 0 {
             tracing::warn!(cut, "drain timeout passed; cutting the connections still open");
+        }
+        if handed_over.is_some() && !args.exit_after_handoff {
+            tracing::info!("drained; idle until SIGTERM (--exit-after-handoff=false)");
+            shutdown_signal().await;
         }
         tracing::info!("weir-agent stopping");
         // Persistence is asynchronous: write the table applied last if it is not on disk

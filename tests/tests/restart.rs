@@ -364,7 +364,9 @@ async fn a_new_agent_dying_before_it_is_ready_leaves_the_old_one_serving() {
     let socket = state.path().join("handoff.sock");
     let socket_arg = socket.display().to_string();
     let handoff = ["--handoff-socket", socket_arg.as_str()];
-    let (mut a, a_log) = Agent::start_logged("A", &controller.url(), listen, admin, None, &handoff)
+    // As in a Kubernetes pod, A stays (idle) after its drain until SIGTERM.
+    let a_flags = [handoff[0], handoff[1], "--exit-after-handoff=false"];
+    let (mut a, a_log) = Agent::start_logged("A", &controller.url(), listen, admin, None, &a_flags)
         .await
         .expect("agent A");
     a.wait_ready().await;
@@ -400,6 +402,11 @@ async fn a_new_agent_dying_before_it_is_ready_leaves_the_old_one_serving() {
     c_log
         .wait_for_line("took over the listening sockets of the running agent")
         .await;
+    a_log
+        .wait_for_line("drained; idle until SIGTERM (--exit-after-handoff=false)")
+        .await;
+    assert!(a.proc.exited().is_none(), "A waits for SIGTERM");
+    a.proc.signal_term();
     let a_status = wait_exit(&mut a).await;
     assert!(a_status.success(), "A's exit status: {a_status:?}");
     served_more(&tally, 50).await;

@@ -61,6 +61,17 @@ struct Header {
     listen: SocketAddr,
     admin: SocketAddr,
     proxy_sockets: usize,
+    /// The old agent's network namespace (`/proc/self/ns/net`): sockets bound in another one
+    /// (another pod on the pod network) would serve another address, so they are not taken.
+    #[serde(default)]
+    netns: Option<String>,
+}
+
+/// This process's network namespace, as `/proc/self/ns/net` names it.
+fn netns() -> Option<String> {
+    std::fs::read_link("/proc/self/ns/net")
+        .ok()
+        .map(|p| p.display().to_string())
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -276,6 +287,12 @@ fn receive(path: &Path) -> Result<Option<Received>, Error> {
             header.pid, header.version, PROTOCOL_VERSION
         )));
     }
+    let own = netns();
+    if header.netns.is_some() && own.is_some() && header.netns != own {
+        // Dropping the connection tells the old agent to keep serving.
+        tracing::warn!(old_pid = header.pid, old_netns = ?header.netns, netns = ?own, "the running agent is in another network namespace (another pod, not on the host network): its sockets are no use here; binding the listeners");
+        return Ok(None);
+    }
     if fds.len() != header.proxy_sockets + 1 {
         return Err(protocol(format!(
             "the header announces {} proxy sockets and the admin socket, {} descriptors came",
@@ -388,6 +405,7 @@ impl Offer {
                 listen,
                 admin,
                 proxy_sockets,
+                netns: netns(),
             },
             fds,
         })
@@ -629,6 +647,27 @@ mod tests {
         let err = receive(&path).expect_err("refused");
         assert!(err.to_string().contains("version 99"), "{err}");
         t.join().expect("join");
+    }
+
+    #[test]
+    fn sockets_of_another_network_namespace_are_not_taken() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("handoff.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).expect("bind");
+        let t = std::thread::spawn(move || {
+            use std::io::Write;
+            let (mut s, _) = listener.accept().expect("accept");
+            let _ = s.write_all(b"{\"version\":1,\"pid\":1,\"listen\":\"127.0.0.1:1\",\"admin\":\"127.0.0.1:2\",\"proxy_sockets\":0,\"netns\":\"net:[1]\"}\n");
+            // The new agent hangs up instead of saying `ready`.
+            let mut rest = Vec::new();
+            let _ = std::io::Read::read_to_end(&mut s, &mut rest);
+            rest
+        });
+        assert!(receive(&path).expect("no error").is_none());
+        assert!(
+            t.join().expect("join").is_empty(),
+            "nothing said to the old agent"
+        );
     }
 
     fn listen_ok(path: &Path) -> UnixListener {
