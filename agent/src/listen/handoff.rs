@@ -43,7 +43,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::{UnixListener, UnixStream};
 
 /// Version of the hand-off protocol; an agent speaking another one is refused.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub(crate) const PROTOCOL_VERSION: u32 = 1;
 /// Linux passes at most 253 descriptors in one message (`SCM_MAX_FD`); one is the admin
 /// socket.
 const MAX_PROXY_SOCKETS: usize = 252;
@@ -249,7 +249,16 @@ fn receive(path: &Path) -> Result<Option<Received>, Error> {
         &mut control,
         RecvFlags::CMSG_CLOEXEC,
     )
-    .map_err(|e| io_err(e.into()))?;
+    .map_err(|e| {
+        if e == rustix::io::Errno::AGAIN {
+            // It serves one successor at a time: another new agent is taking over.
+            protocol(format!(
+                "the running agent did not send its sockets within {ANSWER_TIMEOUT:?} (is another new agent taking over from it?)"
+            ))
+        } else {
+            io_err(e.into())
+        }
+    })?;
     let mut fds: Vec<OwnedFd> = Vec::new();
     for m in control.drain() {
         if let RecvAncillaryMessage::ScmRights(received) = m {
