@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use weir_agent::control::{checks, client, state, state::Shared};
+use weir_agent::listen::handoff;
 use weir_agent::{admin, listen, observe};
 
 /// A share between 0 and 1.
@@ -89,6 +90,16 @@ struct Args {
     /// CA the controller's certificate must chain to (PEM).
     #[arg(long, env = "WEIR_TLS_CA")]
     tls_ca: Option<PathBuf>,
+    /// Unix socket through which a new agent takes over this one's listening sockets for a
+    /// zero-downtime restart (and which this agent then listens on for the next one).
+    /// Default: `<state-dir>/handoff.sock` with `--state-dir`, else none; `off` turns it off.
+    #[arg(long, env = "WEIR_HANDOFF_SOCKET")]
+    handoff_socket: Option<PathBuf>,
+    /// After handing the sockets to a new agent and draining, exit (`true`), or stay idle
+    /// until SIGTERM (`false`: under a supervisor that would restart an exited agent, such as
+    /// a Kubernetes pod, which would then take the sockets back).
+    #[arg(long, env = "WEIR_EXIT_AFTER_HANDOFF", default_value_t = true, action = clap::ArgAction::Set)]
+    exit_after_handoff: bool,
     /// Log filter, in `tracing_subscriber::EnvFilter` syntax.
     #[arg(long, env = "WEIR_LOG", default_value = "info")]
     log: String,
@@ -149,14 +160,140 @@ fn main() -> anyhow::Result<()> {
                 .unwrap_or(1)
         })
         .max(1);
-    let listeners = listen::bind_listeners(args.listen, workers)
-        .with_context(|| format!("cannot listen on --listen {}", args.listen))?;
     let limits = listen::Limits {
         header_read_timeout: args.header_read_timeout,
         upgrade_idle_timeout: args.upgrade_idle_timeout,
     };
     let drain = listen::Drain::new();
-    for (i, listener) in listeners.into_iter().enumerate() {
+
+    // Zero-downtime restart: take the listening sockets over from a running agent, or bind.
+    let handoff_path = match &args.handoff_socket {
+        Some(p) if p.as_os_str() == "off" => None,
+        Some(p) => Some(p.clone()),
+        None => handoff::default_path(args.state_dir.as_deref()),
+    };
+    let mut sockets = handoff::acquire(
+        handoff_path.as_deref(),
+        args.listen,
+        args.admin_addr,
+        workers,
+    )?;
+    let offer = match &handoff_path {
+        Some(_) => match handoff::Offer::new(&sockets, args.listen, args.admin_addr) {
+            Ok(o) => Some(o),
+            Err(e) => {
+                tracing::warn!(error = %e, "no hand-off to a next agent: a restart will have to stop this one first");
+                None
+            }
+        },
+        None => None,
+    };
+    let predecessor = sockets.predecessor.take();
+    let worker_listeners = std::mem::take(&mut sockets.workers);
+    // Taken over from a running agent: accept nothing (proxy or admin, which would answer
+    // with no table) until a table is in force; the old agent serves meanwhile.
+    let mut deferred = None;
+    if predecessor.is_some() {
+        deferred = Some(worker_listeners);
+    } else {
+        start_workers(worker_listeners, &shared, limits, &drain)?;
+    }
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let admin_listener = tokio::net::TcpListener::from_std(sockets.admin)
+            .with_context(|| format!("cannot listen on --admin-addr {}", args.admin_addr))?;
+        tracing::info!(listen = %args.listen, admin = %args.admin_addr, workers, node = %args.node_name, handoff = ?handoff_path, "weir-agent started");
+        let admin_task = std::sync::OnceLock::new();
+        let mut admin_listener = Some(admin_listener);
+        if predecessor.is_none()
+            && let Some(l) = admin_listener.take()
+        {
+            let _ = admin_task.set(tokio::spawn(admin::serve(l, shared.clone())).abort_handle());
+        }
+        tokio::spawn(checks::run(shared.clone()));
+        tokio::spawn(state::persist_loop(shared.clone()));
+        if let Some(exporter) = exporter {
+            tokio::spawn(exporter.run());
+        }
+        tokio::spawn(client::run(
+            args.controllers,
+            shared.clone(),
+            tls,
+            args.load_report_interval,
+        ));
+        let lifecycle = async {
+            if let Some(pred) = predecessor {
+                tracing::info!(old_pid = pred.pid(), "waiting for a routing table before accepting; the old agent serves meanwhile");
+                handoff::wait_ready(&shared).await;
+                if let Some(listeners) = deferred.take() {
+                    start_workers(listeners, &shared, limits, &drain)?;
+                }
+                if let Some(l) = admin_listener.take() {
+                    let _ = admin_task.set(tokio::spawn(admin::serve(l, shared.clone())).abort_handle());
+                }
+                if let Err(e) = pred.confirm_ready().await {
+                    // It may be gone (killed): the sockets are this agent's either way.
+                    tracing::warn!(error = %e, "the old agent did not confirm the hand-off");
+                }
+            }
+            if let (Some(path), Some(offer)) = (&handoff_path, offer) {
+                match handoff::listen(path) {
+                    Ok(l) => return anyhow::Ok(Some(handoff::offer(l, offer).await)),
+                    Err(e) => tracing::warn!(path = %path.display(), error = %e, "cannot listen on the hand-off socket: a restart will have to stop this agent first"),
+                }
+            }
+            std::future::pending::<()>().await;
+            anyhow::Ok(None)
+        };
+        let handed_over = tokio::select! {
+            () = shutdown_signal() => None,
+            r = lifecycle => r?,
+        };
+        if let Some(new_pid) = handed_over {
+            // The admin socket is the new agent's now: answering on it too would mix this
+            // agent's "draining" into the node's /readyz.
+            if let Some(t) = admin_task.get() {
+                t.abort();
+            }
+            tracing::info!(new_pid, "handed over to the new agent; draining");
+        }
+        // Not ready first, so that a Service stops sending while the listeners close.
+        shared.set_draining();
+        drain.start();
+        tracing::info!(open = drain.open(), timeout = ?args.drain_timeout, "weir-agent draining");
+        let cut = drain.wait_closed(args.drain_timeout).await;
+        if cut > 0 {
+            tracing::warn!(cut, "drain timeout passed; cutting the connections still open");
+        }
+        if handed_over.is_some() && !args.exit_after_handoff {
+            tracing::info!("drained; idle until SIGTERM (--exit-after-handoff=false)");
+            shutdown_signal().await;
+        }
+        tracing::info!("weir-agent stopping");
+        // Persistence is asynchronous: write the table applied last if it is not on disk
+        // yet, but do not let a hung disk hold the shutdown forever.
+        let flush = shared.flush_persisted();
+        if tokio::time::timeout(std::time::Duration::from_secs(2), flush)
+            .await
+            .is_err()
+        {
+            tracing::warn!("the routing table applied last could not be persisted in time");
+        }
+        anyhow::Ok(())
+    })
+}
+
+/// Starts one worker thread per list of listeners, each with its own current-thread runtime.
+fn start_workers(
+    per_worker: Vec<Vec<std::net::TcpListener>>,
+    shared: &Shared,
+    limits: listen::Limits,
+    drain: &listen::Drain,
+) -> anyhow::Result<()> {
+    for (i, listeners) in per_worker.into_iter().enumerate() {
         let routing = shared.routing();
         let drain = drain.clone();
         std::thread::Builder::new()
@@ -172,54 +309,13 @@ fn main() -> anyhow::Result<()> {
                         std::process::exit(1);
                     }
                 };
-                if let Err(e) = rt.block_on(listen::serve(listener, routing, limits, drain)) {
+                if let Err(e) = rt.block_on(listen::serve(listeners, routing, limits, drain)) {
                     tracing::error!(error = %e, "worker stopped");
                     std::process::exit(1);
                 }
             })?;
     }
-
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(async move {
-        let admin_listener = tokio::net::TcpListener::bind(args.admin_addr)
-            .await
-            .with_context(|| format!("cannot listen on --admin-addr {}", args.admin_addr))?;
-        tracing::info!(listen = %args.listen, admin = %args.admin_addr, workers, node = %args.node_name, "weir-agent started");
-        tokio::spawn(admin::serve(admin_listener, shared.clone()));
-        tokio::spawn(checks::run(shared.clone()));
-        tokio::spawn(state::persist_loop(shared.clone()));
-        if let Some(exporter) = exporter {
-            tokio::spawn(exporter.run());
-        }
-        tokio::spawn(client::run(
-            args.controllers,
-            shared.clone(),
-            tls,
-            args.load_report_interval,
-        ));
-        shutdown_signal().await;
-        // Not ready first, so that a Service stops sending while the listeners close.
-        shared.set_draining();
-        drain.start();
-        tracing::info!(open = drain.open(), timeout = ?args.drain_timeout, "weir-agent draining");
-        let cut = drain.wait_closed(args.drain_timeout).await;
-        if cut > 0 {
-            tracing::warn!(cut, "drain timeout passed; cutting the connections still open");
-        }
-        tracing::info!("weir-agent stopping");
-        // Persistence is asynchronous: write the table applied last if it is not on disk
-        // yet, but do not let a hung disk hold the shutdown forever.
-        let flush = shared.flush_persisted();
-        if tokio::time::timeout(std::time::Duration::from_secs(2), flush)
-            .await
-            .is_err()
-        {
-            tracing::warn!("the routing table applied last could not be persisted in time");
-        }
-        anyhow::Ok(())
-    })
+    Ok(())
 }
 
 /// `--upgrade-idle-timeout`: a duration of at least a second (shorter would cut tunnels

@@ -836,3 +836,40 @@ def test_the_values_schema_rejects_monitoring_mistakes(values, where):
         with pytest.raises(helm.HelmValuesError) as e:
             chart.render(values, name="weir", namespace=NAMESPACE)
     assert where in str(e.value)
+# --- zero-downtime restart: the listening-socket hand-off (agent.hostNetwork) --------------
+
+
+def test_pod_network_agents_hand_nothing_over():
+    """On the pod network every agent pod has its own sockets: the hand-off is off."""
+    args = args_of(rendered("default"), "agent")
+    assert args["handoff-socket"] == ["off"]
+    assert "exit-after-handoff" not in args
+
+
+def test_host_network_agents_take_the_sockets_over_surge_first():
+    """On the host network the old and the new pod of a node share the ports: the new agent
+    takes the sockets over through a socket in a hostPath both pods mount, the old one
+    stays idle until it is deleted, and the update starts the new pod first."""
+    r = render({"agent": {"hostNetwork": True, "handoff": {"hostPath": "/run/weir-edge"}}})
+    ds = workload(r, "agent")
+    spec = ds["spec"]["template"]["spec"]
+    assert spec["hostNetwork"] is True and spec["dnsPolicy"] == "ClusterFirstWithHostNet"
+    assert ds["spec"]["updateStrategy"]["rollingUpdate"]["maxSurge"] == 1
+    (vol,) = [v for v in spec["volumes"] if "hostPath" in v]
+    assert vol["hostPath"] == {"path": "/run/weir-edge", "type": "DirectoryOrCreate"}
+    agent = container_of(r, "agent")
+    (mount,) = [m for m in agent["volumeMounts"] if m["name"] == vol["name"]]
+    args = flag_values(agent["args"])
+    socket = args["handoff-socket"][0]
+    assert socket.startswith(mount["mountPath"] + "/")
+    assert args["exit-after-handoff"] == ["false"]
+    # The init container gives the folder to the agent's user, as root with CHOWN only.
+    (init,) = spec["initContainers"]
+    assert [m["mountPath"] for m in init["volumeMounts"]] == [mount["mountPath"]]
+    assert f"chown {spec['securityContext']['runAsUser']}:{spec['securityContext']['runAsGroup']} {mount['mountPath']}" in init["command"][-1]
+    assert init["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["CHOWN"]}
+    assert init["image"] == "docker.io/library/busybox:1.37"
+    for version in KUBE_VERSIONS:
+        for doc in r.docs:
+            if (doc["apiVersion"], doc["kind"]) not in THIRD_PARTY_KINDS:
+                assert kube_validate(doc, version) is None, doc["kind"]

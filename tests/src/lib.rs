@@ -472,3 +472,119 @@ pub fn endpoint_weight(config: &Value, route: &str, addr: &str) -> Option<u64> {
         .find(|e| e["address"] == addr)?["weight"]
         .as_u64()
 }
+
+/// What a process writes to stderr, collected line by line as it comes (and echoed to the
+/// test's own stderr), so a test can wait for a log line as a readiness signal.
+#[derive(Clone, Default)]
+pub struct Log {
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Log {
+    /// Follows `stderr` on a thread of its own until it closes.
+    fn follow(stderr: std::process::ChildStderr, name: String) -> Self {
+        use std::io::{BufRead, BufReader};
+        let log = Log::default();
+        let lines = log.lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("[{name}] {line}");
+                lines.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+            }
+        });
+        log
+    }
+
+    /// Whether a line containing `needle` was written.
+    pub fn contains(&self, needle: &str) -> bool {
+        self.lines
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .any(|l| l.contains(needle))
+    }
+
+    /// Waits until a line containing `needle` is written.
+    pub async fn wait_for_line(&self, needle: &str) {
+        wait_for(&format!("log line {needle:?}"), || async {
+            self.contains(needle).then_some(())
+        })
+        .await;
+    }
+}
+
+impl Agent {
+    /// [`Agent::start_with`], with the agent's stderr collected in a [`Log`]; `name` prefixes
+    /// its lines in the test output.
+    pub async fn start_logged(
+        name: &str,
+        controller_url: &str,
+        listen: SocketAddr,
+        admin: SocketAddr,
+        state_dir: Option<&Path>,
+        extra: &[&str],
+    ) -> anyhow::Result<(Self, Log)> {
+        let mut args: Vec<String> = vec![
+            "--controller".into(),
+            controller_url.to_string(),
+            "--listen".into(),
+            listen.to_string(),
+            "--admin-addr".into(),
+            admin.to_string(),
+            "--workers".into(),
+            "2".into(),
+            "--node-name".into(),
+            "test-node".into(),
+        ];
+        if let Some(d) = state_dir {
+            args.push("--state-dir".into());
+            args.push(d.display().to_string());
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let path = bin_dir().join("weir-agent");
+        let mut child = Command::new(&path)
+            .args(&args)
+            .env(
+                "WEIR_LOG",
+                std::env::var("WEIR_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            // Plain lines to match on, whatever the terminal.
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("start {}", path.display()))?;
+        let log = match child.stderr.take() {
+            Some(stderr) => Log::follow(stderr, name.to_string()),
+            None => Log::default(),
+        };
+        let agent = Self {
+            proc: Proc {
+                child,
+                name: name.into(),
+            },
+            listen,
+            admin,
+        };
+        wait_ok(&format!("http://{admin}/healthz")).await;
+        Ok((agent, log))
+    }
+
+    /// The requests this agent has counted (`weir_agent_requests_total`, all routes and
+    /// classes).
+    pub async fn requests_served(&self) -> anyhow::Result<u64> {
+        let got = request(
+            &http_client(),
+            "GET",
+            &format!("http://{}/metrics", self.admin),
+            None,
+        )
+        .await?;
+        Ok(got
+            .body
+            .lines()
+            .filter(|l| l.starts_with("weir_agent_requests_total"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as u64)
+    }
+}

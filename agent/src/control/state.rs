@@ -453,7 +453,9 @@ fn encode_table(table: &Table) -> Vec<u8> {
 fn write_atomically(dir: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     std::fs::create_dir_all(dir)?;
-    let tmp = dir.join(format!("{STATE_FILE}.tmp"));
+    // Named after the process: during a hand-off (listen::handoff) the old and the new agent
+    // share the state dir, and one fixed name would let their writes interleave in it.
+    let tmp = dir.join(format!("{STATE_FILE}.{}.tmp", std::process::id()));
     let mut f = std::fs::File::create(&tmp)?;
     f.write_all(bytes)?;
     f.sync_all()?;

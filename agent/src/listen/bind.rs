@@ -1,4 +1,5 @@
-//! Binding the listening sockets: one `SO_REUSEPORT` socket per worker.
+//! Binding the listening sockets: one `SO_REUSEPORT` socket per worker, and the extra ones a
+//! successor needs when it inherited fewer sockets than it has workers ([`super::handoff`]).
 
 use std::net::SocketAddr;
 
@@ -14,6 +15,14 @@ pub fn bind_listeners(addr: SocketAddr, n: usize) -> std::io::Result<Vec<std::ne
     probe.bind(&addr.into())?;
     probe.listen(1)?;
     drop(probe);
+    bind_more(addr, n)
+}
+
+/// Binds `n` more `SO_REUSEPORT` listeners on `addr`, without the exclusive probe: for an
+/// agent that already holds sockets of that address (inherited in a hand-off), so the port
+/// is known to be its own.
+pub(crate) fn bind_more(addr: SocketAddr, n: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
+    use socket2::{Domain, Socket, Type};
     (0..n)
         .map(|_| {
             let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;

@@ -15,6 +15,7 @@ mod drain;
 mod framing;
 mod h1;
 mod h2;
+pub mod handoff;
 mod tunnel;
 
 pub use bind::bind_listeners;
@@ -33,6 +34,9 @@ pub(crate) const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// this quiet, while a dead peer (gone without a FIN) stops counting against its endpoint's
 /// in-flight figure and frees its sockets within minutes rather than hours.
 pub const UPGRADE_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long a connection accepted just before draining started may take to send its first
+/// bytes.
+const DRAIN_FIRST_BYTES_GRACE: Duration = Duration::from_millis(250);
 
 /// Limits that protect the listener from slow or greedy clients.
 #[derive(Debug, Clone, Copy)]
@@ -52,17 +56,18 @@ impl Default for Limits {
     }
 }
 
-/// Accepts and serves connections on `listener` until `drain` starts; then closes the
-/// listener (so a new agent can bind the address) and keeps serving the open connections,
-/// which wind down on their own (see [`h1::serve_h1`], [`h2::serve_h2`]). Never returns
-/// once draining: the process exits when the connections are done or the drain times out.
+/// Accepts and serves connections on `listeners` (one, or several sockets inherited from an
+/// agent with more workers: see [`handoff`]) until `drain` starts; then closes this process's
+/// copy of each listener (so a new agent can bind the address, or, after a hand-off, so that
+/// only the new agent accepts) and keeps serving the open connections, which wind down on
+/// their own (see [`h1::serve_h1`], [`h2::serve_h2`]). Never returns once draining: the
+/// process exits when the connections are done or the drain times out.
 pub async fn serve(
-    listener: std::net::TcpListener,
+    listeners: Vec<std::net::TcpListener>,
     routing: Arc<Routing>,
     limits: Limits,
     drain: Drain,
 ) -> std::io::Result<()> {
-    let listener = tokio::net::TcpListener::from_std(listener)?;
     let worker = Arc::new(Worker::new(routing));
     let pool = Arc::downgrade(worker.pool());
     tokio::spawn(async move {
@@ -75,6 +80,34 @@ pub async fn serve(
         }
     });
     let http1 = Arc::new(h1::builder(limits));
+    let mut accepting = Vec::with_capacity(listeners.len());
+    for listener in listeners {
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        accepting.push(tokio::spawn(accept_loop(
+            listener,
+            worker.clone(),
+            http1.clone(),
+            limits,
+            drain.clone(),
+        )));
+    }
+    drop(worker);
+    for a in accepting {
+        let _ = a.await;
+    }
+    tracing::debug!("listeners closed; draining connections");
+    std::future::pending::<()>().await;
+    Ok(())
+}
+
+/// Accepts on one listener until `drain` starts, then drops it.
+async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    worker: Arc<Worker>,
+    http1: Arc<hyper::server::conn::http1::Builder>,
+    limits: Limits,
+    drain: Drain,
+) {
     loop {
         let accepted = tokio::select! {
             biased;
@@ -101,11 +134,20 @@ pub async fn serve(
             let _guard = guard;
             let peer = peer_header(peer.ip());
             // A client that never sends its first bytes is a slowloris too; one that has
-            // sent nothing when draining starts has nothing in flight, and is closed.
+            // sent nothing when draining starts has nothing in flight, and is closed after
+            // a short grace: accepted just before the drain (a hand-off's last accepts), its
+            // request is usually on its way, and closing would fail it.
+            let detect = tokio::time::timeout(first_bytes, detect::detect(stream));
+            tokio::pin!(detect);
             let detected = tokio::select! {
                 biased;
-                d = tokio::time::timeout(first_bytes, detect::detect(stream)) => d,
-                () = drain.started() => return,
+                d = &mut detect => d,
+                () = drain.started() => {
+                    match tokio::time::timeout(DRAIN_FIRST_BYTES_GRACE, &mut detect).await {
+                        Ok(d) => d,
+                        Err(_) => return,
+                    }
+                }
             };
             let Ok(Some(proto)) = detected else {
                 return;
@@ -121,9 +163,8 @@ pub async fn serve(
         });
     }
     // Closing the listener refuses new connections (and frees the address); connections
-    // already accepted but not yet taken by `accept` are reset by the kernel.
+    // already accepted but not yet taken by `accept` are reset by the kernel. After a
+    // hand-off the new agent holds the same socket: this closes only this process's copy,
+    // and the queued connections are the new agent's to accept.
     drop(listener);
-    tracing::debug!("listener closed; draining connections");
-    std::future::pending::<()>().await;
-    Ok(())
 }

@@ -57,6 +57,14 @@ struct Args {
     /// Unrecorded lead-in at the same rate.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     warmup: Duration,
+    /// Behave like a pooled client across a server's graceful close (restart benchmarks): a
+    /// connection found closed before a request is written is replaced and the request sent
+    /// on the new one, and a request that fails on a reused connection before any answer
+    /// (the server closed it as the request went out) is sent once more on a new connection
+    /// (RFC 9110 §9.2.2, as browsers and curl do). Counted in `retried`; the latency still
+    /// counts from the scheduled time. Off: either case is an error.
+    #[arg(long)]
+    reconnect_closed: bool,
     /// How long to wait for requests still in flight after the schedule ends.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     drain: Duration,
@@ -66,7 +74,11 @@ struct Target {
     addr: String,
     path: String,
     host: String,
+    reconnect_closed: bool,
 }
+
+/// Requests sent again under `--reconnect-closed`.
+static RETRIED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// One scheduled request: when it should have started, and whether it is measured.
 struct Slot {
@@ -130,16 +142,44 @@ async fn run_conn(
 
 /// Sends one request on the connection (re-connecting if needed); true for a complete 2xx.
 async fn one_request(target: &Target, sender: &mut Option<SendRequest<Empty<Bytes>>>) -> bool {
+    if !target.reconnect_closed {
+        return try_request(target, sender).await.unwrap_or(false);
+    }
+    let mut reused = sender.is_some();
+    if let Some(s) = sender.as_mut()
+        && s.ready().await.is_err()
+    {
+        // Closed while idle: the request was never sent.
+        *sender = None;
+        reused = false;
+        RETRIED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    match try_request(target, sender).await {
+        Some(ok) => ok,
+        None if reused => {
+            RETRIED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            try_request(target, sender).await.unwrap_or(false)
+        }
+        None => false,
+    }
+}
+
+/// One try: `Some(complete 2xx)` once an answer head came, `None` when the connection
+/// failed before any answer (it is dropped then).
+async fn try_request(
+    target: &Target,
+    sender: &mut Option<SendRequest<Empty<Bytes>>>,
+) -> Option<bool> {
     if sender.is_none() {
         match connect(target).await {
             Ok(s) => *sender = Some(s),
-            Err(_) => return false,
+            Err(_) => return Some(false),
         }
     }
     let s = sender.as_mut().expect("connected above");
     if s.ready().await.is_err() {
         *sender = None;
-        return false;
+        return None;
     }
     let req = Request::get(target.path.as_str())
         .header(header::HOST, target.host.as_str())
@@ -149,16 +189,16 @@ async fn one_request(target: &Target, sender: &mut Option<SendRequest<Empty<Byte
         Ok(resp) => {
             let status = resp.status();
             match resp.into_body().collect().await {
-                Ok(_) => status.is_success(),
+                Ok(_) => Some(status.is_success()),
                 Err(_) => {
                     *sender = None;
-                    false
+                    Some(false)
                 }
             }
         }
         Err(_) => {
             *sender = None;
-            false
+            None
         }
     }
 }
@@ -272,6 +312,7 @@ fn main() -> anyhow::Result<()> {
         addr,
         path,
         host: args.host.clone().unwrap_or_else(|| authority.to_string()),
+        reconnect_closed: args.reconnect_closed,
     });
 
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -348,6 +389,7 @@ fn main() -> anyhow::Result<()> {
             "max_us": hist.max(),
             "mean_us": (hist.mean() * 10.0).round() / 10.0,
             "unfinished": unfinished,
+            "retried": RETRIED.load(std::sync::atomic::Ordering::Relaxed),
             "achieved_rps": (ok_in_window as f64 / duration.as_secs_f64()).round(),
             "target_rps": rate,
             "connections": args.connections,
