@@ -90,6 +90,20 @@ fn answer(path: &str, n: usize, inm: Option<&str>) -> Response<Full<Bytes>> {
         "/stale" => b
             .header("cache-control", "max-age=0")
             .header("etag", "\"s1\""),
+        // Stale at once, but its own stale-while-revalidate lets it be served meanwhile
+        // (the policy of `setup` has none).
+        "/swr-own" => b
+            .header("cache-control", "max-age=0, stale-while-revalidate=600")
+            .header("etag", "\"w1\""),
+        // RFC 9213: no cache may store it, except CDN-like ones (CDN-Cache-Control).
+        "/cdn" => b
+            .header("cache-control", "no-store")
+            .header("cdn-cache-control", "max-age=60"),
+        // For weir's cache only, and never shown to clients.
+        "/weir" => b
+            .header("cache-control", "no-store")
+            .header("weir-cache-control", "max-age=60"),
+        "/range" | "/oic" => b.header("cache-control", "max-age=60"),
         _ => b,
     };
     b.body(Full::new(Bytes::from(body))).expect("response")
@@ -346,4 +360,87 @@ async fn purge_empties_the_cache() {
             .as_f64()
             .is_some_and(|r| r > 0.0)
     );
+}
+
+/// Waits until the agent holds `path`, asking it with `only-if-cached` (a 504 until then),
+/// which never reaches the origin; with `max-stale` so that stale copies count.
+async fn held(agent: &Agent, path: &str) {
+    weir_tests::wait_for(path, || async {
+        let g = fetch(
+            agent,
+            "GET",
+            path,
+            &[("cache-control", "only-if-cached, max-stale")],
+        )
+        .await;
+        (g.status != 504).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn response_directives_targeted_fields_request_directives_and_ranges() {
+    let (_d, origin, _c, agent) = setup("127.0.30.17").await;
+
+    // The response's own stale-while-revalidate (the policy has none).
+    let first = fetch(&agent, "GET", "/swr-own", &[]).await;
+    held(&agent, "/swr-own").await;
+    let second = fetch(&agent, "GET", "/swr-own", &[]).await;
+    assert_eq!(x_cache(&second), "STALE", "{second:?}");
+    // The copy first stored, or the one its background refresh stored since.
+    assert!(second.body.starts_with("/swr-own #"), "{second:?}");
+    assert_eq!(first.status, 200);
+
+    // CDN-Cache-Control beats Cache-Control: no-store for this cache, and is forwarded.
+    fetch(&agent, "GET", "/cdn", &[]).await;
+    held(&agent, "/cdn").await;
+    let cdn = fetch(&agent, "GET", "/cdn", &[]).await;
+    assert_eq!(x_cache(&cdn), "HIT");
+    assert_eq!(origin.count("GET /cdn"), 1);
+    assert_eq!(cdn.headers["cache-control"], "no-store");
+    assert_eq!(cdn.headers["cdn-cache-control"], "max-age=60");
+
+    // Weir-Cache-Control: obeyed, and never sent on, neither on a miss nor on a hit.
+    let miss = fetch(&agent, "GET", "/weir", &[]).await;
+    assert!(!miss.headers.contains_key("weir-cache-control"));
+    held(&agent, "/weir").await;
+    let hit = fetch(&agent, "GET", "/weir", &[]).await;
+    assert_eq!(x_cache(&hit), "HIT");
+    assert!(!hit.headers.contains_key("weir-cache-control"));
+    assert_eq!(origin.count("GET /weir"), 1);
+
+    // max-stale takes a stale copy; only-if-cached never reaches the origin.
+    fetch(&agent, "GET", "/stale", &[]).await;
+    held(&agent, "/stale").await;
+    let ms = fetch(
+        &agent,
+        "GET",
+        "/stale",
+        &[("cache-control", "max-stale=3600")],
+    )
+    .await;
+    assert_eq!(x_cache(&ms), "STALE");
+    let oic = fetch(
+        &agent,
+        "GET",
+        "/oic",
+        &[("cache-control", "only-if-cached")],
+    )
+    .await;
+    assert_eq!(oic.status, 504);
+    assert_eq!(origin.count("GET /oic"), 0);
+
+    // A ranged miss goes to the origin; once the object is cached, ranges are cut from it.
+    let cold = fetch(&agent, "GET", "/range", &[("range", "bytes=1-3")]).await;
+    assert_eq!(x_cache(&cold), "BYPASS");
+    let full = fetch(&agent, "GET", "/range", &[]).await;
+    assert_eq!(full.body, "/range #2");
+    held(&agent, "/range").await;
+    let part = fetch(&agent, "GET", "/range", &[("range", "bytes=1-3")]).await;
+    assert_eq!(part.status, 206);
+    assert_eq!(part.body, "ran");
+    assert_eq!(part.headers["content-range"], "bytes 1-3/9");
+    let bad = fetch(&agent, "GET", "/range", &[("range", "bytes=50-")]).await;
+    assert_eq!(bad.status, 416);
+    assert_eq!(origin.count("GET /range"), 2);
 }

@@ -121,6 +121,11 @@ impl Fill {
         req: &request::Parts,
         stale: Option<Variant>,
     ) -> Self {
+        let mut headers = req.headers.clone();
+        // A fill fetches the whole object: a background refresh started by a ranged
+        // request must not store a part as the whole.
+        headers.remove(http::header::RANGE);
+        headers.remove(http::header::IF_RANGE);
         Self {
             inner,
             key: key.to_key(),
@@ -128,7 +133,7 @@ impl Fill {
             req: RequestHead {
                 method: Method::GET,
                 uri: req.uri.clone(),
-                headers: req.headers.clone(),
+                headers,
             },
             stale,
             validators_added: false,
@@ -334,6 +339,8 @@ fn variant(
         lifetime_secs: meta.lifetime_secs,
         status,
         flags: meta.flags,
+        swr_secs: meta.swr_secs,
+        sie_secs: meta.sie_secs,
     })
 }
 

@@ -36,6 +36,7 @@ pub(crate) mod coalesce;
 pub(crate) mod entry;
 pub mod evict;
 pub(crate) mod policy;
+pub(crate) mod range;
 pub(crate) mod storage;
 
 pub use body::TeeBody;
@@ -170,6 +171,9 @@ pub enum Lookup {
     Miss(Fill),
     /// Another request is filling this URI: wait for its answer.
     Wait(Waiter),
+    /// The request said `only-if-cached` and nothing stored may answer it: send this
+    /// `504` (RFC 9111 §5.2.1.7) without contacting the origin.
+    NotCached(Response<Bytes>),
     /// Not cacheable: forward untouched (mark `x-cache: BYPASS`).
     Bypass,
 }
@@ -188,6 +192,7 @@ impl std::fmt::Debug for Lookup {
             }
             Lookup::Miss(_) => f.write_str("Miss"),
             Lookup::Wait(_) => f.write_str("Wait"),
+            Lookup::NotCached(_) => f.write_str("NotCached"),
             Lookup::Bypass => f.write_str("Bypass"),
         }
     }
@@ -289,6 +294,15 @@ impl Cache {
             return self.bypass();
         };
         let head_only = kind == RequestKind::Head;
+        // Only a GET's Range is honoured (RFC 9110 §14.2); one probe, on the cached path.
+        let ranged = !head_only && req.headers.contains_key(http::header::RANGE);
+        let cut = |r: Response<Bytes>| {
+            if ranged {
+                range::apply(r, &req.headers)
+            } else {
+                r
+            }
+        };
         let rd = RequestDirectives::parse(&req.headers);
         let now_ms = policy::epoch_ms(now);
         let entry = inner.storage.get(&key);
@@ -299,14 +313,17 @@ impl Cache {
                 if policy::client_validators_match(&req.headers, v) {
                     return Lookup::Hit(v.to_not_modified(now_ms));
                 }
-                return Lookup::Hit(v.to_response(now_ms, head_only, XCache::Hit));
+                return Lookup::Hit(cut(v.to_response(now_ms, head_only, XCache::Hit)));
             }
+            // Stale, but usable: within the stale-while-revalidate window, or within the
+            // client's own max-stale. Either way the entry is refreshed once, behind.
             if policy::may_serve_stale_while_revalidating(
                 v,
                 now_ms,
                 &rd,
                 inner.config.stale_while_revalidate,
-            ) {
+            ) || policy::may_serve_stale_to_client(v, now_ms, &rd)
+            {
                 inner.stats.stale.fetch_add(1, Relaxed);
                 let refresh = match inner.inflight.join_or_lead(&key) {
                     coalesce::Joined::Lead(slot) => Some(Fill::new(
@@ -319,14 +336,18 @@ impl Cache {
                     coalesce::Joined::Wait(_) => None,
                 };
                 return Lookup::Stale {
-                    response: v.to_response(now_ms, head_only, XCache::Stale),
+                    response: cut(v.to_response(now_ms, head_only, XCache::Stale)),
                     refresh,
                 };
             }
         }
+        if rd.only_if_cached {
+            inner.stats.bypass.fetch_add(1, Relaxed);
+            return Lookup::NotCached(gateway_timeout());
+        }
         // A HEAD miss is forwarded (its answer has no body to store), and so is a request
-        // that forbids storing its answer.
-        if head_only || rd.no_store {
+        // that forbids storing its answer, and a ranged one (its answer is partial).
+        if head_only || rd.no_store || ranged {
             return self.bypass();
         }
         match inner.inflight.join_or_lead(&key) {
@@ -372,7 +393,13 @@ impl Cache {
             return None;
         }
         self.inner.stats.stale.fetch_add(1, Relaxed);
-        Some(v.to_response(now_ms, kind == RequestKind::Head, XCache::Stale))
+        let head_only = kind == RequestKind::Head;
+        let r = v.to_response(now_ms, head_only, XCache::Stale);
+        Some(if head_only {
+            r
+        } else {
+            range::apply(r, &req.headers)
+        })
     }
 
     /// After the answer to an unsafe request (POST, PUT, DELETE, PATCH, …) on `host`:
@@ -413,6 +440,21 @@ impl Cache {
                 && k.path_and_query().starts_with(prefix))
         })
     }
+}
+
+/// The answer to `only-if-cached` when nothing stored may be used.
+fn gateway_timeout() -> Response<Bytes> {
+    let mut r = Response::new(Bytes::from_static(
+        b"only-if-cached: no stored response may answer this request\n",
+    ));
+    *r.status_mut() = StatusCode::GATEWAY_TIMEOUT;
+    let h = r.headers_mut();
+    h.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain"),
+    );
+    XCache::Miss.mark(h);
+    r
 }
 
 fn normalize_purge_host(host: &str) -> String {
