@@ -59,6 +59,14 @@ struct Args {
     /// CA the controller's certificate must chain to (PEM).
     #[arg(long, env = "WEIR_TLS_CA")]
     tls_ca: Option<PathBuf>,
+    /// Folder of the disk cache tier: policies with `spec.cache.disk` keep their objects
+    /// here (one subfolder each), and find them again after a restart.
+    #[arg(long, env = "WEIR_CACHE_DIR")]
+    cache_dir: Option<PathBuf>,
+    /// Redis or Valkey server of the shared cache tier (`redis://HOST:PORT[/DB]`), used by
+    /// policies with `spec.cache.shared: true`.
+    #[arg(long, env = "WEIR_CACHE_REDIS")]
+    cache_redis: Option<String>,
     /// Log filter, in `tracing_subscriber::EnvFilter` syntax.
     #[arg(long, env = "WEIR_LOG", default_value = "info")]
     log: String,
@@ -87,6 +95,16 @@ fn main() -> anyhow::Result<()> {
     if args.controllers.is_empty() {
         anyhow::bail!("at least one --controller is needed");
     }
+    // Cache tiers: set before the first table (persisted or pushed) builds the caches.
+    weir_agent::cache::tier::configure(weir_agent::cache::tier::TierEnv {
+        cache_dir: args.cache_dir.clone(),
+        shared: match &args.cache_redis {
+            None => None,
+            Some(url) => Some(Arc::new(weir_agent::cache::tier::shared::SharedTier::new(
+                url,
+            )?)),
+        },
+    });
     let shared = Arc::new(Shared::new(
         args.node_name.clone(),
         args.zone.clone(),

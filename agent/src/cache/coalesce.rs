@@ -145,6 +145,45 @@ impl Fill {
         self.stale.is_some()
     }
 
+    /// Before going to the origin: asks the lower tiers (disk, then Redis) for the object.
+    /// `Ok`: a fresh copy was found and promoted into memory; answer with it (the waiters
+    /// get it too). `Err`: go on to the origin with this fill; a stale copy found below
+    /// (when memory had none) is revalidated rather than fetched whole.
+    pub async fn from_tiers(
+        mut self,
+        req: &HeaderMap,
+        now: SystemTime,
+    ) -> Result<Response<Bytes>, Fill> {
+        let Some(tiers) = self.inner.tiers.as_ref() else {
+            return Err(self);
+        };
+        let Some((entry, from)) = tiers.read(&self.key.as_key_ref()).await else {
+            return Err(self);
+        };
+        let now_ms = policy::epoch_ms(now);
+        let v = entry.select(req).cloned();
+        let fresh = v
+            .as_ref()
+            .is_some_and(|v| policy::is_fresh(v, now_ms, &policy::RequestDirectives::parse(req)));
+        // A stale copy below does not replace the stale copy memory already has.
+        if fresh || self.stale.is_none() {
+            self.inner
+                .promote(&self.key.as_key_ref(), entry, from, now_ms);
+        }
+        let Some(v) = v else {
+            return Err(self);
+        };
+        if fresh {
+            let answer = v.to_response(now_ms, false, XCache::Hit);
+            self.complete(Outcome::Serve(v, XCache::Hit));
+            return Ok(answer);
+        }
+        if self.stale.is_none() {
+            self.stale = Some(v);
+        }
+        Err(self)
+    }
+
     /// Adds `If-None-Match` / `If-Modified-Since` for the stored response being
     /// revalidated to the upstream request's fields (nothing for a plain miss, or when the
     /// client sent validators of its own).

@@ -341,6 +341,10 @@ impl Variant {
         }
     }
 
+    pub(crate) fn head_bytes(&self) -> &Bytes {
+        &self.head
+    }
+
     pub(crate) fn swr_secs(&self) -> u32 {
         self.swr_secs
     }
@@ -350,12 +354,12 @@ impl Variant {
     }
 
     /// When it stops being useful at all at `now_ms`: fresh, then stale but usable within
-    /// the larger of its stale windows (`default_stale_ms` when it states none), in
-    /// milliseconds from now; 0 once spent. The lower tiers keep it this long.
-    pub fn remaining_use_ms(&self, now_ms: u64, default_stale_ms: u64) -> u64 {
-        let own = |w: u32| {
+    /// the larger of its stale windows (the policy's `(swr_ms, sie_ms)` for those it
+    /// states none of), in milliseconds from now; 0 once spent. Redis keeps it this long.
+    pub fn remaining_use_ms(&self, now_ms: u64, (swr_ms, sie_ms): (u64, u64)) -> u64 {
+        let own = |w: u32, default: u64| {
             if w == u32::MAX {
-                default_stale_ms
+                default
             } else {
                 u64::from(w) * 1000
             }
@@ -363,7 +367,7 @@ impl Variant {
         let stale_ms = if self.flags & flags::NO_STALE != 0 {
             0
         } else {
-            own(self.swr_secs).max(own(self.sie_secs))
+            own(self.swr_secs, swr_ms).max(own(self.sie_secs, sie_ms))
         };
         let age_ms = u64::from(self.age_secs) * 1000 + now_ms.saturating_sub(self.stored_at_ms);
         (u64::from(self.lifetime_secs) * 1000 + stale_ms).saturating_sub(age_ms)

@@ -49,10 +49,13 @@ impl Worker {
                 }
                 return full(response);
             }
-            Lookup::Miss(mut fill) => {
-                fill.add_validators(&mut parts.headers);
-                Some(fill)
-            }
+            Lookup::Miss(fill) => match fill.from_tiers(&parts.headers, now).await {
+                Ok(r) => return full(r),
+                Err(mut fill) => {
+                    fill.add_validators(&mut parts.headers);
+                    Some(fill)
+                }
+            },
             Lookup::NotCached(r) => return full(r),
             Lookup::Wait(waiter) => match waiter.wait(&parts.headers, now).await {
                 Some(r) => return full(r),
