@@ -89,7 +89,22 @@ fn refresh_cache_metrics(shared: &Shared) -> Result<(), std::fmt::Error> {
             ("bytes", st.bytes),
             ("entries", st.entries),
         ];
-        for (stat, v) in values {
+        // The lower tiers, as more stats of the same family.
+        let t = cache.tier_stats().unwrap_or_default();
+        let tiers = cache.tier_stats().map(|_| {
+            [
+                ("disk_hits", t.disk_hits),
+                ("disk_misses", t.disk_misses),
+                ("disk_bytes", t.disk_bytes),
+                ("disk_entries", t.disk_entries),
+                ("shared_hits", t.shared_hits),
+                ("shared_misses", t.shared_misses),
+                ("shared_errors", t.shared_errors),
+                ("tier_writes", t.writes),
+                ("tier_writes_dropped", t.writes_dropped),
+            ]
+        });
+        for (stat, v) in values.into_iter().chain(tiers.into_iter().flatten()) {
             shared
                 .routing
                 .metrics
@@ -164,12 +179,18 @@ pub(crate) fn config_json(shared: &Shared) -> Value {
                 })),
                 "cache": rt.cache.as_ref().map(|c| {
                     let st = c.stats();
+                    let tiers = c.tier_stats();
+                    // Memory misses answered by a lower tier are hits of the cache.
+                    let below = tiers.as_ref().map_or(0, |t| t.disk_hits + t.shared_hits);
                     let lookups = st.hits + st.misses + st.stale;
                     json!({
                         "stats": st,
-                        "hitRatio": if lookups == 0 { 0.0 } else { (st.hits + st.stale) as f64 / lookups as f64 },
+                        "hitRatio": if lookups == 0 { 0.0 } else { (st.hits + st.stale + below) as f64 / lookups as f64 },
                         "maxSize": c.config().max_size,
                         "eviction": c.config().eviction.name(),
+                        "diskMaxSize": c.config().disk_max_size,
+                        "shared": c.config().shared,
+                        "tiers": tiers,
                     })
                 }),
                 "rules": rt.rules.iter().map(|rule| rule_json(rule, now, slow_start_ms)).collect::<Vec<_>>(),

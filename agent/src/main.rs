@@ -100,6 +100,14 @@ struct Args {
     /// a Kubernetes pod, which would then take the sockets back).
     #[arg(long, env = "WEIR_EXIT_AFTER_HANDOFF", default_value_t = true, action = clap::ArgAction::Set)]
     exit_after_handoff: bool,
+    /// Folder of the disk cache tier: policies with `spec.cache.disk` keep their objects
+    /// here (one subfolder each), and find them again after a restart.
+    #[arg(long, env = "WEIR_CACHE_DIR")]
+    cache_dir: Option<PathBuf>,
+    /// Redis or Valkey server of the shared cache tier (`redis://HOST:PORT[/DB]`), used by
+    /// policies with `spec.cache.shared: true`.
+    #[arg(long, env = "WEIR_CACHE_REDIS")]
+    cache_redis: Option<String>,
     /// Log filter, in `tracing_subscriber::EnvFilter` syntax.
     #[arg(long, env = "WEIR_LOG", default_value = "info")]
     log: String,
@@ -129,6 +137,16 @@ fn main() -> anyhow::Result<()> {
     if args.controllers.is_empty() {
         anyhow::bail!("at least one --controller is needed");
     }
+    // Cache tiers: set before the first table (persisted or pushed) builds the caches.
+    weir_agent::cache::tier::configure(weir_agent::cache::tier::TierEnv {
+        cache_dir: args.cache_dir.clone(),
+        shared: match &args.cache_redis {
+            None => None,
+            Some(url) => Some(Arc::new(weir_agent::cache::tier::shared::SharedTier::new(
+                url,
+            )?)),
+        },
+    });
     let shared = Arc::new(Shared::new(
         args.node_name.clone(),
         args.zone.clone(),

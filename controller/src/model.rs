@@ -501,6 +501,20 @@ pub struct Cache {
     pub stale_while_revalidate: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stale_if_error: Option<String>,
+    /// A disk tier behind the memory tier (agents started with `--cache-dir`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<CacheDisk>,
+    /// Also use the shared Redis/Valkey tier (agents started with `--cache-redis`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub shared: bool,
+}
+
+/// `spec.cache.disk`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CacheDisk {
+    /// A Kubernetes quantity such as `1Gi`: the most the disk tier of this policy holds.
+    pub max_size: String,
 }
 
 /// What the controller observed and decided for a policy.

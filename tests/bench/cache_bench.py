@@ -38,6 +38,28 @@ noise accounting, wrk and weir-load wrappers):
     nginx and varnish (same round, N, object) for throughput, and to the *better* (lower) of
     their p99s for p99.
 
+Tier mode (`--tiers`): hit ratio and latency of each cache tier of weir alone:
+
+    python3 tests/bench/cache_bench.py --tiers                 # 4 setups, 1 round
+    python3 tests/bench/cache_bench.py --tiers --keys 5000 --rounds 3
+
+  * the same nginx origin; a redis-server of its own (Debian's, installed if missing) on
+    127.0.0.1:18208, flushed before each setup;
+  * four setups of one weir-agent (--workers 1, fresh --cache-dir), each over --keys distinct
+    4 KiB objects (`/4k?i=K`):
+      - origin:  no cache (every request goes to the origin: the reference);
+      - memory:  `maxSize: 256Mi` (everything fits in memory);
+      - disk:    `maxSize: 1Mi` (≈ 200 objects) + `disk: {maxSize: 256Mi}`;
+      - redis:   `maxSize: 1Mi` + `shared: true` (no disk);
+    each warmed by fetching every key once, in order, then waiting until every object is
+    written behind or dropped (`/config` tier `writes`, `writesDropped`);
+  * load: `taskset -c 0 wrk -t1 -c8 -d{--duration}s --latency` with a Lua script picking a
+    uniformly random key per request (closed loop at low concurrency, so latency is the
+    service time, not a queue);
+  * per setup: requests/s, p50/p99 from wrk, and the share of requests answered by each tier
+    from the agent's `/config` counters over the run (memory hits, disk hits, Redis hits,
+    origin = memory misses not answered below).
+
 Before the first measurement it waits (up to --wait-idle s) until no proxy_bench.py runs and
 the 1-minute load average is below 1.0; before each run, until other processes use ≤ 10 %
 of the machine (up to --wait-quiet s). Other processes' CPU during each run is recorded.
@@ -350,6 +372,147 @@ def table(results, workers_list, objects, names):
     return "\n".join(lines), summary
 
 
+REDIS_PORT = 18208
+TIER_SETUPS = {
+    "origin": None,
+    "memory": "{enabled: true, maxSize: 256Mi}",
+    "disk": "{enabled: true, maxSize: 1Mi, disk: {maxSize: 256Mi}}",
+    "redis": "{enabled: true, maxSize: 1Mi, shared: true}",
+}
+
+
+def tier_manifests(cfg, cache):
+    Weir.manifests(cfg)
+    path = f"{cfg}/bench.yaml"
+    with open(path) as f:
+        text = f.read()
+    text = text.replace("  cache: {enabled: true, maxSize: 64Mi}\n", f"  cache: {cache}\n" if cache else "")
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def agent_cache(admin):
+    s, _, b = get(f"http://127.0.0.1:{admin}/config")
+    if s != 200:
+        return {}
+    c = json.loads(b)["routes"][0].get("cache") or {}
+    st, t = c.get("stats", {}), c.get("tiers") or {}
+    return {"hits": st.get("hits", 0) + st.get("stale", 0), "misses": st.get("misses", 0),
+            "bypass": st.get("bypass", 0), "coalesced": st.get("coalesced", 0),
+            "disk": t.get("diskHits", 0), "redis": t.get("sharedHits", 0),
+            "writes": t.get("writes", 0) + t.get("writesDropped", 0), "dropped": t.get("writesDropped", 0),
+            "shared_errors": t.get("sharedErrors", 0)}
+
+
+def wrk_random(port, keys, seconds, connections, d):
+    script = f"{d}/random.lua"
+    with open(script, "w") as f:
+        f.write(f'wrk.headers["Host"] = "{HOST}"\n'
+                f'request = function() return wrk.format(nil, "/4k?i=" .. math.random(1, {keys})) end\n')
+    cmd = ["taskset", "-c", "0", "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", script,
+           f"http://127.0.0.1:{port}/"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+
+    def ms(label):
+        m = re.search(rf"{label}\s+([\d.]+)(us|ms|s)\b", out)
+        return float(m.group(1)) * {"us": 1e-3, "ms": 1, "s": 1e3}[m.group(2)] if m else None
+
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return {"rps": rps, "p50_ms": ms("50%"), "p99_ms": ms("99%"), "errors": int(non2xx.group(1)) if non2xx else 0}
+
+
+def tiers_main(args):
+    if not shutil.which("redis-server") and not args.no_install:
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "redis-server"], check=True, env=env)
+    # Only nginx (the origin) and wrk are needed here, not varnish.
+    for exe in ("nginx", "wrk", "redis-server"):
+        if not (shutil.which(exe) or os.path.exists(f"/usr/sbin/{exe}")):
+            sys.exit(f"{exe} not found (run without --no-install to get it from Debian)")
+    pb.build(args.no_build)
+    d = tempfile.mkdtemp(prefix="weir-tier-bench-")
+    os.makedirs(f"{d}/bin")
+    for b in ["weir-agent", "weir-controller"]:
+        shutil.copy2(f"{os.path.abspath(args.bin_dir)}/{b}", f"{d}/bin/{b}")
+    pb.BIN = f"{d}/bin"
+    started = datetime.datetime.now(datetime.timezone.utc)
+    results = []
+    try:
+        origin = start_origin(d)
+        redis = pb.start(["redis-server", "--port", str(REDIS_PORT), "--bind", "127.0.0.1", "--save", "",
+                          "--appendonly", "no"], f"{d}/redis.log")
+        pb.wait_until(lambda: subprocess.run(["redis-cli", "-p", str(REDIS_PORT), "ping"], capture_output=True,
+                                             text=True).stdout.strip() == "PONG", 10, "redis", redis)
+        idle = wait_idle_machine(args.wait_idle)
+        for rnd in range(1, args.rounds + 1):
+            for name, cache in TIER_SETUPS.items():
+                subprocess.run(["redis-cli", "-p", str(REDIS_PORT), "flushall"], capture_output=True, check=True)
+                cfg = f"{d}/config-{name}-{rnd}"
+                tier_manifests(cfg, cache)
+                ctrl = pb.Weir.start_controller(d, cfg, grpc=CTRL_GRPC, admin=CTRL_ADMIN, tag=f"controller-{name}")
+                cache_dir = f"{d}/cache-{name}-{rnd}"
+                agent = pb.start([f"{pb.BIN}/weir-agent", "--controller", f"http://127.0.0.1:{CTRL_GRPC}",
+                                  "--listen", f"127.0.0.1:{PORTS['weir']}", "--admin-addr", f"127.0.0.1:{WEIR_ADMIN}",
+                                  "--node-name", "bench", "--workers", "1", "--cache-dir", cache_dir,
+                                  "--cache-redis", f"redis://127.0.0.1:{REDIS_PORT}"],
+                                 f"{d}/agent-{name}-{rnd}.log", env=dict(os.environ, WEIR_LOG="warn"))
+                try:
+                    pb.wait_until(lambda: pb.http_get(f"http://127.0.0.1:{WEIR_ADMIN}/readyz")[0] == 200, 30,
+                                  "weir-agent ready", agent)
+                    for k in range(1, args.keys + 1):
+                        s, _, _ = get(f"http://127.0.0.1:{PORTS['weir']}/4k?i={k}")
+                        assert s == 200, (name, k, s)
+                    if cache and ("disk" in cache or "shared" in cache):
+                        pb.wait_until(lambda: agent_cache(WEIR_ADMIN).get("writes", 0) >= args.keys, 60,
+                                      "tier writes", agent)
+                    pb.wait_quiet(args.wait_quiet)
+                    before = agent_cache(WEIR_ADMIN)
+                    r = wrk_random(PORTS["weir"], args.keys, args.duration, 8, d)
+                    after = agent_cache(WEIR_ADMIN)
+                finally:
+                    pb.stop(agent)
+                    pb.stop(ctrl)
+                delta = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+                total = max(1, delta.get("hits", 0) + delta.get("misses", 0) + delta.get("bypass", 0)
+                            + delta.get("coalesced", 0)) if cache else 1
+                share = {
+                    "memory": delta.get("hits", 0) / total if cache else 0.0,
+                    "disk": delta.get("disk", 0) / total if cache else 0.0,
+                    "redis": delta.get("redis", 0) / total if cache else 0.0,
+                }
+                share["origin"] = 1.0 - sum(share.values())
+                r.update({"setup": name, "round": rnd, "share": share, "counters": delta})
+                results.append(r)
+                log(f"  {name:7} r{rnd}: {r['rps']:8.0f} rps  p50 {r['p50_ms']:.3f} ms  p99 {r['p99_ms']:.3f} ms  "
+                    + "  ".join(f"{k} {v:.1%}" for k, v in share.items()) + f"  err {r['errors']}")
+        pb.stop(redis)
+        pb.stop(origin)
+    finally:
+        pb.cleanup()
+        if not args.keep:
+            shutil.rmtree(d, ignore_errors=True)
+    with open(args.json, "w") as f:
+        json.dump({"started": started.isoformat(), "args": vars(args), "runs": results}, f, indent=1)
+    cmd = "python3 tests/bench/cache_bench.py " + " ".join(sys.argv[1:])
+    print(f"### Cache tiers ({started:%Y-%m-%d %H:%M} UTC, `{cmd.strip()}`)\n")
+    print(f"{args.keys} distinct 4 KiB objects, uniformly random; `wrk -t1 -c8 -d{args.duration}s --latency` on CPU 0; "
+          f"weir-agent --workers 1; medians of {args.rounds} round(s).\n")
+    print("| setup | req/s | p50 ms | p99 ms | memory hits | disk hits | Redis hits | origin |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for name in TIER_SETUPS:
+        rs = [r for r in results if r["setup"] == name]
+        if not rs:
+            continue
+        sh = {k: pb.med([r["share"][k] for r in rs]) for k in ("memory", "disk", "redis", "origin")}
+        print(f"| {name} | {pb.med([r['rps'] for r in rs]):.0f} | {pb.med([r['p50_ms'] for r in rs]):.3f} | "
+              f"{pb.med([r['p99_ms'] for r in rs]):.3f} | {sh['memory']:.1%} | {sh['disk']:.1%} | {sh['redis']:.1%} | "
+              f"{sh['origin']:.1%} |")
+    print(f"\nBefore the first run: load1 {idle['load1']:.2f}.")
+    log(f"raw results: {args.json}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workers", default="1,2")
@@ -367,7 +530,15 @@ def main():
     ap.add_argument("--json", default="/tmp/weir-cache-bench.json")
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--bin-dir", default=pb.BIN)
+    ap.add_argument("--tiers", action="store_true", help="measure weir's cache tiers (memory, disk, Redis) instead")
+    ap.add_argument("--keys", type=int, default=5000, help="--tiers: distinct objects")
     args = ap.parse_args()
+    if args.tiers:
+        if args.rounds == 3 and "--rounds" not in sys.argv:
+            args.rounds = 1
+        signal.signal(signal.SIGINT, pb.on_signal)
+        signal.signal(signal.SIGTERM, pb.on_signal)
+        return tiers_main(args)
     workers_list = [int(x) for x in args.workers.split(",")]
     objects = [x for x in args.objects.split(",") if x]
     names = [x for x in args.caches.split(",") if x]

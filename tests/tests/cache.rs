@@ -90,6 +90,20 @@ fn answer(path: &str, n: usize, inm: Option<&str>) -> Response<Full<Bytes>> {
         "/stale" => b
             .header("cache-control", "max-age=0")
             .header("etag", "\"s1\""),
+        // Stale at once, but its own stale-while-revalidate lets it be served meanwhile
+        // (the policy of `setup` has none).
+        "/swr-own" => b
+            .header("cache-control", "max-age=0, stale-while-revalidate=600")
+            .header("etag", "\"w1\""),
+        // RFC 9213: no cache may store it, except CDN-like ones (CDN-Cache-Control).
+        "/cdn" => b
+            .header("cache-control", "no-store")
+            .header("cdn-cache-control", "max-age=60"),
+        // For weir's cache only, and never shown to clients.
+        "/weir" => b
+            .header("cache-control", "no-store")
+            .header("weir-cache-control", "max-age=60"),
+        "/range" | "/oic" => b.header("cache-control", "max-age=60"),
         _ => b,
     };
     b.body(Full::new(Bytes::from(body))).expect("response")
@@ -153,6 +167,14 @@ async fn origin(ip: &str) -> Origin {
 }
 
 async fn setup(ip: &str) -> (tempfile::TempDir, Origin, Controller, Agent) {
+    let (d, o, c) = setup_with(ip, "{enabled: true, maxSize: 4Mi, staleIfError: 5m}").await;
+    let agent = Agent::start(&c.url(), None).await.expect("agent");
+    agent.wait_ready().await;
+    (d, o, c, agent)
+}
+
+/// An origin and a controller whose policy has `spec.cache: CACHE`; no agent yet.
+async fn setup_with(ip: &str, cache: &str) -> (tempfile::TempDir, Origin, Controller) {
     let dir = tempfile::tempdir().expect("tempdir");
     let o = origin(ip).await;
     write_manifest(
@@ -166,12 +188,41 @@ async fn setup(ip: &str) -> (tempfile::TempDir, Origin, Controller, Agent) {
     write_manifest(
         dir.path(),
         "policy.yaml",
-        "apiVersion: weir.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: site, namespace: default}\nspec:\n  hosts: [\"site.test\"]\n  rules:\n    - backendRefs: [{name: origin, port: 80}]\n  cache: {enabled: true, maxSize: 4Mi, staleIfError: 5m}\n",
+        &format!(
+            "apiVersion: weir.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: site, namespace: default}}\nspec:\n  hosts: [\"site.test\"]\n  rules:\n    - backendRefs: [{{name: origin, port: 80}}]\n  cache: {cache}\n"
+        ),
     );
     let controller = Controller::start(dir.path()).await.expect("controller");
-    let agent = Agent::start(&controller.url(), None).await.expect("agent");
-    agent.wait_ready().await;
-    (dir, o, controller, agent)
+    (dir, o, controller)
+}
+
+/// An agent with extra flags, ready.
+async fn agent_with(c: &Controller, extra: &[&str]) -> Agent {
+    let a = Agent::start_with(
+        &c.url(),
+        weir_tests::free_local_addr(),
+        weir_tests::free_local_addr(),
+        None,
+        extra,
+    )
+    .await
+    .expect("agent");
+    a.wait_ready().await;
+    a
+}
+
+/// The route's lower-tier counters from `/config`.
+async fn tiers(agent: &Agent) -> serde_json::Value {
+    let cfg = agent.config().await.expect("config");
+    cfg["routes"][0]["cache"]["tiers"].clone()
+}
+
+/// Waits until the agent has written `n` objects behind to its lower tiers.
+async fn written(agent: &Agent, n: u64) {
+    weir_tests::wait_for("tier writes", || async {
+        (tiers(agent).await["writes"].as_u64()? >= n).then_some(())
+    })
+    .await;
 }
 
 async fn fetch(agent: &Agent, method: &str, path: &str, headers: &[(&str, &str)]) -> Got {
@@ -346,4 +397,194 @@ async fn purge_empties_the_cache() {
             .as_f64()
             .is_some_and(|r| r > 0.0)
     );
+}
+
+/// Waits until the agent holds `path`, asking it with `only-if-cached` (a 504 until then),
+/// which never reaches the origin; with `max-stale` so that stale copies count.
+async fn held(agent: &Agent, path: &str) {
+    weir_tests::wait_for(path, || async {
+        let g = fetch(
+            agent,
+            "GET",
+            path,
+            &[("cache-control", "only-if-cached, max-stale")],
+        )
+        .await;
+        (g.status != 504).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn response_directives_targeted_fields_request_directives_and_ranges() {
+    let (_d, origin, _c, agent) = setup("127.0.30.17").await;
+
+    // The response's own stale-while-revalidate (the policy has none).
+    let first = fetch(&agent, "GET", "/swr-own", &[]).await;
+    held(&agent, "/swr-own").await;
+    let second = fetch(&agent, "GET", "/swr-own", &[]).await;
+    assert_eq!(x_cache(&second), "STALE", "{second:?}");
+    // The copy first stored, or the one its background refresh stored since.
+    assert!(second.body.starts_with("/swr-own #"), "{second:?}");
+    assert_eq!(first.status, 200);
+
+    // CDN-Cache-Control beats Cache-Control: no-store for this cache, and is forwarded.
+    fetch(&agent, "GET", "/cdn", &[]).await;
+    held(&agent, "/cdn").await;
+    let cdn = fetch(&agent, "GET", "/cdn", &[]).await;
+    assert_eq!(x_cache(&cdn), "HIT");
+    assert_eq!(origin.count("GET /cdn"), 1);
+    assert_eq!(cdn.headers["cache-control"], "no-store");
+    assert_eq!(cdn.headers["cdn-cache-control"], "max-age=60");
+
+    // Weir-Cache-Control: obeyed, and never sent on, neither on a miss nor on a hit.
+    let miss = fetch(&agent, "GET", "/weir", &[]).await;
+    assert!(!miss.headers.contains_key("weir-cache-control"));
+    held(&agent, "/weir").await;
+    let hit = fetch(&agent, "GET", "/weir", &[]).await;
+    assert_eq!(x_cache(&hit), "HIT");
+    assert!(!hit.headers.contains_key("weir-cache-control"));
+    assert_eq!(origin.count("GET /weir"), 1);
+
+    // max-stale takes a stale copy; only-if-cached never reaches the origin.
+    fetch(&agent, "GET", "/stale", &[]).await;
+    held(&agent, "/stale").await;
+    let ms = fetch(
+        &agent,
+        "GET",
+        "/stale",
+        &[("cache-control", "max-stale=3600")],
+    )
+    .await;
+    assert_eq!(x_cache(&ms), "STALE");
+    let oic = fetch(
+        &agent,
+        "GET",
+        "/oic",
+        &[("cache-control", "only-if-cached")],
+    )
+    .await;
+    assert_eq!(oic.status, 504);
+    assert_eq!(origin.count("GET /oic"), 0);
+
+    // A ranged miss goes to the origin; once the object is cached, ranges are cut from it.
+    let cold = fetch(&agent, "GET", "/range", &[("range", "bytes=1-3")]).await;
+    assert_eq!(x_cache(&cold), "BYPASS");
+    let full = fetch(&agent, "GET", "/range", &[]).await;
+    assert_eq!(full.body, "/range #2");
+    held(&agent, "/range").await;
+    let part = fetch(&agent, "GET", "/range", &[("range", "bytes=1-3")]).await;
+    assert_eq!(part.status, 206);
+    assert_eq!(part.body, "ran");
+    assert_eq!(part.headers["content-range"], "bytes 1-3/9");
+    let bad = fetch(&agent, "GET", "/range", &[("range", "bytes=50-")]).await;
+    assert_eq!(bad.status, 416);
+    assert_eq!(origin.count("GET /range"), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_disk_tier_answers_after_an_agent_restart() {
+    let (_d, origin, c) = setup_with(
+        "127.0.30.18",
+        "{enabled: true, maxSize: 4Mi, disk: {maxSize: 64Mi}}",
+    )
+    .await;
+    let cache_dir = tempfile::tempdir().expect("cache dir");
+    let dir = cache_dir.path().display().to_string();
+    let mut first = agent_with(&c, &["--cache-dir", &dir]).await;
+    assert_eq!(x_cache(&fetch(&first, "GET", "/fresh", &[]).await), "MISS");
+    written(&first, 1).await;
+    let cfg = first.config().await.expect("config");
+    assert_eq!(cfg["routes"][0]["cache"]["diskMaxSize"], 64 << 20);
+    first.proc.terminate();
+
+    // A new process: its memory is empty, the disk tier is rebuilt from the folder.
+    let second = agent_with(&c, &["--cache-dir", &dir]).await;
+    let got = fetch(&second, "GET", "/fresh", &[]).await;
+    assert_eq!(got.status, 200);
+    assert_eq!(x_cache(&got), "HIT", "{got:?}");
+    assert_eq!(got.body, "/fresh #1");
+    assert_eq!(
+        origin.count("GET /fresh"),
+        1,
+        "the origin was not asked again"
+    );
+    let t = tiers(&second).await;
+    assert_eq!(t["diskHits"], 1, "{t}");
+    assert_eq!(t["diskEntries"], 1, "{t}");
+    // And it is in memory again.
+    assert_eq!(x_cache(&fetch(&second, "GET", "/fresh", &[]).await), "HIT");
+    assert_eq!(tiers(&second).await["diskHits"], 1);
+}
+
+/// A `redis-server` of its own on a free loopback port, killed when dropped.
+struct Redis {
+    proc: weir_tests::Proc,
+    url: String,
+}
+
+impl Redis {
+    async fn start() -> Self {
+        let port = weir_tests::free_port("127.0.0.1");
+        let child = std::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server (Debian package redis-server; .ci/run installs it)");
+        let proc = weir_tests::Proc {
+            child,
+            name: "redis-server".into(),
+        };
+        weir_tests::wait_for("redis-server", || async move {
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .ok()
+                .map(|_| ())
+        })
+        .await;
+        Self {
+            proc,
+            url: format!("redis://127.0.0.1:{port}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_share_objects_through_redis_and_go_on_without_it() {
+    let (_d, origin, c) =
+        setup_with("127.0.30.19", "{enabled: true, maxSize: 4Mi, shared: true}").await;
+    let mut redis = Redis::start().await;
+    let a = agent_with(&c, &["--cache-redis", &redis.url]).await;
+    let b = agent_with(&c, &["--cache-redis", &redis.url, "--node-name", "n2"]).await;
+    assert_eq!(x_cache(&fetch(&a, "GET", "/fresh", &[]).await), "MISS");
+    written(&a, 1).await;
+
+    // The other agent's memory misses; Redis has it: the origin is not asked again.
+    let got = fetch(&b, "GET", "/fresh", &[]).await;
+    assert_eq!(x_cache(&got), "HIT", "{got:?}");
+    assert_eq!(got.body, "/fresh #1");
+    assert_eq!(origin.count("GET /fresh"), 1);
+    let t = tiers(&b).await;
+    assert_eq!(t["sharedHits"], 1, "{t}");
+    assert_eq!(t["sharedUrl"], redis.url.as_str());
+
+    // Redis dies: requests still succeed (from the origin), and the failures are counted.
+    redis.proc.kill();
+    let got = fetch(&b, "GET", "/head", &[]).await;
+    assert_eq!(got.status, 200);
+    assert_eq!(x_cache(&got), "MISS");
+    assert_eq!(origin.count("GET /head"), 1);
+    let t = tiers(&b).await;
+    assert!(t["sharedErrors"].as_u64().unwrap_or(0) >= 1, "{t}");
+    // Memory still serves what it holds.
+    assert_eq!(x_cache(&fetch(&b, "GET", "/fresh", &[]).await), "HIT");
 }

@@ -121,6 +121,11 @@ impl Fill {
         req: &request::Parts,
         stale: Option<Variant>,
     ) -> Self {
+        let mut headers = req.headers.clone();
+        // A fill fetches the whole object: a background refresh started by a ranged
+        // request must not store a part as the whole.
+        headers.remove(http::header::RANGE);
+        headers.remove(http::header::IF_RANGE);
         Self {
             inner,
             key: key.to_key(),
@@ -128,7 +133,7 @@ impl Fill {
             req: RequestHead {
                 method: Method::GET,
                 uri: req.uri.clone(),
-                headers: req.headers.clone(),
+                headers,
             },
             stale,
             validators_added: false,
@@ -138,6 +143,45 @@ impl Fill {
     /// Whether this fill revalidates a stored response (it then has validators to add).
     pub fn is_revalidation(&self) -> bool {
         self.stale.is_some()
+    }
+
+    /// Before going to the origin: asks the lower tiers (disk, then Redis) for the object.
+    /// `Ok`: a fresh copy was found and promoted into memory; answer with it (the waiters
+    /// get it too). `Err`: go on to the origin with this fill; a stale copy found below
+    /// (when memory had none) is revalidated rather than fetched whole.
+    pub async fn from_tiers(
+        mut self,
+        req: &HeaderMap,
+        now: SystemTime,
+    ) -> Result<Response<Bytes>, Fill> {
+        let Some(tiers) = self.inner.tiers.as_ref() else {
+            return Err(self);
+        };
+        let Some((entry, from)) = tiers.read(&self.key.as_key_ref()).await else {
+            return Err(self);
+        };
+        let now_ms = policy::epoch_ms(now);
+        let v = entry.select(req).cloned();
+        let fresh = v
+            .as_ref()
+            .is_some_and(|v| policy::is_fresh(v, now_ms, &policy::RequestDirectives::parse(req)));
+        // A stale copy below does not replace the stale copy memory already has.
+        if fresh || self.stale.is_none() {
+            self.inner
+                .promote(&self.key.as_key_ref(), entry, from, now_ms);
+        }
+        let Some(v) = v else {
+            return Err(self);
+        };
+        if fresh {
+            let answer = v.to_response(now_ms, false, XCache::Hit);
+            self.complete(Outcome::Serve(v, XCache::Hit));
+            return Ok(answer);
+        }
+        if self.stale.is_none() {
+            self.stale = Some(v);
+        }
+        Err(self)
     }
 
     /// Adds `If-None-Match` / `If-Modified-Since` for the stored response being
@@ -334,6 +378,8 @@ fn variant(
         lifetime_secs: meta.lifetime_secs,
         status,
         flags: meta.flags,
+        swr_secs: meta.swr_secs,
+        sie_secs: meta.sie_secs,
     })
 }
 

@@ -269,6 +269,8 @@ pub(crate) mod flags {
     pub const NO_STALE: u8 = 1;
     /// Must be revalidated before every use (`no-cache` response directive).
     pub const NO_CACHE: u8 = 2;
+    /// Carries `Weir-Cache-Control`, kept for later decisions but never sent to clients.
+    pub const PRIVATE_TARGET: u8 = 4;
 }
 
 /// One stored response.
@@ -285,6 +287,10 @@ pub struct Variant {
     lifetime_secs: u32,
     /// Where the response fields start in `head`.
     vary_len: u32,
+    /// The response's own stale-while-revalidate / stale-if-error, in seconds
+    /// (`policy::NOT_GIVEN`: not stated).
+    swr_secs: u32,
+    sie_secs: u32,
     status: u16,
     flags: u8,
 }
@@ -299,6 +305,8 @@ pub(crate) struct VariantParts {
     pub lifetime_secs: u32,
     pub status: StatusCode,
     pub flags: u8,
+    pub swr_secs: u32,
+    pub sie_secs: u32,
 }
 
 impl Variant {
@@ -310,9 +318,59 @@ impl Variant {
             age_secs: p.age_secs,
             lifetime_secs: p.lifetime_secs,
             vary_len: p.vary_len,
+            swr_secs: p.swr_secs,
+            sie_secs: p.sie_secs,
             status: p.status.as_u16(),
             flags: p.flags,
         }
+    }
+
+    /// Everything it is made of, for the lower tiers' encoding.
+    pub(crate) fn parts(&self) -> VariantParts {
+        VariantParts {
+            head: self.head.clone(),
+            vary_len: self.vary_len,
+            body: self.body.clone(),
+            stored_at_ms: self.stored_at_ms,
+            age_secs: self.age_secs,
+            lifetime_secs: self.lifetime_secs,
+            status: self.status(),
+            flags: self.flags,
+            swr_secs: self.swr_secs,
+            sie_secs: self.sie_secs,
+        }
+    }
+
+    pub(crate) fn head_bytes(&self) -> &Bytes {
+        &self.head
+    }
+
+    pub(crate) fn swr_secs(&self) -> u32 {
+        self.swr_secs
+    }
+
+    pub(crate) fn sie_secs(&self) -> u32 {
+        self.sie_secs
+    }
+
+    /// When it stops being useful at all at `now_ms`: fresh, then stale but usable within
+    /// the larger of its stale windows (the policy's `(swr_ms, sie_ms)` for those it
+    /// states none of), in milliseconds from now; 0 once spent. Redis keeps it this long.
+    pub fn remaining_use_ms(&self, now_ms: u64, (swr_ms, sie_ms): (u64, u64)) -> u64 {
+        let own = |w: u32, default: u64| {
+            if w == u32::MAX {
+                default
+            } else {
+                u64::from(w) * 1000
+            }
+        };
+        let stale_ms = if self.flags & flags::NO_STALE != 0 {
+            0
+        } else {
+            own(self.swr_secs, swr_ms).max(own(self.sie_secs, sie_ms))
+        };
+        let age_ms = u64::from(self.age_secs) * 1000 + now_ms.saturating_sub(self.stored_at_ms);
+        (u64::from(self.lifetime_secs) * 1000 + stale_ms).saturating_sub(age_ms)
     }
 
     /// The status code.
@@ -417,6 +475,9 @@ impl Variant {
             headers.insert(header::CONTENT_LENGTH, HeaderValue::from(self.body.len()));
         }
         x.mark(&mut headers);
+        if self.flags & flags::PRIVATE_TARGET != 0 {
+            headers.remove(crate::cache::policy::WEIR_CACHE_CONTROL);
+        }
         let body = if head_only {
             Bytes::new()
         } else {

@@ -36,7 +36,9 @@ pub(crate) mod coalesce;
 pub(crate) mod entry;
 pub mod evict;
 pub(crate) mod policy;
+pub(crate) mod range;
 pub(crate) mod storage;
+pub mod tier;
 
 pub use body::TeeBody;
 pub use coalesce::{Collector, Fill, FillAction, Waiter};
@@ -79,6 +81,10 @@ pub struct CacheConfig {
     pub stale_while_revalidate: Duration,
     /// How long past freshness a response may stand in for an origin failure.
     pub stale_if_error: Duration,
+    /// Bytes of the disk tier (0: none; used only with `--cache-dir`).
+    pub disk_max_size: u64,
+    /// Whether the shared (Redis) tier is used (only with `--cache-redis`).
+    pub shared: bool,
 }
 
 impl CacheConfig {
@@ -96,6 +102,8 @@ impl CacheConfig {
             eviction: EvictionPolicy::default(),
             stale_while_revalidate: Duration::ZERO,
             stale_if_error: Duration::ZERO,
+            disk_max_size: 0,
+            shared: false,
         }
     }
 
@@ -113,6 +121,8 @@ impl CacheConfig {
             eviction,
             stale_while_revalidate: Duration::from_millis(p.stale_while_revalidate_ms),
             stale_if_error: Duration::from_millis(p.stale_if_error_ms),
+            disk_max_size: p.disk_max_size_bytes,
+            shared: p.shared,
         }))
     }
 }
@@ -170,6 +180,9 @@ pub enum Lookup {
     Miss(Fill),
     /// Another request is filling this URI: wait for its answer.
     Wait(Waiter),
+    /// The request said `only-if-cached` and nothing stored may answer it: send this
+    /// `504` (RFC 9111 §5.2.1.7) without contacting the origin.
+    NotCached(Response<Bytes>),
     /// Not cacheable: forward untouched (mark `x-cache: BYPASS`).
     Bypass,
 }
@@ -188,6 +201,7 @@ impl std::fmt::Debug for Lookup {
             }
             Lookup::Miss(_) => f.write_str("Miss"),
             Lookup::Wait(_) => f.write_str("Wait"),
+            Lookup::NotCached(_) => f.write_str("NotCached"),
             Lookup::Bypass => f.write_str("Bypass"),
         }
     }
@@ -198,17 +212,42 @@ pub(crate) struct Inner {
     pub(crate) storage: Box<dyn Storage>,
     pub(crate) inflight: coalesce::InFlight,
     pub(crate) stats: CacheStats,
+    pub(crate) tiers: Option<tier::Tiers>,
 }
 
 impl Inner {
-    /// Stores `v` under `key` beside the other variants of the URI.
+    /// Stores `v` under `key` beside the other variants of the URI, and writes the URI
+    /// behind to the lower tiers.
     pub(crate) fn store(&self, key: &KeyRef<'_>, v: &Variant) {
+        let mut made = None;
         let put = self.storage.update(key, &mut |old| {
-            Some(match old {
+            let e = match old {
                 Some(e) => e.with(v.clone()),
                 None => Entry::single(v.clone()),
-            })
+            };
+            if self.tiers.is_some() {
+                made = Some(e.clone());
+            }
+            Some(e)
         });
+        self.count_put(put);
+        if let (Some(t), Some(e)) = (&self.tiers, made) {
+            t.write_behind(key, e, tier::Tier::Memory, v.stored_at_ms());
+        }
+    }
+
+    /// Promotes an entry read from a lower tier into memory (and onto disk when it came
+    /// from Redis).
+    pub(crate) fn promote(&self, key: &KeyRef<'_>, entry: Entry, from: tier::Tier, now_ms: u64) {
+        let e = entry.clone();
+        let put = self.storage.update(key, &mut |_| Some(e.clone()));
+        self.count_put(put);
+        if let Some(t) = &self.tiers {
+            t.write_behind(key, entry, from, now_ms);
+        }
+    }
+
+    fn count_put(&self, put: storage::Put) {
         if put.stored {
             self.stats.stores.fetch_add(1, Relaxed);
         }
@@ -237,16 +276,38 @@ impl Cache {
         Self::with_storage(config, Box::new(storage))
     }
 
+    /// The cache of route `route`: in memory, over the lower tiers that its config asks
+    /// for and the agent provides ([`tier::configure`]).
+    pub fn for_route(config: CacheConfig, route: &str) -> Self {
+        let tiers = tier::Tiers::build(&config, route, tier::env());
+        let storage = MemoryStorage::new(config.eviction, config.max_size);
+        Self::build(config, Box::new(storage), tiers)
+    }
+
     /// A cache over another storage.
     pub fn with_storage(config: CacheConfig, storage: Box<dyn Storage>) -> Self {
+        Self::build(config, storage, None)
+    }
+
+    pub(crate) fn build(
+        config: CacheConfig,
+        storage: Box<dyn Storage>,
+        tiers: Option<tier::Tiers>,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 config,
                 storage,
                 inflight: coalesce::InFlight::default(),
                 stats: CacheStats::default(),
+                tiers,
             }),
         }
+    }
+
+    /// The lower tiers' counters, if the cache has any.
+    pub fn tier_stats(&self) -> Option<tier::TierSnapshot> {
+        self.inner.tiers.as_ref().map(tier::Tiers::snapshot)
     }
 
     /// The config it was built with (compare to decide whether a table update keeps it).
@@ -289,6 +350,15 @@ impl Cache {
             return self.bypass();
         };
         let head_only = kind == RequestKind::Head;
+        // Only a GET's Range is honoured (RFC 9110 §14.2); one probe, on the cached path.
+        let ranged = !head_only && req.headers.contains_key(http::header::RANGE);
+        let cut = |r: Response<Bytes>| {
+            if ranged {
+                range::apply(r, &req.headers)
+            } else {
+                r
+            }
+        };
         let rd = RequestDirectives::parse(&req.headers);
         let now_ms = policy::epoch_ms(now);
         let entry = inner.storage.get(&key);
@@ -299,14 +369,17 @@ impl Cache {
                 if policy::client_validators_match(&req.headers, v) {
                     return Lookup::Hit(v.to_not_modified(now_ms));
                 }
-                return Lookup::Hit(v.to_response(now_ms, head_only, XCache::Hit));
+                return Lookup::Hit(cut(v.to_response(now_ms, head_only, XCache::Hit)));
             }
+            // Stale, but usable: within the stale-while-revalidate window, or within the
+            // client's own max-stale. Either way the entry is refreshed once, behind.
             if policy::may_serve_stale_while_revalidating(
                 v,
                 now_ms,
                 &rd,
                 inner.config.stale_while_revalidate,
-            ) {
+            ) || policy::may_serve_stale_to_client(v, now_ms, &rd)
+            {
                 inner.stats.stale.fetch_add(1, Relaxed);
                 let refresh = match inner.inflight.join_or_lead(&key) {
                     coalesce::Joined::Lead(slot) => Some(Fill::new(
@@ -319,14 +392,18 @@ impl Cache {
                     coalesce::Joined::Wait(_) => None,
                 };
                 return Lookup::Stale {
-                    response: v.to_response(now_ms, head_only, XCache::Stale),
+                    response: cut(v.to_response(now_ms, head_only, XCache::Stale)),
                     refresh,
                 };
             }
         }
+        if rd.only_if_cached {
+            inner.stats.bypass.fetch_add(1, Relaxed);
+            return Lookup::NotCached(gateway_timeout());
+        }
         // A HEAD miss is forwarded (its answer has no body to store), and so is a request
-        // that forbids storing its answer.
-        if head_only || rd.no_store {
+        // that forbids storing its answer, and a ranged one (its answer is partial).
+        if head_only || rd.no_store || ranged {
             return self.bypass();
         }
         match inner.inflight.join_or_lead(&key) {
@@ -372,7 +449,13 @@ impl Cache {
             return None;
         }
         self.inner.stats.stale.fetch_add(1, Relaxed);
-        Some(v.to_response(now_ms, kind == RequestKind::Head, XCache::Stale))
+        let head_only = kind == RequestKind::Head;
+        let r = v.to_response(now_ms, head_only, XCache::Stale);
+        Some(if head_only {
+            r
+        } else {
+            range::apply(r, &req.headers)
+        })
     }
 
     /// After the answer to an unsafe request (POST, PUT, DELETE, PATCH, …) on `host`:
@@ -389,30 +472,59 @@ impl Cache {
         policy::invalidation_targets(host, method, path_and_query, status, resp_headers)
             .iter()
             .filter_map(|pq| KeyRef::new(host, pq))
-            .filter(|k| self.inner.storage.remove(k))
+            .filter(|k| {
+                if let Some(t) = &self.inner.tiers {
+                    t.remove(k);
+                }
+                self.inner.storage.remove(k)
+            })
             .count()
+    }
+
+    /// Removes every entry (memory and disk) whose key fails `keep`; returns how many
+    /// went from memory.
+    fn retain(&self, keep: &mut dyn FnMut(&Key) -> bool) -> u64 {
+        if let Some(t) = &self.inner.tiers {
+            t.retain(keep);
+        }
+        self.inner.storage.retain(keep)
     }
 
     /// Removes everything; returns how many entries went.
     pub fn purge_all(&self) -> u64 {
-        self.inner.storage.retain(&mut |_| false)
+        self.retain(&mut |_| false)
     }
 
     /// Removes every entry of `host` (case-insensitive, port ignored).
     pub fn purge_host(&self, host: &str) -> u64 {
         let host = normalize_purge_host(host);
-        self.inner.storage.retain(&mut |k| k.host() != host)
+        self.retain(&mut |k| k.host() != host)
     }
 
     /// Removes every entry whose path (and query) starts with `prefix`, on `host` only
     /// when given.
     pub fn purge_prefix(&self, host: Option<&str>, prefix: &str) -> u64 {
         let host = host.map(normalize_purge_host);
-        self.inner.storage.retain(&mut |k| {
+        self.retain(&mut |k| {
             !(host.as_deref().is_none_or(|h| k.host() == h)
                 && k.path_and_query().starts_with(prefix))
         })
     }
+}
+
+/// The answer to `only-if-cached` when nothing stored may be used.
+fn gateway_timeout() -> Response<Bytes> {
+    let mut r = Response::new(Bytes::from_static(
+        b"only-if-cached: no stored response may answer this request\n",
+    ));
+    *r.status_mut() = StatusCode::GATEWAY_TIMEOUT;
+    let h = r.headers_mut();
+    h.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain"),
+    );
+    XCache::Miss.mark(h);
+    r
 }
 
 fn normalize_purge_host(host: &str) -> String {

@@ -37,8 +37,9 @@ pub enum RequestKind {
     Unsafe,
 }
 
-/// Classifies a request. Ranges are forwarded rather than cut from a stored body; upgrades
-/// (WebSocket) and requests with a body are never cached.
+/// Classifies a request. A ranged GET is a GET: it is cut from a stored full response
+/// ([`range`](super::range)), and forwarded as it is on a miss. Upgrades (WebSocket) and
+/// requests with a body are never cached.
 pub fn classify(method: &Method, headers: &HeaderMap) -> RequestKind {
     let kind = match *method {
         Method::GET => RequestKind::Get,
@@ -48,8 +49,7 @@ pub fn classify(method: &Method, headers: &HeaderMap) -> RequestKind {
     };
     // One pass over the (few) request fields beats a hash probe per name.
     for (name, value) in headers {
-        let bypass = *name == header::RANGE
-            || *name == header::UPGRADE
+        let bypass = *name == header::UPGRADE
             || *name == header::TRANSFER_ENCODING
             || (*name == header::CONTENT_LENGTH && value.as_bytes() != b"0");
         if bypass {
@@ -70,6 +70,11 @@ pub struct RequestDirectives {
     pub max_age: Option<u64>,
     /// `min-fresh`: the response must stay fresh this much longer, in seconds.
     pub min_fresh: Option<u64>,
+    /// `max-stale[=N]`: the client accepts a response stale by at most N seconds (any
+    /// staleness without a value: `u64::MAX`).
+    pub max_stale: Option<u64>,
+    /// `only-if-cached`: answer from the cache or with 504, never from the origin.
+    pub only_if_cached: bool,
 }
 
 impl RequestDirectives {
@@ -98,6 +103,15 @@ impl RequestDirectives {
                     None => d.no_cache = true,
                 },
                 "min-fresh" => d.min_fresh = value.and_then(parse_delta),
+                // A bad value is read as no max-stale: the client gets no staler answer
+                // than it would without the directive.
+                "max-stale" => {
+                    d.max_stale = match value {
+                        None => Some(u64::MAX),
+                        Some(v) => parse_delta(v),
+                    }
+                }
+                "only-if-cached" => d.only_if_cached = true,
                 _ => {}
             }
         }
@@ -242,7 +256,8 @@ pub fn parse_cache_control<'a>(
     Ok(out)
 }
 
-const KNOWN_DIRECTIVES: [&str; 13] = [
+const KNOWN_DIRECTIVES: [&str; 14] = [
+    "only-if-cached",
     "max-age",
     "s-maxage",
     "min-fresh",
@@ -264,6 +279,46 @@ fn valid_date(headers: &HeaderMap, name: &HeaderName) -> bool {
             v.to_str()
                 .is_ok_and(|s| httpdate::parse_http_date(s).is_ok())
         })
+}
+
+/// The targeted cache-control fields (RFC 9213) this cache obeys, highest precedence
+/// first: `Weir-Cache-Control` speaks to weir alone (it is never sent on to clients, as
+/// Cloudflare does with its own field), `CDN-Cache-Control` to every CDN-like cache and is
+/// forwarded, which RFC 9213 §3 calls the typical behaviour.
+pub const TARGETED_FIELDS: [HeaderName; 2] = [
+    WEIR_CACHE_CONTROL,
+    HeaderName::from_static("cdn-cache-control"),
+];
+
+/// `Weir-Cache-Control`: cache directives for weir's cache only.
+pub const WEIR_CACHE_CONTROL: HeaderName = HeaderName::from_static("weir-cache-control");
+
+/// The response fields the cache decides on: `headers` itself, or, when a targeted field
+/// has a valid non-empty value (RFC 9213 §2.2), a copy where that value stands in for
+/// `Cache-Control` and `Expires` is gone (the RFC says to ignore both). The values are
+/// read with the `Cache-Control` parser, which accepts every dictionary a Structured Field
+/// parser would for the directives caches use (only the error cases differ).
+/// Copies only when a targeted field is present: the store path, never a hit.
+pub fn effective_fields(headers: &HeaderMap) -> std::borrow::Cow<'_, HeaderMap> {
+    for name in &TARGETED_FIELDS {
+        let mut values = headers.get_all(name).iter().peekable();
+        if values.peek().is_none() {
+            continue;
+        }
+        let valid =
+            parse_cache_control(headers.get_all(name).iter()).is_ok_and(|list| !list.is_empty());
+        if !valid {
+            continue;
+        }
+        let mut h = headers.clone();
+        h.remove(header::CACHE_CONTROL);
+        h.remove(header::EXPIRES);
+        for v in headers.get_all(name) {
+            h.append(header::CACHE_CONTROL, v.clone());
+        }
+        return std::borrow::Cow::Owned(h);
+    }
+    std::borrow::Cow::Borrowed(headers)
 }
 
 /// Checks the cache-related response fields. `Expires` only matters without `max-age` /
@@ -362,7 +417,14 @@ pub struct StoreMeta {
     pub lifetime_secs: u32,
     /// [`flags`] bits.
     pub flags: u8,
+    /// The response's own `stale-while-revalidate`, in seconds ([`NOT_GIVEN`]: none).
+    pub swr_secs: u32,
+    /// The response's own `stale-if-error`, in seconds ([`NOT_GIVEN`]: none).
+    pub sie_secs: u32,
 }
+
+/// A stale window the response did not state (the policy's value applies).
+pub const NOT_GIVEN: u32 = u32::MAX;
 
 /// Decides whether a response to `req` may be stored by a shared cache, and for how long it
 /// is fresh. `response_time` is when its head arrived.
@@ -376,6 +438,9 @@ pub fn decide_store(
     if RequestDirectives::parse(&req.headers).no_store {
         return Err(NotStored::RequestNoStore);
     }
+    let targeted = headers.contains_key(WEIR_CACHE_CONTROL);
+    let fields = effective_fields(headers);
+    let headers = &*fields;
     let cc = check_fields(headers)?;
     if headers.contains_key(header::SET_COOKIE) {
         return Err(NotStored::SetCookie);
@@ -413,10 +478,24 @@ pub fn decide_store(
     if lifetime == 0 && !revalidatable {
         return Err(NotStored::Useless);
     }
+    if targeted {
+        f |= flags::PRIVATE_TARGET;
+    }
+    // RFC 5861 windows of the response itself; `check_fields` made sure they parse.
+    let window = |d: &str| {
+        cc.iter()
+            .find(|(n, _)| *n == d)
+            .and_then(|(_, v)| parse_delta(v.as_deref()?))
+            .map_or(NOT_GIVEN, |s| {
+                u32::try_from(s).unwrap_or(NOT_GIVEN - 1).min(NOT_GIVEN - 1)
+            })
+    };
     Ok(StoreMeta {
         age_secs: u32::try_from(age).unwrap_or(u32::MAX),
         lifetime_secs: u32::try_from(lifetime).unwrap_or(u32::MAX),
         flags: f,
+        swr_secs: window("stale-while-revalidate"),
+        sie_secs: window("stale-if-error"),
     })
 }
 
@@ -492,8 +571,20 @@ pub fn is_fresh(v: &Variant, now_ms: u64, rd: &RequestDirectives) -> bool {
     rd.min_fresh.is_none_or(|m| left >= m)
 }
 
+/// The window a stored response gives itself, else the policy's `default`: the
+/// response's own RFC 5861 value wins in both directions (`stale-if-error=0` turns it off
+/// for that response), since the origin knows how stale its content may be served; the
+/// policy value is for origins that say nothing.
+fn window_ms(own_secs: u32, default: Duration) -> u64 {
+    if own_secs == NOT_GIVEN {
+        duration_ms(default)
+    } else {
+        u64::from(own_secs) * 1000
+    }
+}
+
 /// Whether a stale `v` may be served while it is revalidated in the background
-/// (stale-while-revalidate, RFC 5861 §3, window from the policy).
+/// (stale-while-revalidate, RFC 5861 §3: the response's own window, else the policy's).
 pub fn may_serve_stale_while_revalidating(
     v: &Variant,
     now_ms: u64,
@@ -502,13 +593,25 @@ pub fn may_serve_stale_while_revalidating(
 ) -> bool {
     v.flags() & flags::NO_STALE == 0
         && !rd.constrains()
-        && v.staleness_ms(now_ms) <= duration_ms(window)
+        && v.staleness_ms(now_ms) <= window_ms(v.swr_secs(), window)
+}
+
+/// Whether a stale `v` may be served because the client asked for it with
+/// `max-stale[=N]` (RFC 9111 §5.2.1.2), which `must-revalidate` and friends forbid
+/// (§4.2.4), as does the client's own `no-cache`, `max-age` or `min-fresh`.
+pub fn may_serve_stale_to_client(v: &Variant, now_ms: u64, rd: &RequestDirectives) -> bool {
+    let Some(max_stale) = rd.max_stale else {
+        return false;
+    };
+    v.flags() & flags::NO_STALE == 0
+        && !rd.constrains()
+        && v.staleness_ms(now_ms) / 1000 <= max_stale
 }
 
 /// Whether a stale `v` may be served because the origin failed (stale-if-error,
-/// RFC 5861 §4, window from the policy).
+/// RFC 5861 §4: the response's own window, else the policy's).
 pub fn may_serve_stale_on_error(v: &Variant, now_ms: u64, window: Duration) -> bool {
-    v.flags() & flags::NO_STALE == 0 && v.staleness_ms(now_ms) <= duration_ms(window)
+    v.flags() & flags::NO_STALE == 0 && v.staleness_ms(now_ms) <= window_ms(v.sie_secs(), window)
 }
 
 fn duration_ms(d: Duration) -> u64 {

@@ -928,6 +928,254 @@ fn must_revalidate_forbids_every_stale_answer() {
     assert!(is_miss(&c, &r, at(20)));
 }
 
+#[tokio::test]
+async fn the_responses_own_stale_windows_replace_the_policy_defaults() {
+    // Policy: no stale-while-revalidate, 60 s of stale-if-error.
+    let c = cache_with(0, 60);
+    let own = get("/own");
+    fill(
+        &c,
+        &own,
+        200,
+        &[(
+            "cache-control",
+            "max-age=10, stale-while-revalidate=30, stale-if-error=5",
+        )],
+        "old",
+        t0(),
+    );
+    // Its own stale-while-revalidate of 30 s applies although the policy has none.
+    let Lookup::Stale { refresh, .. } = c.lookup(HOST, &own, at(35)) else {
+        panic!("expected a stale answer within the response's own window");
+    };
+    drop(refresh);
+    assert!(is_miss(&c, &own, at(41)), "past its own window");
+    // Its own stale-if-error of 5 s is shorter than the policy's 60 s, and wins.
+    assert!(c.stale_for_error(HOST, &own, at(14)).is_some());
+    assert!(c.stale_for_error(HOST, &own, at(16)).is_none());
+    // A response that states nothing gets the policy's windows.
+    let plain = get("/plain");
+    fill(
+        &c,
+        &plain,
+        200,
+        &[("cache-control", "max-age=10")],
+        "p",
+        t0(),
+    );
+    assert!(is_miss(&c, &plain, at(11)));
+    assert!(c.stale_for_error(HOST, &plain, at(69)).is_some());
+}
+
+#[test]
+fn cdn_cache_control_overrides_cache_control_for_this_cache() {
+    let c = cache();
+    let r = get("/a");
+    // RFC 9213 §3.1: CDN caches store it for 600 s, other caches not at all.
+    assert_eq!(
+        fill(
+            &c,
+            &r,
+            200,
+            &[
+                ("cache-control", "no-store"),
+                ("cdn-cache-control", "max-age=600"),
+            ],
+            "x",
+            t0(),
+        ),
+        "stored"
+    );
+    let h = hit(&c, &r, at(500));
+    // Forwarded, as the RFC's typical behaviour; Cache-Control for the client untouched.
+    assert_eq!(header(&h, "cdn-cache-control"), Some("max-age=600"));
+    assert_eq!(header(&h, "cache-control"), Some("no-store"));
+    assert!(is_miss(&c, &r, at(601)));
+    // And the other way round: a targeted no-store wins over a generous Cache-Control.
+    let n = get("/n");
+    assert_eq!(
+        fill(
+            &c,
+            &n,
+            200,
+            &[
+                ("cache-control", "max-age=600"),
+                ("cdn-cache-control", "no-store"),
+            ],
+            "x",
+            t0(),
+        ),
+        "forward"
+    );
+    // An invalid targeted field is ignored: Cache-Control decides.
+    let bad = get("/bad");
+    fill(
+        &c,
+        &bad,
+        200,
+        &[
+            ("cache-control", "max-age=60"),
+            ("cdn-cache-control", "max-age=,,="),
+        ],
+        "x",
+        t0(),
+    );
+    assert_eq!(hit(&c, &bad, at(30)).body(), "x");
+}
+
+#[test]
+fn weir_cache_control_wins_over_cdn_cache_control_and_is_never_sent_to_clients() {
+    let c = cache();
+    let r = get("/a");
+    fill(
+        &c,
+        &r,
+        200,
+        &[
+            ("cache-control", "max-age=5"),
+            ("cdn-cache-control", "max-age=10"),
+            ("weir-cache-control", "max-age=100"),
+        ],
+        "x",
+        t0(),
+    );
+    let h = hit(&c, &r, at(50));
+    assert_eq!(header(&h, "weir-cache-control"), None);
+    assert_eq!(header(&h, "cdn-cache-control"), Some("max-age=10"));
+    assert!(is_miss(&c, &r, at(101)));
+}
+
+#[test]
+fn max_stale_accepts_a_stale_entry_within_its_bound_and_refreshes_it() {
+    let c = cache();
+    let r = get("/a");
+    fill(
+        &c,
+        &r,
+        200,
+        &[("cache-control", "max-age=10"), ("etag", "\"v1\"")],
+        "old",
+        t0(),
+    );
+    let ok = req(Method::GET, "/a", &[("cache-control", "max-stale=30")]);
+    let Lookup::Stale { response, refresh } = c.lookup(HOST, &ok, at(35)) else {
+        panic!("expected a stale answer within max-stale");
+    };
+    assert_eq!(header(&response, "x-cache"), Some("STALE"));
+    assert!(
+        refresh.is_some(),
+        "the entry is refreshed behind the answer"
+    );
+    drop(refresh);
+    assert!(is_miss(&c, &ok, at(45)), "stale by 35 s > max-stale=30");
+    let any = req(Method::GET, "/a", &[("cache-control", "max-stale")]);
+    assert!(matches!(
+        c.lookup(HOST, &any, at(10_000)),
+        Lookup::Stale { .. }
+    ));
+    // must-revalidate forbids it.
+    let m = get("/m");
+    fill(
+        &c,
+        &m,
+        200,
+        &[("cache-control", "max-age=10, must-revalidate")],
+        "m",
+        t0(),
+    );
+    let asks = req(Method::GET, "/m", &[("cache-control", "max-stale")]);
+    assert!(is_miss(&c, &asks, at(20)));
+}
+
+#[test]
+fn only_if_cached_answers_from_the_cache_or_with_504() {
+    let c = cache();
+    let oic = req(Method::GET, "/a", &[("cache-control", "only-if-cached")]);
+    let Lookup::NotCached(r) = c.lookup(HOST, &oic, t0()) else {
+        panic!("expected a 504 on an empty cache");
+    };
+    assert_eq!(r.status(), StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(c.inner.inflight.len(), 0, "no fill started");
+    fill(
+        &c,
+        &get("/a"),
+        200,
+        &[("cache-control", "max-age=10")],
+        "x",
+        t0(),
+    );
+    assert_eq!(hit(&c, &oic, at(5)).body(), "x");
+    assert!(matches!(c.lookup(HOST, &oic, at(20)), Lookup::NotCached(_)));
+    // Combined with max-stale, a stale copy does.
+    let both = req(
+        Method::GET,
+        "/a",
+        &[("cache-control", "only-if-cached, max-stale")],
+    );
+    assert!(matches!(
+        c.lookup(HOST, &both, at(20)),
+        Lookup::Stale { .. }
+    ));
+}
+
+#[test]
+fn min_fresh_requires_freshness_left() {
+    let c = cache();
+    fill(
+        &c,
+        &get("/a"),
+        200,
+        &[("cache-control", "max-age=10")],
+        "x",
+        t0(),
+    );
+    let r = req(Method::GET, "/a", &[("cache-control", "min-fresh=5")]);
+    assert_eq!(hit(&c, &r, at(4)).body(), "x");
+    assert!(is_miss(&c, &r, at(6)));
+}
+
+#[tokio::test]
+async fn ranges_are_cut_from_a_cached_object_and_a_ranged_miss_is_forwarded() {
+    let c = cache_with(10, 60);
+    let ranged = req(Method::GET, "/a", &[("range", "bytes=2-4")]);
+    assert!(matches!(c.lookup(HOST, &ranged, t0()), Lookup::Bypass));
+    fill(
+        &c,
+        &get("/a"),
+        200,
+        &[("cache-control", "max-age=10"), ("etag", "\"v1\"")],
+        "0123456789",
+        t0(),
+    );
+    let part = hit(&c, &ranged, at(1));
+    assert_eq!(part.status(), StatusCode::PARTIAL_CONTENT);
+    assert_eq!(part.body(), "234");
+    assert_eq!(header(&part, "content-range"), Some("bytes 2-4/10"));
+    let past = req(Method::GET, "/a", &[("range", "bytes=20-")]);
+    assert_eq!(
+        hit(&c, &past, at(1)).status(),
+        StatusCode::RANGE_NOT_SATISFIABLE
+    );
+    // HEAD ignores Range.
+    let head = req(Method::HEAD, "/a", &[("range", "bytes=2-4")]);
+    assert_eq!(hit(&c, &head, at(1)).status(), StatusCode::OK);
+    // A stale answer is cut too, and its refresh asks for the whole object.
+    let Lookup::Stale {
+        response,
+        refresh: Some(mut refresh),
+    } = c.lookup(HOST, &ranged, at(15))
+    else {
+        panic!("expected a stale answer with a refresh");
+    };
+    assert_eq!(response.body(), "234");
+    let up = refresh.refresh_request();
+    assert!(!up.headers.contains_key("range"));
+    drop(refresh);
+    // And so is a stale-if-error answer.
+    let err = c.stale_for_error(HOST, &ranged, at(30)).expect("stale");
+    assert_eq!(err.status(), StatusCode::PARTIAL_CONTENT);
+}
+
 // ---------------------------------------------------------------------------------------
 // Config, storage bound and counters.
 
@@ -940,6 +1188,8 @@ fn config_comes_from_the_proto_policy() {
         eviction: 0,
         stale_while_revalidate_ms: 10_000,
         stale_if_error_ms: 300_000,
+        disk_max_size_bytes: 0,
+        shared: false,
     };
     let c = CacheConfig::from_proto(&p).unwrap().unwrap();
     assert_eq!(c.eviction, EvictionPolicy::TinyLfu);

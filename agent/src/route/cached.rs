@@ -4,6 +4,7 @@
 //! a stale answer is refreshed once in the background).
 
 use super::{Body, Routed, Worker, up_body};
+use crate::cache::policy::WEIR_CACHE_CONTROL;
 use crate::cache::{Cache, Lookup, XCache};
 use crate::http::body::{ReqBody, UpBody};
 use crate::http::headers::X_WEIR_ERROR;
@@ -48,10 +49,14 @@ impl Worker {
                 }
                 return full(response);
             }
-            Lookup::Miss(mut fill) => {
-                fill.add_validators(&mut parts.headers);
-                Some(fill)
-            }
+            Lookup::Miss(fill) => match fill.from_tiers(&parts.headers, now).await {
+                Ok(r) => return full(r),
+                Err(mut fill) => {
+                    fill.add_validators(&mut parts.headers);
+                    Some(fill)
+                }
+            },
+            Lookup::NotCached(r) => return full(r),
             Lookup::Wait(waiter) => match waiter.wait(&parts.headers, now).await {
                 Some(r) => return full(r),
                 None => None,
@@ -69,6 +74,8 @@ impl Worker {
         let stale_key = (bypass && (method == Method::GET || method == Method::HEAD))
             .then(|| head_copy(&parts));
         let mut resp = self.forward(parts, up_body(body), routed, fill).await;
+        // Meant for this cache alone (RFC 9213 targeted field); stored copies keep it.
+        resp.headers_mut().remove(WEIR_CACHE_CONTROL);
         if bypass {
             // A failed upstream may still be covered by a stale copy (staleIfError).
             if resp.headers().contains_key(X_WEIR_ERROR)

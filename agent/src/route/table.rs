@@ -471,7 +471,7 @@ impl RouteRt {
                     .filter(|r| r.hosts.first().map(|h| &**h) == first_host.as_deref())
                     .and_then(|r| r.cache.clone())
                     .filter(|c| c.config() == &cfg);
-                Some(old.unwrap_or_else(|| crate::cache::Cache::new(cfg)))
+                Some(old.unwrap_or_else(|| crate::cache::Cache::for_route(cfg, &route.name)))
             }
         };
         Ok(Self {

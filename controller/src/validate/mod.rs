@@ -732,6 +732,32 @@ impl Validator {
                 format_args!("spec.cache.staleIfError"),
                 c.stale_if_error.as_deref(),
             ),
+            disk_max_size_bytes: self.cache_disk(c, max_size_bytes),
+            shared: c.shared,
+        }
+    }
+
+    /// `spec.cache.disk.maxSize`: a quantity (`parse_quantity` refuses 0), not below the memory tier's
+    /// size (a smaller disk tier would hold less than memory, so every memory miss would
+    /// miss on disk too).
+    fn cache_disk(&mut self, c: &Cache, memory: u64) -> u64 {
+        let Some(disk) = &c.disk else { return 0 };
+        match parse_quantity(&disk.max_size) {
+            Ok(bytes) if bytes < memory => {
+                self.error(
+                    format_args!("spec.cache.disk.maxSize"),
+                    format_args!(
+                        "{} is smaller than spec.cache.maxSize; the disk tier holds what memory cannot, so give it at least as much",
+                        disk.max_size
+                    ),
+                );
+                0
+            }
+            Ok(bytes) => bytes,
+            Err(e) => {
+                self.error(format_args!("spec.cache.disk.maxSize"), e);
+                0
+            }
         }
     }
 }

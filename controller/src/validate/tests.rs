@@ -185,8 +185,45 @@ fn the_full_design_doc_example_normalises_every_field() {
             eviction: pb::Eviction::TinyLfu as i32,
             stale_while_revalidate_ms: 10_000,
             stale_if_error_ms: 300_000,
+            disk_max_size_bytes: 0,
+            shared: false,
         })
     );
+}
+
+#[test]
+fn cache_tiers_are_validated_with_field_paths() {
+    let mut spec = minimal();
+    spec.cache = Some(crate::model::Cache {
+        enabled: true,
+        max_size: Some("64Mi".into()),
+        disk: Some(crate::model::CacheDisk {
+            max_size: "1Gi".into(),
+        }),
+        shared: true,
+        ..Default::default()
+    });
+    let route = valid(&spec);
+    let cache = route.cache.expect("cache");
+    assert_eq!((cache.disk_max_size_bytes, cache.shared), (1 << 30, true));
+    for (size, msg) in [
+        ("0", "must be greater than 0"),
+        ("1Mi", "smaller than spec.cache.maxSize"),
+        ("lots", "spec.cache.disk.maxSize"),
+    ] {
+        let mut bad = spec.clone();
+        if let Some(c) = bad.cache.as_mut() {
+            c.disk = Some(crate::model::CacheDisk {
+                max_size: size.into(),
+            });
+        }
+        let errs = errors(&bad);
+        assert!(
+            errs.iter()
+                .any(|e| e.contains("spec.cache.disk.maxSize") && e.contains(msg)),
+            "{size}: {errs:?}"
+        );
+    }
 }
 
 #[test]
