@@ -81,6 +81,21 @@ async fn dashboard_shows_agent_side_health_and_live_traffic() {
 
     let sick = group[1].addr.to_string();
     group[1].set_mode(Mode::Status(500));
+    // The agent's own verdict first, so no request reaches the sick origin (which would
+    // also get it ejected by outlier detection).
+    wait_for("the agent's active check verdict", || async {
+        let cfg = agent.config().await.ok()?;
+        let ep = cfg["routes"]
+            .as_array()?
+            .iter()
+            .find(|r| r["name"] == "default/web")?["rules"][0]["backends"][0]["endpoints"]
+            .as_array()?
+            .iter()
+            .find(|e| e["address"] == sick.as_str())?
+            .clone();
+        (ep["healthy"] == false).then_some(())
+    })
+    .await;
 
     // Traffic from two clients for as long as the test looks (bounded by WAIT): the
     // figures are per report interval, so they stay non-zero only while traffic flows.
@@ -113,6 +128,11 @@ async fn dashboard_shows_agent_side_health_and_live_traffic() {
     .await;
     let health = &endpoint(&state, &sick).expect("sick endpoint")["agentHealth"];
     assert_eq!(health["of"], 1, "{health}");
+    assert_eq!(
+        health["reasons"].as_array().map(Vec::len),
+        Some(1),
+        "{health}"
+    );
     let reason = &health["reasons"][0];
     assert_eq!(reason["node"], NODE, "{health}");
     assert_eq!(reason["problem"], "activeCheckFailing", "{health}");
@@ -168,6 +188,9 @@ async fn dashboard_shows_agent_side_health_and_live_traffic() {
         "the evil host is shown, escaped"
     );
     let rps = html
+        .split("data-policy=\"default/web\"")
+        .nth(1)
+        .expect("the web policy's section")
         .split("class=rps>")
         .nth(1)
         .and_then(|s| s.split('<').next())

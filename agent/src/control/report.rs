@@ -176,16 +176,34 @@ fn unhealthy(table: &Table, now_ms: u64) -> Vec<EndpointHealth> {
         if !seen.insert(m.addr) {
             continue;
         }
-        if !m.is_healthy(now_ms) {
-            let problem = if m.is_ejected(now_ms) {
-                Problem::Ejected
-            } else {
-                Problem::ActiveCheckFailing
-            };
+        // One entry per problem: an endpoint can fail its check and be ejected at once. The
+        // endpoint keeps one reason text (its latest transition), so each entry uses it only
+        // when it is about that problem.
+        let reason = (!m.is_healthy(now_ms))
+            .then(|| m.reason(now_ms))
+            .flatten()
+            .unwrap_or_default();
+        if !m.active_check_passing() {
             out.push(EndpointHealth {
                 address: m.addr.to_string(),
-                problem: problem as i32,
-                detail: m.reason(now_ms).unwrap_or_default(),
+                problem: Problem::ActiveCheckFailing as i32,
+                detail: if reason.starts_with("active") {
+                    reason.clone()
+                } else {
+                    "active health check failing".into()
+                },
+            });
+        }
+        if m.is_ejected(now_ms) {
+            out.push(EndpointHealth {
+                address: m.addr.to_string(),
+                problem: Problem::Ejected as i32,
+                detail: if reason.starts_with("ejected") {
+                    reason
+                } else {
+                    let left = m.ejected_until().unwrap_or(now_ms).saturating_sub(now_ms);
+                    format!("ejected by outlier detection for {} s more", left / 1000)
+                },
             });
         }
         if let Some(until) = m.throttled_until(now_ms) {

@@ -18,9 +18,9 @@ use std::fmt::Write;
 /// The refresh period of the page.
 const REFRESH_MS: u32 = 2000;
 
-/// HTML-escapes text for element content and double- or single-quoted attribute values.
+/// HTML-escapes text for element content and quoted attribute values (`&<>"'`).
 fn esc(s: &str) -> Cow<'_, str> {
-    html_escape::encode_safe(s)
+    html_escape::encode_quoted_attribute(s)
 }
 
 const STYLE: &str = "
@@ -78,8 +78,8 @@ pub(crate) fn main(out: &mut String, view: &View) {
     let _ = write!(
         out,
         "<section class=kv><span>table version <b>{}</b></span>\
-         <span>{} policies</span><span>{} agents connected</span>\
-         <span>{} reporting load</span>{}</section>",
+         <span>policies: {}</span><span>agents connected: {}</span>\
+         <span>reporting load: {}</span>{}</section>",
         c.version,
         c.policies.len(),
         view.agents.len(),
@@ -217,7 +217,7 @@ fn backends(out: &mut String, backends: &[BackendView]) {
     }
     out.push_str(
         "<table><tr><th>tier</th><th>service</th><th>weight</th><th>ready / healthy</th>\
-         <th>endpoint</th><th>zone</th><th>ready</th><th>share</th><th>health on agents</th></tr>",
+         <th>endpoint</th><th>zone</th><th>ready</th><th>share</th><th>health as the agents see it</th></tr>",
     );
     for b in backends {
         let rows = b.endpoints.len().max(1);
@@ -401,7 +401,7 @@ mod tests {
     fn markup_in_user_input_is_escaped() {
         assert_eq!(
             esc("<script>alert('x')</script>&\""),
-            "&lt;script&gt;alert(&#x27;x&#x27;)&lt;&#x2F;script&gt;&amp;&quot;"
+            "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;&amp;&quot;"
         );
     }
 
