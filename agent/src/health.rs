@@ -185,6 +185,11 @@ impl EndpointHealth {
         self.active_ok.load(Ordering::Relaxed) && !self.is_ejected(now_ms)
     }
 
+    /// Whether the active health check passes (true while none ran or none is configured).
+    pub(crate) fn active_check_passing(&self) -> bool {
+        self.active_ok.load(Ordering::Relaxed)
+    }
+
     /// The endpoint asked for less traffic until `until_ms` (a later answer may extend it,
     /// never shorten it).
     pub(crate) fn throttle(&self, until_ms: u64) {

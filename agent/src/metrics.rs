@@ -99,6 +99,16 @@ pub(crate) struct RouteCounters {
     pub(crate) latency: Histogram,
 }
 
+/// A copy of a route's counters, since the route's series were created.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct RouteTotals {
+    /// Answers by status class, 1xx to 5xx (local replies included).
+    pub(crate) by_class: [u64; 5],
+    pub(crate) local_replies: u64,
+    /// Non-cumulative latency bucket counts, bounds [`BUCKETS`] then +Inf.
+    pub(crate) latency: [u64; BUCKETS.len() + 1],
+}
+
 /// Counter handles of one endpoint.
 #[derive(Debug, Clone)]
 pub(crate) struct EndpointCounters {
@@ -116,7 +126,7 @@ impl EndpointCounters {
 }
 
 /// Upper bounds of the latency buckets, in seconds.
-const BUCKETS: [f64; 14] = [
+pub(crate) const BUCKETS: [f64; 14] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
@@ -144,6 +154,13 @@ impl Histogram {
         self.0
             .sum_nanos
             .fetch_add(d.as_nanos() as u64, Ordering::Relaxed);
+    }
+}
+
+impl Histogram {
+    /// The non-cumulative count of every bucket (the last one is +Inf), for load reports.
+    pub(crate) fn counts(&self) -> [u64; BUCKETS.len() + 1] {
+        std::array::from_fn(|i| self.0.buckets[i].load(Ordering::Relaxed))
     }
 }
 
@@ -178,6 +195,15 @@ impl RouteCounters {
     pub(crate) fn response(&self, status: http::StatusCode) {
         let class = (status.as_u16() / 100).clamp(1, 5) as usize - 1;
         self.by_class[class].inc();
+    }
+
+    /// The route's counters now, for load reports (relaxed loads, nothing written).
+    pub(crate) fn totals(&self) -> RouteTotals {
+        RouteTotals {
+            by_class: std::array::from_fn(|i| self.by_class[i].get()),
+            local_replies: self.replies.iter().map(Counter::get).sum(),
+            latency: self.latency.counts(),
+        }
     }
 
     /// Counts an answer the agent gave itself.

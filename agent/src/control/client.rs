@@ -6,9 +6,11 @@
 //! A stream that stays silent for longer than three controller pings is treated as dead.
 //!
 //! Every [`LOAD_REPORT_EVERY`] the agent sends a LoadReport: per endpoint that took requests,
-//! its requests and errors since the previous report, latency EWMA and in-flight count (see
-//! [`crate::control::report`]), and its cache totals (summed over the routes' caches). All
-//! relaxed atomic loads, nothing on the request path. The controller turns them into
+//! its requests and errors since the previous report, latency EWMA and in-flight count; per
+//! route that saw traffic, its answers, latency buckets and cache use since then; the
+//! endpoints the agent itself holds unhealthy, with why (see [`crate::control::report`]);
+//! and its cache totals (summed over the routes' caches). All relaxed atomic loads, nothing
+//! on the request path. The controller turns them into
 //! `NodeAgent.status` and, every two reports, into load-aware weights.
 //!
 //! The `--tls-*` files are read again at every (re)connect, so a client certificate that
@@ -209,14 +211,13 @@ async fn session(
             }
             _ = report.tick() => {
                 let (cache_hits, cache_misses) = cache_totals(shared);
-                let (endpoints, interval_ms) =
+                let report =
                     reporter.report(&shared.routing.table.load(), std::time::Instant::now());
                 let load = AgentMessage {
                     kind: Some(agent_message::Kind::Load(LoadReport {
-                        endpoints,
                         cache_hits,
                         cache_misses,
-                        interval_ms,
+                        ..report
                     })),
                 };
                 if tx.send(load).await.is_err() {

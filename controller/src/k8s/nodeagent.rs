@@ -386,6 +386,7 @@ mod tests {
             last_ack_unix_ms: Some(1_700_000_000_999),
             last_nack: None,
             cache: None,
+            last_report_unix_ms: None,
         }
     }
 

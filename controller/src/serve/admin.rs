@@ -1,9 +1,13 @@
-//! The controller's admin HTTP API: `/healthz`, `/readyz`, `/metrics` (Prometheus text) and
-//! `/state` (policies with their computed status and errors, manifest file problems, and the
-//! connected agents with their versions and last NACK, as JSON).
+//! The controller's admin HTTP API: `/healthz`, `/readyz`, `/metrics` (Prometheus text),
+//! `/state` (policies with their computed status and errors, backends and endpoints with
+//! their health as the agents see it, per-route traffic, manifest file problems, and the
+//! connected agents with their versions and last NACK, as JSON; see
+//! [`crate::serve::view`]) and `/dashboard` (the same as an HTML page, `/` redirects there).
 
+use crate::serve::dashboard;
 use crate::serve::hub::Hub;
 use crate::serve::server::{AgentState, Agents};
+use crate::serve::view::View;
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
@@ -14,7 +18,6 @@ use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use serde::Serialize;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -158,14 +161,6 @@ fn agent_state(a: &AgentState, current: u64) -> &'static str {
     }
 }
 
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct StateView<'a> {
-    #[serde(flatten)]
-    config: crate::serve::hub::ConfigState,
-    agents: &'a [crate::serve::server::AgentState],
-}
-
 pub struct Admin {
     pub hub: Arc<Hub>,
     pub agents: Arc<Agents>,
@@ -188,13 +183,37 @@ impl Admin {
                     )
                 }
             }
-            "/state" => {
-                let agents = self.agents.list();
-                let view = StateView {
-                    config: self.hub.config_state(),
-                    agents: &agents,
+            "/" => Response::builder()
+                .status(StatusCode::SEE_OTHER)
+                .header(header::LOCATION, "/dashboard")
+                .body(Full::new(Bytes::from_static(b"see /dashboard\n")))
+                .unwrap_or_default(),
+            "/dashboard" => {
+                let view = View::capture(&self.hub, &self.agents);
+                let body = if req.uri().query() == Some("part=main") {
+                    let mut out = String::with_capacity(16 * 1024);
+                    dashboard::main(&mut out, &view);
+                    out
+                } else {
+                    dashboard::page(&view)
                 };
-                match serde_json::to_vec_pretty(&view) {
+                Response::builder()
+                    .header(header::CONTENT_TYPE, "text/html; charset=utf-8")
+                    .header(header::CACHE_CONTROL, "no-store")
+                    .header(header::X_CONTENT_TYPE_OPTIONS, "nosniff")
+                    // Nothing but the page itself: no external script, style, image or
+                    // connection can be loaded, whatever ends up in it.
+                    .header(
+                        header::CONTENT_SECURITY_POLICY,
+                        "default-src 'none'; style-src 'unsafe-inline'; \
+                         script-src 'unsafe-inline'; connect-src 'self'",
+                    )
+                    .body(Full::new(Bytes::from(body)))
+                    .unwrap_or_default()
+            }
+            "/state" => {
+                let view = View::capture(&self.hub, &self.agents).to_json();
+                match view.and_then(|v| serde_json::to_vec_pretty(&v)) {
                     Ok(body) => Response::builder()
                         .header(header::CONTENT_TYPE, "application/json")
                         .body(Full::new(Bytes::from(body)))

@@ -1,14 +1,18 @@
 //! Serving agents and operators: the [`hub`] publishes routing tables, the [`server`] streams
 //! them to agents over `weir.v1.RoutingDiscovery` (framed by [`wire`], with [`tls`] in a
 //! cluster), and [`admin`]
-//! serves health, metrics and `/state`; [`load`] turns agents' load reports into load-aware
-//! weights.
+//! serves health, metrics, `/state` and the [`dashboard`]; [`load`] turns agents' load reports
+//! into load-aware weights, and [`traffic`] into per-route traffic and agent-side endpoint
+//! health.
 
 pub mod admin;
+pub(crate) mod dashboard;
 pub mod hub;
 pub mod load;
 pub mod server;
 pub mod tls;
+pub(crate) mod traffic;
+pub(crate) mod view;
 pub mod wire;
 
 /// Resolves once `stop` is (or turns) true: the shutdown signal every long-running part of

@@ -51,6 +51,9 @@ pub(crate) struct AgentState {
     /// Cache totals of the agent's last LoadReport, since the agent started.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cache: Option<CacheTotals>,
+    /// When the agent's last LoadReport arrived (Unix ms).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_report_unix_ms: Option<u64>,
 }
 
 /// An agent's cache counters as its LoadReports carry them.
@@ -75,6 +78,8 @@ pub struct Agents {
     /// Endpoint figures of every agent's load reports since the last round of load-aware
     /// weights, summed by endpoint address (see [`crate::serve::load`]).
     samples: Mutex<BTreeMap<String, Sample>>,
+    /// Every session's last LoadReport, for `/state` and the dashboard.
+    pub(crate) reports: crate::serve::traffic::Reports,
     next_id: AtomicU64,
     pub updates_sent: AtomicU64,
     /// Bytes of routing updates sent, over all sessions.
@@ -91,6 +96,7 @@ impl Default for Agents {
         Self {
             sessions: Mutex::default(),
             samples: Mutex::default(),
+            reports: Default::default(),
             next_id: AtomicU64::default(),
             updates_sent: AtomicU64::default(),
             bytes_sent: AtomicU64::default(),
@@ -148,6 +154,7 @@ struct SessionGuard {
 
 impl Drop for SessionGuard {
     fn drop(&mut self) {
+        self.agents.reports.remove(self.id);
         if let Some(a) = self.agents.lock().remove(&self.id) {
             tracing::info!(node = %a.node_name, peer = %a.peer, "agent disconnected");
         }
@@ -174,7 +181,7 @@ impl DiscoveryService {
     }
 }
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -228,6 +235,7 @@ impl DiscoveryService {
                 last_ack_unix_ms: None,
                 last_nack: None,
                 cache: None,
+                last_report_unix_ms: None,
             },
         );
         // A small buffer: back-pressure from a slow agent stops this session from reading
@@ -363,13 +371,20 @@ impl Session {
                 tracing::debug!("duplicate Hello ignored");
             }
             Some(agent_message::Kind::Load(load)) => {
-                self.guard.agents.record_load(&load);
-                self.guard.agents.with(self.guard.id, |a| {
+                let agents = &self.guard.agents;
+                agents.record_load(&load);
+                let mut node = String::new();
+                agents.with(self.guard.id, |a| {
                     a.cache = Some(CacheTotals {
                         hits: load.cache_hits,
                         misses: load.cache_misses,
                     });
+                    a.last_report_unix_ms = Some(now_ms());
+                    node = a.node_name.clone();
                 });
+                agents
+                    .reports
+                    .record(self.guard.id, node, load, std::time::Instant::now());
             }
             Some(agent_message::Kind::Ping(_)) | None => {}
         }
