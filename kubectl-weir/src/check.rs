@@ -419,22 +419,29 @@ mod tests {
         });
         let mut agents = BTreeMap::from([("n1".to_string(), a)]);
         assert!(nacks(&agents, now).ok, "old and superseded");
-        agents
-            .get_mut("n1")
-            .and_then(|a| a.last_nack.as_mut())
-            .map(|n| n.version = 6);
+        let nack = |agents: &mut BTreeMap<String, NodeAgentStatus>| {
+            agents
+                .get_mut("n1")
+                .and_then(|a| a.last_nack.as_mut())
+                .expect("nack")
+                .clone()
+        };
+        let mut n = nack(&mut agents);
+        n.version = 6;
+        if let Some(a) = agents.get_mut("n1") {
+            a.last_nack = Some(n);
+        }
         let l = nacks(&agents, now);
         assert!(
             !l.ok && l.detail == "n1 refused version 6: bad endpoint address",
             "{l:?}"
         );
-        agents
-            .get_mut("n1")
-            .and_then(|a| a.last_nack.as_mut())
-            .map(|n| {
-                n.version = 4;
-                n.time = Some("2026-01-01T00:55:00Z".into());
-            });
+        let mut n = nack(&mut agents);
+        n.version = 4;
+        n.time = Some("2026-01-01T00:55:00Z".into());
+        if let Some(a) = agents.get_mut("n1") {
+            a.last_nack = Some(n);
+        }
         assert!(!nacks(&agents, now).ok, "recent");
     }
 

@@ -3,7 +3,9 @@
 //! policy's errors and agents' health verdicts, the controller's `/state`. Pure: the
 //! documents come in, an [`Explanation`] goes out.
 
-use crate::contract::{AgentHealth, Config, PolicyState, Route, Rule, agent_health_of};
+use crate::contract::{
+    AgentHealth, Config, HeaderMatch, PolicyState, Route, Rule, agent_health_of,
+};
 use crate::matcher::{self, Request, RuleOutcome, path_kind_name};
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -42,7 +44,7 @@ pub(crate) struct Explanation {
     pub host: String,
     pub method: String,
     pub path: String,
-    pub headers: Vec<(String, String)>,
+    pub headers: Vec<HeaderMatch>,
     pub route: String,
     pub route_hosts: Vec<String>,
     pub algorithm: String,
@@ -147,7 +149,14 @@ pub(crate) fn explain(
         host,
         method: req.method.clone(),
         path: req.path.clone(),
-        headers: req.headers.clone(),
+        headers: req
+            .headers
+            .iter()
+            .map(|(name, value)| HeaderMatch {
+                name: name.clone(),
+                value: value.clone(),
+            })
+            .collect(),
         route: route.name.clone(),
         route_hosts: route.hosts.clone(),
         algorithm: route.algorithm.clone(),

@@ -118,7 +118,10 @@ async fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let target = if cli.local {
-        Target::Local(Local::new(&cli.controller_admin, &cli.agent_admin))
+        Target::Local(Box::new(Local::new(
+            &cli.controller_admin,
+            &cli.agent_admin,
+        )))
     } else {
         Target::Cluster(Cluster::connect(&cli.namespace).await?)
     };

@@ -66,7 +66,7 @@ pub(crate) fn explain(e: &Explanation) -> String {
             " with {}",
             e.headers
                 .iter()
-                .map(|(n, v)| format!("{n}: {v}"))
+                .map(|h| format!("{}: {}", h.name, h.value))
                 .collect::<Vec<_>>()
                 .join(", ")
         )
@@ -435,6 +435,41 @@ mod tests {
                 e.address
             );
         }
+    }
+
+    #[test]
+    fn explain_shows_a_rejected_policys_errors_and_unhealthy_endpoints_why() {
+        let c: Config =
+            serde_json::from_str(include_str!("../fixtures/config.json")).expect("config");
+        let mut s = state();
+        let p = s.policies.get_mut("default/shop").expect("policy");
+        p.accepted = false;
+        p.reason = "Invalid".into();
+        p.serving_last_good = true;
+        p.errors = vec!["spec.failover.minHealthyPercent: must be <= 100, got 170".into()];
+        p.rest.insert(
+            "endpoints".into(),
+            serde_json::json!([{"address": "127.0.0.11:9081",
+                "agentHealth": {"unhealthyOn": 1, "of": 3, "reasons": ["HTTP 503"]}}]),
+        );
+        let req = crate::matcher::Request::from_cli("shop", None, None);
+        let e = crate::explain::explain(&c, Some(&s.policies), &req).expect("explained");
+        let text = explain(&e);
+        assert!(
+            text.contains(
+                "default/shop: NOT accepted (Invalid); the last good spec is being served"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("- spec.failover.minHealthyPercent: must be <= 100"),
+            "{text}"
+        );
+        let row = text
+            .lines()
+            .find(|l| l.contains("127.0.0.11:9081"))
+            .expect("row");
+        assert!(row.contains("(unhealthy on 1/3 agents: HTTP 503)"), "{row}");
     }
 
     #[test]

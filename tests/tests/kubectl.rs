@@ -367,6 +367,26 @@ async fn top_and_agent_list_the_routes() {
     let rows: Value = serde_json::from_str(&json.stdout).expect("json");
     assert_eq!(rows.as_array().map(Vec::len), Some(2), "{rows}");
 
+    // --watch refreshes: with -o json, one document a line, each read as it comes.
+    let mut watch = tokio::process::Command::new(plugin())
+        .args(local_args(&c, &a, &["top", "--watch", "-o", "json"]))
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("top --watch");
+    let stdout = watch.stdout.take().expect("stdout");
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
+    for refresh in 0..2 {
+        let line = tokio::time::timeout(weir_tests::WAIT, lines.next_line())
+            .await
+            .expect("a refresh in time")
+            .expect("read")
+            .unwrap_or_else(|| panic!("top --watch ended before refresh {refresh}"));
+        let rows: Value = serde_json::from_str(&line).expect("json line");
+        assert_eq!(rows.as_array().map(Vec::len), Some(2), "{rows}");
+    }
+    let _ = watch.kill().await;
+
     let version = agent.version().await;
     let view = run(&local_args(&c, &a, &["agent"]), None).await;
     assert_eq!(view.code, 0, "{}", view.stderr);
@@ -441,7 +461,7 @@ fn installed(nodes: &[&str]) -> String {
             {"type": "NamesAccepted", "status": "True"},
             {"type": "Established", "status": "True"},
         ]});
-        parts.push(v.to_string());
+        parts.push(format!("{v}\n"));
     }
     let l = labels("controller");
     parts.push(format!(
