@@ -114,6 +114,58 @@ pub(crate) fn traffic_of(p: &PolicyState) -> Traffic {
     }
 }
 
+/// One `/state` from several controller replicas: the first replica's document, with each
+/// policy's traffic combined over all of them, on the assumption that every replica
+/// reports the agents connected to it (disjoint sets): rates and agent counts add up, the
+/// error and cache-hit ratios are averaged weighted by rate, and p99 is the highest
+/// replica's (percentiles cannot be merged exactly; this is an upper bound).
+pub(crate) fn merge_states(states: Vec<State>) -> State {
+    let mut all = states.into_iter();
+    let Some(mut base) = all.next() else {
+        return State::default();
+    };
+    let rest: Vec<State> = all.collect();
+    if rest.is_empty() {
+        return base;
+    }
+    for (name, p) in &mut base.policies {
+        let parts: Vec<Traffic> = std::iter::once(traffic_of(p))
+            .chain(
+                rest.iter()
+                    .filter_map(|s| s.policies.get(name))
+                    .map(traffic_of),
+            )
+            .collect();
+        let known = |f: fn(&Traffic) -> Option<f64>| parts.iter().filter_map(f).collect::<Vec<_>>();
+        let rps = known(|t| t.rps);
+        let total: f64 = rps.iter().sum();
+        let weighted = |f: fn(&Traffic) -> Option<f64>| {
+            let pairs: Vec<(f64, f64)> =
+                parts.iter().filter_map(|t| Some((t.rps?, f(t)?))).collect();
+            let w: f64 = pairs.iter().map(|(r, _)| r).sum();
+            if pairs.is_empty() {
+                None
+            } else if w > 0.0 {
+                Some(pairs.iter().map(|(r, v)| r * v).sum::<f64>() / w)
+            } else {
+                Some(pairs.iter().map(|(_, v)| v).sum::<f64>() / pairs.len() as f64)
+            }
+        };
+        let agents: Vec<u64> = parts.iter().filter_map(|t| t.agents).collect();
+        let merged = Traffic {
+            rps: (!rps.is_empty()).then_some(total),
+            error_ratio: weighted(|t| t.error_ratio),
+            p99_ms: known(|t| t.p99_ms).into_iter().reduce(f64::max),
+            cache_hit_ratio: weighted(|t| t.cache_hit_ratio),
+            agents: (!agents.is_empty()).then(|| agents.iter().sum()),
+        };
+        if merged != Traffic::default() {
+            p.traffic = serde_json::to_value(merged).ok();
+        }
+    }
+    base
+}
+
 /// How many agents see an endpoint as unhealthy, out of how many, and why.
 #[derive(Debug, Default, Clone, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -307,6 +359,39 @@ mod tests {
         assert_eq!(t.p99_ms, Some(40.0));
         assert_eq!(t.cache_hit_ratio, None);
         assert_eq!(t.agents, Some(3));
+    }
+
+    #[test]
+    fn replicas_traffic_adds_up_with_ratios_weighted_by_rate() {
+        let with = |t: Value| {
+            let mut s: State = serde_json::from_str(STATE).expect("state");
+            for p in s.policies.values_mut() {
+                p.traffic = Some(t.clone());
+            }
+            s
+        };
+        let a = with(
+            serde_json::json!({"rps": 30.0, "errorRatio": 0.1, "p99Ms": 20.0, "cacheHitRatio": 0.5, "agents": 2}),
+        );
+        let b = with(
+            serde_json::json!({"rps": 10.0, "errorRatio": 0.5, "p99Ms": 80.0, "cacheHitRatio": 0.1, "agents": 1}),
+        );
+        let merged = merge_states(vec![a, b]);
+        let t = traffic_of(merged.policies.values().next().expect("policy"));
+        assert_eq!(t.rps, Some(40.0));
+        assert_eq!(t.agents, Some(3));
+        assert_eq!(t.p99_ms, Some(80.0));
+        assert!((t.error_ratio.unwrap_or(0.0) - 0.2).abs() < 1e-9, "{t:?}");
+        assert!(
+            (t.cache_hit_ratio.unwrap_or(0.0) - 0.4).abs() < 1e-9,
+            "{t:?}"
+        );
+        // Replicas without figures leave them unknown.
+        let none = merge_states(vec![with(Value::Null), with(Value::Null)]);
+        assert_eq!(
+            traffic_of(none.policies.values().next().expect("policy")),
+            Traffic::default()
+        );
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! so nothing but API access is needed. Every failure says what could not be reached, why,
 //! and what to try.
 
-use crate::contract::{Config, NodeAgentStatus, State};
+use crate::contract::{Config, NodeAgentStatus, State, merge_states};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client as HttpClient;
@@ -148,9 +148,9 @@ pub(crate) struct Cluster {
     pub namespace: String,
 }
 
-/// An agent pod of the DaemonSet.
+/// A pod of the controller Deployment or the agent DaemonSet.
 #[derive(Debug, Clone)]
-pub(crate) struct AgentPod {
+pub(crate) struct WeirPod {
     pub name: String,
     pub node: String,
     pub ready: bool,
@@ -287,13 +287,19 @@ impl Cluster {
             .collect())
     }
 
-    pub(crate) async fn agent_pods(&self) -> Result<Vec<AgentPod>, FetchError> {
+    /// The pods of `component` (`controller` or `agent`), with their admin ports.
+    async fn pods(&self, component: &str) -> Result<Vec<WeirPod>, FetchError> {
+        let default_port = if component == "agent" {
+            AGENT_ADMIN_PORT
+        } else {
+            CONTROLLER_ADMIN_PORT
+        };
         let api: Api<Pod> = Api::namespaced(self.client.clone(), &self.namespace);
         let list = api.list(&ListParams::default()).await.map_err(kube_err)?;
         Ok(list
             .items
             .into_iter()
-            .filter(|p| labelled(&p.metadata, "agent"))
+            .filter(|p| labelled(&p.metadata, component))
             .map(|p| {
                 let ready = p
                     .status
@@ -306,8 +312,8 @@ impl Cluster {
                     .iter()
                     .flat_map(|c| c.ports.iter().flatten())
                     .find(|p| p.name.as_deref() == Some("admin"))
-                    .map_or(AGENT_ADMIN_PORT, |p| p.container_port);
-                AgentPod {
+                    .map_or(default_port, |p| p.container_port);
+                WeirPod {
                     name: p.metadata.name.unwrap_or_default(),
                     node: spec.node_name.unwrap_or_default(),
                     ready,
@@ -317,8 +323,40 @@ impl Cluster {
             .collect())
     }
 
+    pub(crate) async fn agent_pods(&self) -> Result<Vec<WeirPod>, FetchError> {
+        self.pods("agent").await
+    }
+
+    /// Every ready controller replica's `/state`, merged (see [`merge_states`]): each
+    /// replica aggregates the traffic of the agents connected to *it*, so one replica's
+    /// view through the Service would show only part of it. Falls back to the Service when
+    /// no replica pod can be read.
+    pub(crate) async fn traffic_state(&self) -> Result<State, FetchError> {
+        let pods = self.pods("controller").await.unwrap_or_default();
+        let mut states = Vec::new();
+        for pod in pods.iter().filter(|p| p.ready) {
+            let path = format!(
+                "/api/v1/namespaces/{}/pods/{}:{}/proxy/state",
+                self.namespace, pod.name, pod.admin_port
+            );
+            let what = format!("controller {}", pod.name);
+            if let Ok(s) = self
+                .get(&what, &path)
+                .await
+                .and_then(|got| decode::<State>(&what, &path, got))
+            {
+                states.push(s);
+            }
+        }
+        if states.is_empty() {
+            let got = self.controller_get("/state").await?;
+            return decode("the controller", "/state", got);
+        }
+        Ok(merge_states(states))
+    }
+
     /// The agent pod on `node`, or any ready one.
-    pub(crate) async fn pick_agent(&self, node: Option<&str>) -> Result<AgentPod, FetchError> {
+    pub(crate) async fn pick_agent(&self, node: Option<&str>) -> Result<WeirPod, FetchError> {
         let pods = self.agent_pods().await?;
         let found = match node {
             Some(n) => pods.iter().find(|p| p.node == n),
@@ -347,7 +385,7 @@ impl Cluster {
         })
     }
 
-    pub(crate) async fn agent_config(&self, pod: &AgentPod) -> Result<Config, FetchError> {
+    pub(crate) async fn agent_config(&self, pod: &WeirPod) -> Result<Config, FetchError> {
         let path = format!(
             "/api/v1/namespaces/{}/pods/{}:{}/proxy/config",
             self.namespace, pod.name, pod.admin_port
@@ -485,6 +523,15 @@ impl Target {
                 let got = c.controller_get("/state").await?;
                 decode("the controller", "/state", got)
             }
+        }
+    }
+
+    /// The controller's `/state` with the traffic of every replica (see
+    /// [`Cluster::traffic_state`]).
+    pub(crate) async fn traffic_state(&self) -> Result<State, FetchError> {
+        match self {
+            Target::Local(_) => self.state().await,
+            Target::Cluster(c) => c.traffic_state().await,
         }
     }
 

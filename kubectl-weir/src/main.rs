@@ -321,7 +321,7 @@ async fn agent(target: &Target, node: Option<&str>, output: Output) -> anyhow::R
 
 async fn top(target: &Target, watch: bool, output: Output) -> anyhow::Result<ExitCode> {
     loop {
-        let state = target.state().await;
+        let state = target.traffic_state().await;
         let text = match (&state, output) {
             (Ok(s), Output::Json) => {
                 let rows = view::top_rows(s);

@@ -78,6 +78,8 @@ struct State {
     epoch: u64,
     /// Proxy targets: (`services` or `pods`, namespace, `name:port`) → where to forward.
     proxies: BTreeMap<(String, String, String), SocketAddr>,
+    /// Every proxy request's path, in order.
+    proxied: Vec<String>,
 }
 
 struct Shared {
@@ -380,6 +382,11 @@ impl FakeApiServer {
             .insert((kind.into(), ns.into(), name_port.into()), addr);
     }
 
+    /// The paths of every proxy request received so far.
+    pub fn proxied(&self) -> Vec<String> {
+        self.shared.lock().proxied.clone()
+    }
+
     /// How many LIST requests were served.
     pub fn lists(&self) -> u64 {
         self.shared.lock().lists
@@ -430,6 +437,7 @@ fn store(st: &mut State, shared: &Shared, key: Key, mut obj: Value, kind: &'stat
 async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path().to_string();
     if let Some((kind, ns, name_port, rest)) = proxy_path(&path) {
+        shared.lock().proxied.push(path.clone());
         return proxied(&shared, kind, ns, name_port, rest, req.uri().query()).await;
     }
     let Some(Target {

@@ -2,7 +2,8 @@
 //! agent in local mode (with real HTTP origins), and against the fake API server
 //! ([`FakeApiServer`]) for the cluster path, where a real controller in Kubernetes mode and a
 //! real agent write the NodeAgent and TrafficPolicy status that `check` reads, and the
-//! fake's Service and Pod proxy forward to their real admin endpoints. The fake stands in for
+//! fake's Service and Pod proxy forward to their real admin endpoints (`check`, `explain`
+//! on a chosen node, `top` over the controller pods). The fake stands in for
 //! the API server's HTTP interface only: CRD establishment, Deployment readiness and Pod
 //! conditions are written by the test, not by Kubernetes' controllers.
 //!
@@ -474,6 +475,11 @@ fn installed(nodes: &[&str]) -> String {
         "apiVersion: v1\nkind: Service\nmetadata: {{name: weir-controller, namespace: {NS}, labels: {l}}}\n\
          spec:\n  ports: [{{name: grpc, port: 18000}}, {{name: admin, port: 18080}}]\n"
     ));
+    parts.push(format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: weir-controller-0, namespace: {NS}, labels: {l}}}\n\
+         spec:\n  containers: [{{name: controller, ports: [{{name: grpc, containerPort: 18000}}, {{name: admin, containerPort: 18080}}]}}]\n\
+         status: {{conditions: [{{type: Ready, status: \"True\"}}]}}\n"
+    ));
     let a = labels("agent");
     for node in nodes {
         parts.push(format!(
@@ -518,6 +524,7 @@ async fn check_in_a_cluster_passes_and_then_names_the_node_without_an_agent() {
     .expect("agent");
     fake.proxy("services", NS, "weir-controller:18080", controller.admin);
     fake.proxy("pods", NS, "weir-agent-n1:15000", agent.admin);
+    fake.proxy("pods", NS, "weir-controller-0:18080", controller.admin);
 
     // The controller has written both policies' status and the agent's NodeAgent, with the
     // generations it runs.
@@ -572,6 +579,21 @@ async fn check_in_a_cluster_passes_and_then_names_the_node_without_an_agent() {
         "{j}"
     );
     assert_eq!(j["policy"]["accepted"], true, "{j}");
+
+    // top reads every controller replica through the Pod proxy.
+    let top = run(&["top", "-o", "json"], Some(&user_kc)).await;
+    let rows: Value = serde_json::from_str(&top.stdout).expect("json");
+    let routes: Vec<&str> = rows
+        .as_array()
+        .map(|r| r.iter().filter_map(|r| r["route"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(routes, ["default/catalog", "default/shop"], "{rows}");
+    let state_of_pod = format!("/api/v1/namespaces/{NS}/pods/weir-controller-0:18080/proxy/state");
+    assert!(
+        fake.proxied().contains(&state_of_pod),
+        "{:?}",
+        fake.proxied()
+    );
 
     // A second node joins without an agent: check fails and names it.
     fake.apply("apiVersion: v1\nkind: Node\nmetadata: {name: n2}\n")
