@@ -222,9 +222,10 @@ impl Cluster {
                 .await
                 .map_err(|e| unreachable(causes(&e)))?
                 .to_bytes();
+            let body = String::from_utf8_lossy(&body).into_owned();
             Ok(Got {
                 status,
-                body: String::from_utf8_lossy(&body).into_owned(),
+                body: api_status_message(&body).unwrap_or(body),
             })
         };
         tokio::time::timeout(TIMEOUT, fut)
@@ -489,6 +490,20 @@ impl Cluster {
     }
 }
 
+/// The message of a Kubernetes `Status` body (the API server's own answer when it cannot
+/// proxy, e.g. `no endpoints available for service …`), which reads better than its JSON.
+fn api_status_message(body: &str) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_str(body).ok()?;
+    if v["kind"] != "Status" {
+        return None;
+    }
+    let message = v["message"].as_str()?;
+    Some(match v["reason"].as_str() {
+        Some(reason) => format!("{message} ({reason})"),
+        None => message.to_string(),
+    })
+}
+
 /// Parses a JSON document, or says why it is not one.
 pub(crate) fn decode<T: serde::de::DeserializeOwned>(
     what: &str,
@@ -549,5 +564,23 @@ impl Target {
                 c.agent_config(&pod).await
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn api_server_status_bodies_read_as_their_message() {
+        let body = r#"{"kind":"Status","apiVersion":"v1","status":"Failure","message":"no endpoints available for service \"weir-controller:18080\"","reason":"ServiceUnavailable","code":503}"#;
+        assert_eq!(
+            api_status_message(body).as_deref(),
+            Some(
+                "no endpoints available for service \"weir-controller:18080\" (ServiceUnavailable)"
+            )
+        );
+        assert_eq!(api_status_message("not ready: draining"), None);
+        assert_eq!(api_status_message(r#"{"kind":"List"}"#), None);
     }
 }

@@ -3,7 +3,7 @@
 //! ([`FakeApiServer`]) for the cluster path, where a real controller in Kubernetes mode and a
 //! real agent write the NodeAgent and TrafficPolicy status that `check` reads, and the
 //! fake's Service and Pod proxy forward to their real admin endpoints (`check`, `explain`
-//! on a chosen node, `top` over the controller pods). The fake stands in for
+//! and `agent` on a chosen node, `top` over the controller pods). The fake stands in for
 //! the API server's HTTP interface only: CRD establishment, Deployment readiness and Pod
 //! conditions are written by the test, not by Kubernetes' controllers.
 //!
@@ -579,6 +579,25 @@ async fn check_in_a_cluster_passes_and_then_names_the_node_without_an_agent() {
         "{j}"
     );
     assert_eq!(j["policy"]["accepted"], true, "{j}");
+
+    // agent shows the node's table through the Pod proxy, and its NodeAgent.
+    let view = run(&["agent", "n1"], Some(&user_kc)).await;
+    assert_eq!(view.code, 0, "{}", view.stderr);
+    assert!(view.stdout.contains("node        n1"), "{}", view.stdout);
+    assert!(
+        view.stdout.contains("NodeAgent   connected=true"),
+        "{}",
+        view.stdout
+    );
+    let missing = run(&["agent", "n9"], Some(&user_kc)).await;
+    assert_eq!(missing.code, 1);
+    assert!(
+        missing.stderr.contains(
+            "no weir agent pod on node \"n9\" in namespace weir-system; agents run on: n1"
+        ),
+        "{}",
+        missing.stderr
+    );
 
     // top reads every controller replica through the Pod proxy.
     let top = run(&["top", "-o", "json"], Some(&user_kc)).await;
