@@ -11,6 +11,11 @@
 //!   is a precondition, 409 when stale, as on a real server) and DELETE of single objects.
 //!   Events (`events.k8s.io/v1`, which kube's `Recorder` creates, and PATCHes for a repeated
 //!   event's `series`) are plain objects here, recorded like any other.
+//! - The Service and Pod proxy (`GET /api/v1/namespaces/{ns}/services|pods/{name}:{port}/proxy/…`),
+//!   forwarded over real HTTP to a loopback address a test registers with
+//!   [`FakeApiServer::proxy`] (how `kubectl weir` reaches admin endpoints); unregistered
+//!   targets answer 503 and unreachable ones 503 with the dial error, as an API server does.
+//!   CustomResourceDefinitions, Deployments and Pods are stored like any other object.
 //!
 //! It is not a conformant API server: no selectors, no pagination, no validation, no
 //! admission. Every write that reaches it is recorded (with the client's bearer token, so a
@@ -71,6 +76,10 @@ struct State {
     lists: u64,
     /// Bumped by `expire_history`; a watch opened under an older value delivers nothing more.
     epoch: u64,
+    /// Proxy targets: (`services` or `pods`, namespace, `name:port`) → where to forward.
+    proxies: BTreeMap<(String, String, String), SocketAddr>,
+    /// Every proxy request's path, in order.
+    proxied: Vec<String>,
 }
 
 struct Shared {
@@ -113,6 +122,9 @@ fn collection(api_version: &str, kind: &str) -> anyhow::Result<String> {
         "Lease" => "leases",
         "Node" => "nodes",
         "Event" => "events",
+        "CustomResourceDefinition" => "customresourcedefinitions",
+        "Deployment" => "deployments",
+        "Pod" => "pods",
         other => bail!("the fake API server does not know kind {other}"),
     };
     let prefix = if api_version.contains('/') {
@@ -361,6 +373,20 @@ impl FakeApiServer {
         self.shared.lock().gone_sent
     }
 
+    /// Routes the API server's proxy for `kind` (`services` or `pods`) `name:port` in `ns`
+    /// to `addr`, e.g. `("services", "weir-system", "weir-controller:18080", admin)`.
+    pub fn proxy(&self, kind: &str, ns: &str, name_port: &str, addr: SocketAddr) {
+        self.shared
+            .lock()
+            .proxies
+            .insert((kind.into(), ns.into(), name_port.into()), addr);
+    }
+
+    /// The paths of every proxy request received so far.
+    pub fn proxied(&self) -> Vec<String> {
+        self.shared.lock().proxied.clone()
+    }
+
     /// How many LIST requests were served.
     pub fn lists(&self) -> u64 {
         self.shared.lock().lists
@@ -410,6 +436,10 @@ fn store(st: &mut State, shared: &Shared, key: Key, mut obj: Value, kind: &'stat
 
 async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path().to_string();
+    if let Some((kind, ns, name_port, rest)) = proxy_path(&path) {
+        shared.lock().proxied.push(path.clone());
+        return proxied(&shared, kind, ns, name_port, rest, req.uri().query()).await;
+    }
     let Some(Target {
         coll,
         ns,
@@ -667,5 +697,87 @@ fn watch_response(
         http::header::CONTENT_TYPE,
         http::HeaderValue::from_static("application/json"),
     );
+    r
+}
+
+/// `/api/v1/namespaces/{ns}/{services|pods}/{name:port}/proxy{rest}` → its parts.
+fn proxy_path(path: &str) -> Option<(&str, &str, &str, &str)> {
+    let rest = path.strip_prefix("/api/v1/namespaces/")?;
+    let (ns, rest) = rest.split_once('/')?;
+    let (kind, rest) = rest.split_once('/')?;
+    if kind != "services" && kind != "pods" {
+        return None;
+    }
+    let (name_port, rest) = rest.split_once('/')?;
+    let rest = rest.strip_prefix("proxy")?;
+    Some((
+        kind,
+        ns,
+        name_port,
+        if rest.is_empty() { "/" } else { rest },
+    ))
+}
+
+/// Forwards a proxy GET to the registered address and relays status and body.
+async fn proxied(
+    shared: &Shared,
+    kind: &str,
+    ns: &str,
+    name_port: &str,
+    rest: &str,
+    query: Option<&str>,
+) -> Response<Body> {
+    let target = shared
+        .lock()
+        .proxies
+        .get(&(kind.to_string(), ns.to_string(), name_port.to_string()))
+        .copied();
+    let Some(addr) = target else {
+        return json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &status_body(
+                503,
+                "ServiceUnavailable",
+                &format!("no endpoints available for {kind} \"{name_port}\""),
+            ),
+        );
+    };
+    let uri = match query {
+        Some(q) => format!("http://{addr}{rest}?{q}"),
+        None => format!("http://{addr}{rest}"),
+    };
+    let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+        .build_http::<Full<Bytes>>();
+    let Ok(req) = Request::get(uri).body(Full::new(Bytes::new())) else {
+        return json_response(
+            StatusCode::BAD_REQUEST,
+            &status_body(400, "BadRequest", "bad proxy path"),
+        );
+    };
+    let resp = match client.request(req).await {
+        Ok(r) => r,
+        Err(e) => {
+            return json_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &status_body(
+                    503,
+                    "ServiceUnavailable",
+                    &format!("error trying to reach {kind}: dial tcp {addr}: {e:?}"),
+                ),
+            );
+        }
+    };
+    let (parts, body) = resp.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let mut r = Response::new(Full::new(body).boxed());
+    *r.status_mut() = parts.status;
+    if let Some(ct) = parts.headers.get(http::header::CONTENT_TYPE) {
+        r.headers_mut()
+            .insert(http::header::CONTENT_TYPE, ct.clone());
+    }
     r
 }

@@ -338,6 +338,7 @@ mod tests {
             sent_version: 9,
             applied_version: applied,
             last_ack_unix_ms: None,
+            last_report_unix_ms: None,
             last_nack: nacked.map(|version| NackState {
                 version,
                 error: "bad route".into(),
