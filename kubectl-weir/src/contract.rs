@@ -200,8 +200,19 @@ pub(crate) fn agent_health_of(p: &PolicyState, address: &str) -> Option<AgentHea
         reasons: h["reasons"]
             .as_array()
             .map(|a| {
+                // The controller sends {node, problem, detail}; plain strings are read too.
                 a.iter()
-                    .filter_map(|r| r.as_str().map(str::to_string))
+                    .filter_map(|r| match r {
+                        Value::String(s) => Some(s.clone()),
+                        Value::Object(_) => {
+                            let detail = r["detail"].as_str().or(r["problem"].as_str())?;
+                            Some(match r["node"].as_str() {
+                                Some(node) => format!("{node}: {detail}"),
+                                None => detail.to_string(),
+                            })
+                        }
+                        _ => None,
+                    })
                     .collect()
             })
             .unwrap_or_default(),
@@ -406,6 +417,15 @@ mod tests {
         let h = agent_health_of(&p, "10.0.0.1:80").expect("health");
         assert_eq!((h.unhealthy_on, h.of), (2, 3));
         assert_eq!(h.reasons, ["HTTP 500"]);
+        // The controller's own shape: {node, problem, detail}.
+        let theirs: PolicyState = serde_json::from_value(serde_json::json!({
+            "backends": [{"endpoints": [{"address": "10.0.0.2:80", "agentHealth": {
+                "unhealthyOn": 1, "of": 1,
+                "reasons": [{"node": "n1", "problem": "activeCheckFailing", "detail": "HTTP 500"}]}}]}]
+        }))
+        .expect("policy");
+        let h = agent_health_of(&theirs, "10.0.0.2:80").expect("health");
+        assert_eq!(h.reasons, ["n1: HTTP 500"]);
         assert_eq!(agent_health_of(&p, "10.0.0.2:80"), None);
     }
 
