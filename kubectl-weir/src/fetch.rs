@@ -118,28 +118,38 @@ impl Local {
         let uri: http::Uri = url
             .parse()
             .map_err(|e| unreachable(format!("bad URL: {e}")))?;
-        let fut = async {
-            let resp = self
-                .http
-                .get(uri)
-                .await
-                .map_err(|e| unreachable(causes(&e)))?;
-            let status = resp.status().as_u16();
-            let body = resp
-                .into_body()
-                .collect()
-                .await
-                .map_err(|e| unreachable(causes(&e)))?
-                .to_bytes();
-            Ok(Got {
-                status,
-                body: String::from_utf8_lossy(&body).into_owned(),
-            })
-        };
-        tokio::time::timeout(TIMEOUT, fut)
-            .await
-            .map_err(|_| unreachable(format!("no answer within {}s", TIMEOUT.as_secs())))?
+        answer(self.http.get(uri), unreachable).await
     }
+}
+
+/// The answer to a GET that `send` makes, within [`TIMEOUT`]: any status is an answer,
+/// only transport failures (made into errors by `unreachable`) are errors.
+async fn answer<B, E>(
+    send: impl std::future::Future<Output = Result<http::Response<B>, E>>,
+    unreachable: impl Fn(String) -> FetchError,
+) -> Result<Got, FetchError>
+where
+    B: http_body::Body,
+    B::Error: std::error::Error + 'static,
+    E: std::error::Error + 'static,
+{
+    let fut = async {
+        let resp = send.await.map_err(|e| unreachable(causes(&e)))?;
+        let status = resp.status().as_u16();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| unreachable(causes(&e)))?
+            .to_bytes();
+        Ok(Got {
+            status,
+            body: String::from_utf8_lossy(&body).into_owned(),
+        })
+    };
+    tokio::time::timeout(TIMEOUT, fut)
+        .await
+        .map_err(|_| unreachable(format!("no answer within {}s", TIMEOUT.as_secs())))?
 }
 
 /// A cluster reached through the Kubernetes API.
@@ -209,28 +219,11 @@ impl Cluster {
         let req = http::Request::get(path)
             .body(kube::client::Body::empty())
             .map_err(|e| unreachable(e.to_string()))?;
-        let fut = async {
-            let resp = self
-                .client
-                .send(req)
-                .await
-                .map_err(|e| unreachable(causes(&e)))?;
-            let status = resp.status().as_u16();
-            let body = resp
-                .into_body()
-                .collect()
-                .await
-                .map_err(|e| unreachable(causes(&e)))?
-                .to_bytes();
-            let body = String::from_utf8_lossy(&body).into_owned();
-            Ok(Got {
-                status,
-                body: api_status_message(&body).unwrap_or(body),
-            })
-        };
-        tokio::time::timeout(TIMEOUT, fut)
-            .await
-            .map_err(|_| unreachable(format!("no answer within {}s", TIMEOUT.as_secs())))?
+        let got = answer(self.client.send(req), unreachable).await?;
+        Ok(Got {
+            body: api_status_message(&got.body).unwrap_or(got.body),
+            ..got
+        })
     }
 
     /// The controller Service's name and admin port.
