@@ -588,3 +588,31 @@ impl Agent {
             .sum::<f64>() as u64)
     }
 }
+
+/// One origin (Service `origin`, a backend on `ip`) behind `host`, and a controller in local
+/// mode serving it from `dir`.
+pub async fn origin_and_controller(
+    dir: &Path,
+    ip: &str,
+    host: &str,
+) -> (Vec<backend::Backend>, Controller) {
+    use manifests::{docs, policy, service, slice};
+    let group = backend::start_group(&[ip], "origin")
+        .await
+        .expect("backend");
+    write_manifest(
+        dir,
+        "origin.yaml",
+        &docs(&[
+            service("origin", 80),
+            slice("origin", group[0].addr.port(), &[(ip, true)]),
+        ]),
+    );
+    write_manifest(
+        dir,
+        "policy.yaml",
+        &policy("origin", &[host], &[("origin", 80, 1, 0)], ""),
+    );
+    let controller = Controller::start(dir).await.expect("controller");
+    (group, controller)
+}

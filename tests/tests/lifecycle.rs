@@ -8,27 +8,12 @@ use std::path::Path;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use weir_tests::backend::{Backend, Mode, start_group};
-use weir_tests::manifests::{docs, policy, service, slice};
-use weir_tests::{Agent, Controller, get, http_client, request, wait_for, write_manifest};
+use weir_tests::backend::{Backend, Mode};
+use weir_tests::{Agent, Controller, get, http_client, origin_and_controller, request, wait_for};
 
 /// One backend behind `host`, through a controller and an agent.
 async fn setup(dir: &Path, ip: &str, host: &str) -> (Vec<Backend>, Controller, Agent) {
-    let group = start_group(&[ip], "origin").await.expect("backend");
-    write_manifest(
-        dir,
-        "origin.yaml",
-        &docs(&[
-            service("origin", 80),
-            slice("origin", group[0].addr.port(), &[(ip, true)]),
-        ]),
-    );
-    write_manifest(
-        dir,
-        "policy.yaml",
-        &policy("origin", &[host], &[("origin", 80, 1, 0)], ""),
-    );
-    let controller = Controller::start(dir).await.expect("controller");
+    let (group, controller) = origin_and_controller(dir, ip, host).await;
     let agent = Agent::start(&controller.url(), None).await.expect("agent");
     agent.wait_ready().await;
     (group, controller, agent)

@@ -9,33 +9,11 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::net::TcpStream;
-use weir_tests::backend::{Backend, Mode, start_group};
-use weir_tests::manifests::{docs, policy, service, slice};
-use weir_tests::{Agent, Controller, free_local_addr, wait_for, write_manifest};
-
-/// One origin behind `host`, and a controller serving it.
-async fn origin_and_controller(dir: &Path, ip: &str, host: &str) -> (Vec<Backend>, Controller) {
-    let group = start_group(&[ip], "origin").await.expect("backend");
-    write_manifest(
-        dir,
-        "origin.yaml",
-        &docs(&[
-            service("origin", 80),
-            slice("origin", group[0].addr.port(), &[(ip, true)]),
-        ]),
-    );
-    write_manifest(
-        dir,
-        "policy.yaml",
-        &policy("origin", &[host], &[("origin", 80, 1, 0)], ""),
-    );
-    let controller = Controller::start(dir).await.expect("controller");
-    (group, controller)
-}
+use weir_tests::backend::Mode;
+use weir_tests::{Agent, free_local_addr, origin_and_controller, wait_for};
 
 /// What the load generators saw.
 #[derive(Default)]
