@@ -86,6 +86,9 @@ fn refresh_cache_metrics(shared: &Shared) -> Result<(), std::fmt::Error> {
             ("bypass", st.bypass),
             ("stores", st.stores),
             ("evictions", st.evictions),
+            ("peer_hits", st.peer_hits),
+            ("peer_fills", st.peer_fills),
+            ("peer_errors", st.peer_errors),
             ("bytes", st.bytes),
             ("entries", st.entries),
         ];
@@ -180,16 +183,16 @@ pub(crate) fn config_json(shared: &Shared) -> Value {
                 "cache": rt.cache.as_ref().map(|c| {
                     let st = c.stats();
                     let tiers = c.tier_stats();
-                    // Memory misses answered by a lower tier are hits of the cache.
-                    let below = tiers.as_ref().map_or(0, |t| t.disk_hits + t.shared_hits);
-                    let lookups = st.hits + st.misses + st.stale;
+                    let (hits, misses) = c.hits_and_misses();
+                    let lookups = hits + misses;
                     json!({
                         "stats": st,
-                        "hitRatio": if lookups == 0 { 0.0 } else { (st.hits + st.stale + below) as f64 / lookups as f64 },
+                        "hitRatio": if lookups == 0 { 0.0 } else { hits as f64 / lookups as f64 },
                         "maxSize": c.config().max_size,
                         "eviction": c.config().eviction.name(),
                         "diskMaxSize": c.config().disk_max_size,
                         "shared": c.config().shared,
+                        "peers": c.config().peers,
                         "tiers": tiers,
                     })
                 }),
@@ -203,8 +206,28 @@ pub(crate) fn config_json(shared: &Shared) -> Value {
         "version": table.version,
         "ready": shared.is_ready(),
         "control": shared.status(),
+        "cachePeerAddress": shared.cache_peer_address.map(|a| a.to_string()),
+        "cachePeers": peers_json(shared),
         "routes": routes,
     })
+}
+
+/// The cache peers in force: each with whether it is this agent and whether it is passed
+/// over (could not be reached lately).
+fn peers_json(shared: &Shared) -> Value {
+    let set = shared.routing.peers.load();
+    let now = crate::health::now_ms();
+    set.peers
+        .iter()
+        .map(|p| {
+            json!({
+                "node": &*p.node,
+                "address": p.addr.to_string(),
+                "me": p.me,
+                "down": p.is_down(now),
+            })
+        })
+        .collect()
 }
 
 /// A rule with the weights in force and every endpoint's health and why (and, with a slow

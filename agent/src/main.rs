@@ -108,6 +108,11 @@ struct Args {
     /// policies with `spec.cache.shared: true`.
     #[arg(long, env = "WEIR_CACHE_REDIS")]
     cache_redis: Option<String>,
+    /// Serve cache peer fills (policies with `spec.cache.peers: true`): the IP:port at which
+    /// the other agents of the zone reach this agent's proxy listener (in a pod:
+    /// `$(POD_IP):<proxy port>`). The controller then sends this agent the zone's peers.
+    #[arg(long, env = "WEIR_CACHE_PEER_ADDR")]
+    cache_peer_addr: Option<std::net::SocketAddr>,
     /// Log filter, in `tracing_subscriber::EnvFilter` syntax.
     #[arg(long, env = "WEIR_LOG", default_value = "info")]
     log: String,
@@ -147,11 +152,14 @@ fn main() -> anyhow::Result<()> {
             )?)),
         },
     });
-    let shared = Arc::new(Shared::new(
-        args.node_name.clone(),
-        args.zone.clone(),
-        args.state_dir.clone(),
-    ));
+    let shared = Arc::new(
+        Shared::new(
+            args.node_name.clone(),
+            args.zone.clone(),
+            args.state_dir.clone(),
+        )
+        .with_cache_peer_address(args.cache_peer_addr),
+    );
     shared.load_persisted();
     let access = args
         .access_log

@@ -299,7 +299,7 @@ impl Metrics {
         let cache = Family::<CacheLabels, Gauge<i64, AtomicI64>>::default();
         registry.register(
             "cache",
-            "Response cache by route: hits, misses, stale answers, coalesced waits, bypasses, stores, evictions (since start), bytes and entries (now); with lower tiers also disk_hits, disk_misses, disk_bytes, disk_entries, shared_hits, shared_misses, shared_errors, tier_writes, tier_writes_dropped",
+            "Response cache by route: hits, misses, stale answers, coalesced waits, bypasses, stores, evictions, peer_hits, peer_fills, peer_errors (since start), bytes and entries (now); with lower tiers also disk_hits, disk_misses, disk_bytes, disk_entries, shared_hits, shared_misses, shared_errors, tier_writes, tier_writes_dropped",
             cache.clone(),
         );
         registry.register(

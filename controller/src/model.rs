@@ -507,6 +507,12 @@ pub struct Cache {
     /// Also use the shared Redis/Valkey tier (agents started with `--cache-redis`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub shared: bool,
+    /// Peer fill: an agent that misses asks the agent of its zone that owns the object (by
+    /// consistent hash) before the origin; the owner answers from its cache or fills it, so
+    /// the origin sees about one fetch per object per zone (agents started with
+    /// `--cache-peer-addr`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub peers: bool,
 }
 
 /// `spec.cache.disk`.

@@ -741,6 +741,7 @@ async fn session(shared: &Shared, i: usize, url: &str, stop: &mut watch::Receive
             agent_version: concat!("weir-sim/", env!("CARGO_PKG_VERSION")).into(),
             capabilities: vec!["delta".into()],
             applied_version: lock(&slot.table).version,
+            cache_peer_address: String::new(),
         })),
     };
     if tx.send(hello).await.is_err() {

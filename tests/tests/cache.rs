@@ -18,6 +18,8 @@ use weir_tests::{Agent, Controller, Got, http_client, request, write_manifest};
 struct Seen {
     counts: HashMap<String, usize>,
     if_none_match: Option<String>,
+    /// Requests that reached the origin with peer fill's loop guard still on.
+    peer_guard: usize,
 }
 
 struct Origin {
@@ -104,6 +106,7 @@ fn answer(path: &str, n: usize, inm: Option<&str>) -> Response<Full<Bytes>> {
             .header("cache-control", "no-store")
             .header("weir-cache-control", "max-age=60"),
         "/range" | "/oic" => b.header("cache-control", "max-age=60"),
+        p if p.starts_with("/peer/") => b.header("cache-control", "max-age=60"),
         _ => b,
     };
     b.body(Full::new(Bytes::from(body))).expect("response")
@@ -132,8 +135,10 @@ async fn origin(ip: &str) -> Origin {
                         .get("if-none-match")
                         .and_then(|v| v.to_str().ok())
                         .map(String::from);
+                    let guarded = req.headers().contains_key("x-weir-peer");
                     let n = {
                         let mut seen = s.lock().expect("lock");
+                        seen.peer_guard += usize::from(guarded);
                         if inm.is_some() {
                             seen.if_none_match = inm.clone();
                         }
@@ -587,4 +592,140 @@ async fn agents_share_objects_through_redis_and_go_on_without_it() {
     assert!(t["sharedErrors"].as_u64().unwrap_or(0) >= 1, "{t}");
     // Memory still serves what it holds.
     assert_eq!(x_cache(&fetch(&b, "GET", "/fresh", &[]).await), "HIT");
+}
+
+/// An agent that serves cache peer fills on its own listener, ready.
+async fn peer_agent(c: &Controller, node: &str) -> Agent {
+    let listen = weir_tests::free_local_addr();
+    let addr = listen.to_string();
+    let a = Agent::start_with(
+        &c.url(),
+        listen,
+        weir_tests::free_local_addr(),
+        None,
+        &["--node-name", node, "--cache-peer-addr", &addr],
+    )
+    .await
+    .expect("agent");
+    a.wait_ready().await;
+    a
+}
+
+/// Waits until `agent` hashes over `n` peers.
+async fn peers(agent: &Agent, n: usize) -> serde_json::Value {
+    weir_tests::wait_for("the cache peer set", || async {
+        let cfg = agent.config().await.ok()?;
+        let peers = cfg["cachePeers"].clone();
+        (peers.as_array()?.len() == n).then_some(peers)
+    })
+    .await
+}
+
+fn cache_stats(cfg: &serde_json::Value) -> serde_json::Value {
+    cfg["routes"][0]["cache"]["stats"].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_miss_asks_the_owning_peer_so_the_origin_sees_each_object_once() {
+    let (_d, origin, c) =
+        setup_with("127.0.30.20", "{enabled: true, maxSize: 4Mi, peers: true}").await;
+    let mut agents = Vec::new();
+    for node in ["p1", "p2", "p3"] {
+        agents.push(peer_agent(&c, node).await);
+    }
+    for a in &agents {
+        let set = peers(a, 3).await;
+        assert_eq!(
+            set.as_array()
+                .expect("list")
+                .iter()
+                .filter(|p| p["me"] == true)
+                .count(),
+            1,
+            "{set}"
+        );
+    }
+    let paths: Vec<String> = (0..24).map(|i| format!("/peer/{i}")).collect();
+
+    // The first agent misses everything: it fills what it owns from the origin, and asks
+    // the owner of the rest, which fills from the origin and keeps a copy.
+    for p in &paths {
+        let got = fetch(&agents[0], "GET", p, &[]).await;
+        assert_eq!((got.status, x_cache(&got)), (200, "MISS"), "{p}: {got:?}");
+        assert_eq!(got.body, format!("{p} #1"));
+    }
+    let first = cache_stats(&agents[0].config().await.expect("config"));
+    let asked = first["peerFills"].as_u64().expect("peerFills");
+    assert!(
+        (1..24).contains(&asked),
+        "about two thirds of the keys are owned by the other two: {first}"
+    );
+    assert_eq!(first["peerErrors"], 0, "{first}");
+
+    // Every other agent gets every object without the origin: from its own memory where
+    // it owns the object (the peer fill left it there), else from the owner's cache.
+    for a in &agents[1..] {
+        for p in &paths {
+            let got = fetch(a, "GET", p, &[]).await;
+            assert_eq!(got.status, 200, "{p}: {got:?}");
+            assert!(
+                ["HIT", "PEER"].contains(&x_cache(&got)),
+                "{p}: {:?}",
+                got.headers
+            );
+            assert_eq!(got.body, format!("{p} #1"), "the origin's one answer");
+        }
+    }
+    for p in &paths {
+        assert_eq!(origin.count(&format!("GET {p}")), 1, "{p}");
+    }
+    let peer_hits: u64 = {
+        let mut n = 0;
+        for a in &agents[1..] {
+            let st = cache_stats(&a.config().await.expect("config"));
+            n += st["peerHits"].as_u64().expect("peerHits");
+        }
+        n
+    };
+    assert!(peer_hits > 0, "some objects came from a peer's cache");
+    assert_eq!(
+        origin.seen.lock().expect("lock").peer_guard,
+        0,
+        "the loop guard never reaches the origin"
+    );
+
+    // A request that carries the loop guard is never passed on to a peer.
+    let before = cache_stats(&agents[1].config().await.expect("config"));
+    for i in 0..6 {
+        let p = format!("/peer/guarded-{i}");
+        let got = fetch(&agents[1], "GET", &p, &[("x-weir-peer", "p9")]).await;
+        assert_eq!((got.status, x_cache(&got)), (200, "MISS"));
+    }
+    let after = cache_stats(&agents[1].config().await.expect("config"));
+    assert_eq!(
+        (after["peerFills"].clone(), after["peerHits"].clone()),
+        (before["peerFills"].clone(), before["peerHits"].clone()),
+        "guarded requests went to the origin, not to a peer"
+    );
+
+    // An owner dies: every request still succeeds (the next owner by score, or the
+    // origin), and the dead peer is passed over.
+    agents[2].proc.kill();
+    for i in 0..24 {
+        let p = format!("/peer/after-{i}");
+        let got = fetch(&agents[0], "GET", &p, &[]).await;
+        assert_eq!(got.status, 200, "{p}: {got:?}");
+        assert_eq!(got.body, format!("{p} #1"));
+    }
+    let cfg = agents[0].config().await.expect("config");
+    let st = cache_stats(&cfg);
+    let set = cfg["cachePeers"].as_array().cloned().unwrap_or_default();
+    let p3_gone = !set.iter().any(|p| p["node"] == "p3");
+    let p3_down = set.iter().any(|p| p["node"] == "p3" && p["down"] == true);
+    assert!(
+        st["peerErrors"].as_u64().unwrap_or(0) >= 1 && p3_down || p3_gone,
+        "the dead peer is marked down, or already gone from the set: {st} {set:?}"
+    );
+    // The controller drops it from the set (after its debounce).
+    peers(&agents[0], 2).await;
 }

@@ -39,6 +39,9 @@ pub enum XCache {
     Stale,
     /// The request was not eligible for caching.
     Bypass,
+    /// A miss here, answered from the cache of the agent that owns the object (peer fill),
+    /// without the origin.
+    Peer,
 }
 
 impl XCache {
@@ -49,6 +52,7 @@ impl XCache {
             XCache::Miss => "MISS",
             XCache::Stale => "STALE",
             XCache::Bypass => "BYPASS",
+            XCache::Peer => "PEER",
         })
     }
 

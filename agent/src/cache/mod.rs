@@ -85,6 +85,8 @@ pub struct CacheConfig {
     pub disk_max_size: u64,
     /// Whether the shared (Redis) tier is used (only with `--cache-redis`).
     pub shared: bool,
+    /// Whether a miss asks the owning peer agent first (only with `--cache-peer-addr`).
+    pub peers: bool,
 }
 
 impl CacheConfig {
@@ -104,6 +106,7 @@ impl CacheConfig {
             stale_if_error: Duration::ZERO,
             disk_max_size: 0,
             shared: false,
+            peers: false,
         }
     }
 
@@ -123,6 +126,7 @@ impl CacheConfig {
             stale_if_error: Duration::from_millis(p.stale_if_error_ms),
             disk_max_size: p.disk_max_size_bytes,
             shared: p.shared,
+            peers: p.peers,
         }))
     }
 }
@@ -137,10 +141,25 @@ pub struct CacheStats {
     bypass: AtomicU64,
     stores: AtomicU64,
     evictions: AtomicU64,
+    peer_hits: AtomicU64,
+    peer_fills: AtomicU64,
+    peer_errors: AtomicU64,
+}
+
+/// How a peer fill went (see `route::peer`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum PeerResult {
+    /// The owner answered from its cache.
+    Hit,
+    /// The owner fetched the object from the origin (and keeps it).
+    Fill,
+    /// The owner could not be asked or could not answer: the origin was asked instead.
+    Error,
 }
 
 /// A copy of a cache's counters and usage.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct StatsSnapshot {
     /// Answered fresh from the cache (including 304s to clients' own conditionals).
     pub hits: u64,
@@ -156,6 +175,12 @@ pub struct StatsSnapshot {
     pub stores: u64,
     /// Entries evicted to make room.
     pub evictions: u64,
+    /// Misses the owning peer answered from its cache (peer fill).
+    pub peer_hits: u64,
+    /// Misses the owning peer fetched from the origin for us (peer fill).
+    pub peer_fills: u64,
+    /// Peer fills that failed and went to the origin instead.
+    pub peer_errors: u64,
     /// Bytes held.
     pub bytes: u64,
     /// URIs held.
@@ -310,6 +335,27 @@ impl Cache {
         self.inner.tiers.as_ref().map(tier::Tiers::snapshot)
     }
 
+    /// Lookups answered without the origin, and those that needed it, since start: memory
+    /// misses answered by a lower tier or a peer's cache count as hits (the origin did not
+    /// see them). What load reports and hit ratios use.
+    pub fn hits_and_misses(&self) -> (u64, u64) {
+        let st = self.stats();
+        let tiers = self.tier_stats().unwrap_or_default();
+        let below = tiers.disk_hits + tiers.shared_hits + st.peer_hits;
+        (st.hits + st.stale + below, st.misses.saturating_sub(below))
+    }
+
+    /// Counts a peer fill's result.
+    pub(crate) fn note_peer(&self, result: PeerResult) {
+        let s = &self.inner.stats;
+        match result {
+            PeerResult::Hit => &s.peer_hits,
+            PeerResult::Fill => &s.peer_fills,
+            PeerResult::Error => &s.peer_errors,
+        }
+        .fetch_add(1, Relaxed);
+    }
+
     /// The config it was built with (compare to decide whether a table update keeps it).
     pub fn config(&self) -> &CacheConfig {
         &self.inner.config
@@ -332,6 +378,9 @@ impl Cache {
             bypass: s.bypass.load(Relaxed),
             stores: s.stores.load(Relaxed),
             evictions: s.evictions.load(Relaxed),
+            peer_hits: s.peer_hits.load(Relaxed),
+            peer_fills: s.peer_fills.load(Relaxed),
+            peer_errors: s.peer_errors.load(Relaxed),
             bytes: usage.bytes,
             entries: usage.entries,
         }

@@ -1190,8 +1190,10 @@ fn config_comes_from_the_proto_policy() {
         stale_if_error_ms: 300_000,
         disk_max_size_bytes: 0,
         shared: false,
+        peers: true,
     };
     let c = CacheConfig::from_proto(&p).unwrap().unwrap();
+    assert!(c.peers);
     assert_eq!(c.eviction, EvictionPolicy::TinyLfu);
     assert_eq!(c.max_object_size, 8 << 20);
     assert_eq!(c.stale_if_error, Duration::from_secs(300));

@@ -80,8 +80,8 @@ pub(crate) fn cache_totals(shared: &Shared) -> (u64, u64) {
     table
         .routes()
         .filter_map(|rt| rt.cache.as_ref())
-        .map(|c| c.stats())
-        .fold((0, 0), |(h, m), st| (h + st.hits + st.stale, m + st.misses))
+        .map(|c| c.hits_and_misses())
+        .fold((0, 0), |(h, m), (hits, misses)| (h + hits, m + misses))
 }
 
 /// TLS material for `https://` controller addresses: the CA the controller's certificate must
@@ -180,6 +180,10 @@ async fn session(
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
             capabilities: vec!["delta".into()],
             applied_version: shared.routing.table.load().version,
+            cache_peer_address: shared
+                .cache_peer_address
+                .map(|a| a.to_string())
+                .unwrap_or_default(),
         })),
     };
     tx.send(hello)
@@ -234,8 +238,13 @@ async fn session(
             Ok(None) => return Err((got_update, "stream closed by the controller".into())),
             Ok(Some(m)) => m,
         };
-        let Some(controller_message::Kind::Update(update)) = msg.kind else {
-            continue; // pings only prove liveness
+        let update = match msg.kind {
+            Some(controller_message::Kind::Update(update)) => update,
+            Some(controller_message::Kind::Peers(peers)) => {
+                shared.set_peers(&peers.peers);
+                continue;
+            }
+            _ => continue, // pings only prove liveness
         };
         got_update = true;
         let version = update.version;

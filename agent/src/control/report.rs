@@ -124,10 +124,7 @@ impl LoadReporter {
         for rt in table.routes() {
             let mark = RouteMark {
                 totals: rt.counters.totals(),
-                cache: rt.cache.as_ref().map_or((0, 0), |c| {
-                    let st = c.stats();
-                    (st.hits + st.stale, st.misses)
-                }),
+                cache: rt.cache.as_ref().map_or((0, 0), |c| c.hits_and_misses()),
             };
             let before = self
                 .routes

@@ -134,6 +134,8 @@ type Latest = Option<(u64, Arc<Table>)>;
 pub struct Shared {
     pub(crate) node_name: String,
     pub(crate) zone: String,
+    /// `--cache-peer-addr`: where other agents reach this one for cache peer fills.
+    pub(crate) cache_peer_address: Option<SocketAddr>,
     /// What the request path reads: the table in force, the counters, endpoint health.
     pub(crate) routing: Arc<Routing>,
     ready: AtomicBool,
@@ -160,6 +162,7 @@ impl Shared {
         Self {
             node_name,
             zone,
+            cache_peer_address: None,
             routing: Arc::new(Routing::new(Metrics::new(), Endpoints::new(tx))),
             ready: AtomicBool::new(false),
             draining: AtomicBool::new(false),
@@ -171,6 +174,26 @@ impl Shared {
             latest: watch::Sender::new(None),
             written: tokio::sync::Mutex::new(0),
         }
+    }
+
+    /// Serves cache peer fills at `addr` (`--cache-peer-addr`): the controller then sends
+    /// this agent its zone's peers.
+    pub fn with_cache_peer_address(mut self, addr: Option<SocketAddr>) -> Self {
+        self.cache_peer_address = addr;
+        self
+    }
+
+    /// Puts the controller's cache peer list in force; a peer it cannot use is logged.
+    pub(crate) fn set_peers(&self, list: &[weir_proto::v1::CachePeer]) {
+        if self.cache_peer_address.is_none() {
+            return; // not asked for: this agent takes no part
+        }
+        let (set, errors) = crate::route::PeerSet::new(list, &self.node_name);
+        for e in errors {
+            tracing::warn!(error = %e, "cache peer left out");
+        }
+        tracing::info!(peers = set.peers.len(), "cache peer set in force");
+        self.routing.set_peers(set);
     }
 
     /// What the request path reads, for a listener's workers.

@@ -1,8 +1,10 @@
 //! The cached path: a request on a route with a response cache is answered from the cache
 //! where RFC 9111 allows, otherwise forwarded with the cache filled from the answer as it
 //! streams to the client (concurrent misses for one object wait for the first one's answer;
-//! a stale answer is refreshed once in the background).
+//! a stale answer is refreshed once in the background). A miss may ask the agent that owns
+//! the object first ([`super::peer`]).
 
+use super::peer::X_WEIR_PEER;
 use super::{Body, Routed, Worker, up_body};
 use crate::cache::policy::WEIR_CACHE_CONTROL;
 use crate::cache::{Cache, Lookup, XCache};
@@ -11,6 +13,7 @@ use crate::http::headers::X_WEIR_ERROR;
 use bytes::Bytes;
 use http::{Method, Request, Response};
 use http_body_util::{BodyExt, Either, Full};
+use hyper::body::Body as _;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -26,6 +29,9 @@ impl Worker {
     ) -> Response<Body> {
         let now = SystemTime::now();
         let full = |r: Response<Bytes>| r.map(|b| Either::Right(Full::new(b)));
+        // The loop guard of peer fill: a peer's request is answered here (from the cache or
+        // the origin), never passed to another peer, and the origin does not see the field.
+        let from_peer = parts.headers.remove(X_WEIR_PEER).is_some();
         let fill = match cache.lookup(&host, &parts, now) {
             Lookup::Hit(r) => return full(r),
             Lookup::Stale { response, refresh } => {
@@ -51,7 +57,19 @@ impl Worker {
             }
             Lookup::Miss(fill) => match fill.from_tiers(&parts.headers, now).await {
                 Ok(r) => return full(r),
-                Err(mut fill) => {
+                Err(fill) => {
+                    let mut fill = if cache.config().peers
+                        && !from_peer
+                        && parts.method == Method::GET
+                        && body.is_end_stream()
+                    {
+                        match self.ask_peer(&cache, &host, &parts, &routed, fill).await {
+                            Ok(resp) => return resp,
+                            Err(fill) => fill,
+                        }
+                    } else {
+                        fill
+                    };
                     fill.add_validators(&mut parts.headers);
                     Some(fill)
                 }

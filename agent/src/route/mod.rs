@@ -1,6 +1,6 @@
 //! Routing one request: the host picks a route of the table in force and the request picks a
 //! rule ([`Worker::handle`]); then either the cached path ([`cached`]) or straight to the try
-//! loop ([`forward`]), which asks [`retry`] what each try's result means and [`outcome`] to
+//! loop ([`forward`]) (a cache miss may ask the owning peer agent first, [`peer`]), which asks [`retry`] what each try's result means and [`outcome`] to
 //! record it and build the answer.
 //!
 //! Each request is handled on its own: the table is loaded once per request, so a request in
@@ -12,10 +12,12 @@ pub(crate) mod limit;
 pub(crate) mod matcher;
 pub(crate) mod mirror;
 mod outcome;
+pub(crate) mod peer;
 pub(crate) mod retry;
 pub(crate) mod table;
 mod upgrade;
 
+pub use peer::PeerSet;
 pub(crate) use upgrade::{Downstream, Switched, Upgrade};
 
 use crate::cache::TeeBody;
@@ -57,6 +59,9 @@ pub struct Routing {
     pub(crate) endpoints: Endpoints,
     /// Access logs and tracing, set once at start (unset: off).
     observe: OnceLock<Observe>,
+    /// The cache peers of this agent's zone, as the controller last sent them (see
+    /// [`peer`]).
+    pub(crate) peers: ArcSwap<PeerSet>,
 }
 
 impl Routing {
@@ -66,7 +71,13 @@ impl Routing {
             metrics,
             endpoints,
             observe: OnceLock::new(),
+            peers: ArcSwap::from_pointee(PeerSet::default()),
         }
+    }
+
+    /// Puts a new cache peer set in force (peers marked down in the old one start up).
+    pub fn set_peers(&self, peers: PeerSet) {
+        self.peers.store(Arc::new(peers));
     }
 
     /// Switches on access logs and tracing; only the first call counts (at start, before

@@ -380,6 +380,7 @@ mod tests {
             zone: "z1".into(),
             agent_version: "0.1.0".into(),
             peer: String::new(),
+            cache_peer_address: String::new(),
             connected_at_unix_ms: 0,
             sent_version: applied,
             applied_version: applied,

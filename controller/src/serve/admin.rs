@@ -334,6 +334,7 @@ mod tests {
             zone: String::new(),
             agent_version: String::new(),
             peer: String::new(),
+            cache_peer_address: String::new(),
             connected_at_unix_ms: 0,
             sent_version: 9,
             applied_version: applied,

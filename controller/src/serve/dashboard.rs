@@ -436,6 +436,7 @@ mod tests {
                 zone: "<b>z</b>".into(),
                 agent_version: "0.1.0".into(),
                 peer: "127.0.0.1:1".into(),
+                cache_peer_address: String::new(),
                 connected_at_unix_ms: 0,
                 sent_version: 3,
                 applied_version: 2,

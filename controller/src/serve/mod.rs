@@ -3,12 +3,13 @@
 //! cluster), and [`admin`]
 //! serves health, metrics, `/state` and the [`dashboard`]; [`load`] turns agents' load reports
 //! into load-aware weights, and [`traffic`] into per-route traffic and agent-side endpoint
-//! health.
+//! health; [`peers`] keeps the cache peer sets agents hash objects over.
 
 pub mod admin;
 pub(crate) mod dashboard;
 pub mod hub;
 pub mod load;
+pub(crate) mod peers;
 pub mod server;
 pub mod tls;
 pub(crate) mod traffic;

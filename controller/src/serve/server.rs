@@ -8,6 +8,7 @@
 
 use crate::routing::load::Sample;
 use crate::serve::hub::{Hub, Table};
+use crate::serve::peers::{PeerSets, Peers};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use serde::Serialize;
@@ -38,6 +39,9 @@ pub(crate) struct AgentState {
     pub zone: String,
     pub agent_version: String,
     pub peer: String,
+    /// Where other agents reach it for cache peer fills (empty: it serves none).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub cache_peer_address: String,
     pub connected_at_unix_ms: u64,
     /// The last version sent to the agent.
     pub sent_version: u64,
@@ -80,6 +84,8 @@ pub struct Agents {
     samples: Mutex<BTreeMap<String, Sample>>,
     /// Every session's last LoadReport, for `/state` and the dashboard.
     pub(crate) reports: crate::serve::traffic::Reports,
+    /// The cache peer sets pushed to agents that serve peer fills.
+    pub(crate) peers: Peers,
     next_id: AtomicU64,
     pub updates_sent: AtomicU64,
     /// Bytes of routing updates sent, over all sessions.
@@ -97,6 +103,7 @@ impl Default for Agents {
             sessions: Mutex::default(),
             samples: Mutex::default(),
             reports: Default::default(),
+            peers: Peers::default(),
             next_id: AtomicU64::default(),
             updates_sent: AtomicU64::default(),
             bytes_sent: AtomicU64::default(),
@@ -115,6 +122,18 @@ impl Agents {
 
     pub(crate) fn list(&self) -> Vec<AgentState> {
         self.lock().values().cloned().collect()
+    }
+
+    /// The cache peer sets of the agents connected now (see [`crate::serve::peers`]).
+    pub(crate) fn peer_sets(&self) -> PeerSets {
+        let sessions = self.lock();
+        PeerSets::of(sessions.values().map(|a| {
+            (
+                a.node_name.as_str(),
+                a.zone.as_str(),
+                a.cache_peer_address.as_str(),
+            )
+        }))
     }
 
     /// Takes the endpoint figures gathered since the last call.
@@ -155,8 +174,12 @@ struct SessionGuard {
 impl Drop for SessionGuard {
     fn drop(&mut self) {
         self.agents.reports.remove(self.id);
-        if let Some(a) = self.agents.lock().remove(&self.id) {
+        let removed = self.agents.lock().remove(&self.id);
+        if let Some(a) = removed {
             tracing::info!(node = %a.node_name, peer = %a.peer, "agent disconnected");
+            if !a.cache_peer_address.is_empty() {
+                self.agents.peers.notify();
+            }
         }
     }
 }
@@ -218,8 +241,18 @@ impl DiscoveryService {
         if hello.node_name.is_empty() {
             return Err(Status::invalid_argument("Hello.node_name is empty"));
         }
+        let cache_peer_address = hello.cache_peer_address.trim().to_owned();
+        if !cache_peer_address.is_empty()
+            && cache_peer_address.parse::<std::net::SocketAddr>().is_err()
+        {
+            return Err(Status::invalid_argument(format!(
+                "Hello.cache_peer_address {cache_peer_address:?} is not an IP:port"
+            )));
+        }
         let id = self.agents.next_id.fetch_add(1, Ordering::Relaxed);
-        tracing::info!(node = %hello.node_name, zone = %hello.zone, %peer, "agent connected");
+        tracing::info!(node = %hello.node_name, zone = %hello.zone, %peer, cache_peer = %cache_peer_address, "agent connected");
+        let zone = hello.zone.clone();
+        let serves_peers = !cache_peer_address.is_empty();
         self.agents.lock().insert(
             id,
             AgentState {
@@ -227,6 +260,7 @@ impl DiscoveryService {
                 zone: hello.zone,
                 agent_version: hello.agent_version,
                 peer,
+                cache_peer_address,
                 connected_at_unix_ms: now_ms(),
                 sent_version: 0,
                 // Hello's version may come from another replica, whose versions are numbered
@@ -240,6 +274,9 @@ impl DiscoveryService {
         );
         // A small buffer: back-pressure from a slow agent stops this session from reading
         // the watch channel, which then simply holds the newest table for it.
+        if serves_peers {
+            self.agents.peers.changed(&self.agents);
+        }
         let (tx, rx) = mpsc::channel(2);
         let session = Session {
             guard: SessionGuard {
@@ -247,6 +284,8 @@ impl DiscoveryService {
                 id,
             },
             tables: self.hub.subscribe(),
+            peers: serves_peers.then(|| (self.agents.peers.subscribe(), zone)),
+            peers_sent: None,
             inbound,
             tx,
             sent: None,
@@ -259,9 +298,24 @@ impl DiscoveryService {
     }
 }
 
+/// Resolves when the peer sets change (`None` at once, so `select!` skips the branch, for an
+/// agent that serves no peer fills).
+async fn peers_changed(
+    peers: &mut Option<(tokio::sync::watch::Receiver<Arc<PeerSets>>, String)>,
+) -> Option<Result<(), tokio::sync::watch::error::RecvError>> {
+    match peers {
+        Some((rx, _)) => Some(rx.changed().await),
+        None => None,
+    }
+}
+
 struct Session {
     guard: SessionGuard,
     tables: tokio::sync::watch::Receiver<Arc<Table>>,
+    /// The cache peer sets and the agent's zone, for an agent that serves peer fills.
+    peers: Option<(tokio::sync::watch::Receiver<Arc<PeerSets>>, String)>,
+    /// The peer list last sent.
+    peers_sent: Option<Encoded>,
     inbound: Streaming<AgentMessage>,
     tx: mpsc::Sender<Result<Encoded, Status>>,
     /// The table last sent; `None` forces a full table next.
@@ -277,7 +331,7 @@ impl Session {
     async fn run(mut self) {
         let table = self.tables.borrow_and_update().clone();
         self.acked = table.version;
-        if !self.send_table(table).await {
+        if !self.send_table(table).await || !self.send_peers().await {
             return;
         }
         let mut ping = tokio::time::interval(PING_INTERVAL);
@@ -290,6 +344,11 @@ impl Session {
                     }
                     let table = self.tables.borrow_and_update().clone();
                     if !self.send_table(table).await {
+                        return;
+                    }
+                }
+                Some(changed) = peers_changed(&mut self.peers) => {
+                    if changed.is_err() || !self.send_peers().await {
                         return;
                     }
                 }
@@ -324,6 +383,31 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// Sends the agent's zone's peer list if it changed since the last one sent; false if
+    /// the agent is gone.
+    async fn send_peers(&mut self) -> bool {
+        let Some((rx, zone)) = &mut self.peers else {
+            return true;
+        };
+        let sets = rx.borrow_and_update().clone();
+        // A zone with no serving agent left is sent as an empty list.
+        let message = sets.message(zone).cloned().unwrap_or_else(|| {
+            Encoded::of(&ControllerMessage {
+                kind: Some(controller_message::Kind::Peers(Default::default())),
+            })
+        });
+        if self.peers_sent.as_ref() == Some(&message)
+            || (self.peers_sent.is_none() && sets.message(zone).is_none())
+        {
+            return true;
+        }
+        if self.tx.send(Ok(message.clone())).await.is_err() {
+            return false;
+        }
+        self.peers_sent = Some(message);
+        true
     }
 
     /// Handles one agent message; returns false when the session should end.

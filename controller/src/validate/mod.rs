@@ -734,6 +734,7 @@ impl Validator {
             ),
             disk_max_size_bytes: self.cache_disk(c, max_size_bytes),
             shared: c.shared,
+            peers: c.peers,
         }
     }
 

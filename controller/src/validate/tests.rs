@@ -187,6 +187,7 @@ fn the_full_design_doc_example_normalises_every_field() {
             stale_if_error_ms: 300_000,
             disk_max_size_bytes: 0,
             shared: false,
+            peers: false,
         })
     );
 }
@@ -201,11 +202,15 @@ fn cache_tiers_are_validated_with_field_paths() {
             max_size: "1Gi".into(),
         }),
         shared: true,
+        peers: true,
         ..Default::default()
     });
     let route = valid(&spec);
     let cache = route.cache.expect("cache");
-    assert_eq!((cache.disk_max_size_bytes, cache.shared), (1 << 30, true));
+    assert_eq!(
+        (cache.disk_max_size_bytes, cache.shared, cache.peers),
+        (1 << 30, true, true)
+    );
     for (size, msg) in [
         ("0", "must be greater than 0"),
         ("1Mi", "smaller than spec.cache.maxSize"),
