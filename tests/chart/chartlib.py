@@ -122,7 +122,23 @@ SCENARIOS: dict[str, dict[str, Any] | None] = {
         },
         "serviceMonitor": {"enabled": True, "interval": "15s", "scrapeTimeout": "5s"},
     },
+    # The agent's lower cache tiers, one at a time so that a flag the binary lacks names
+    # its own scenario.
+    "cache-disk": {"agent": {"cache": {"disk": {"enabled": True, "sizeLimit": "5Gi"}}}},
+    "cache-redis": {"agent": {"cache": {"redis": {"url": "redis://valkey.cache.svc:6379/2"}}}},
+    "cache-peers": {"agent": {"proxyPort": 8080, "cache": {"peers": {"enabled": True}}}},
 }
+
+# Values that give the agent access to its node (hostNetwork, hostPath). They need a
+# namespace that allows privileged pods and add a root init container (no probes), so the
+# tests of the "restricted" Pod Security Standard and of every container's probes leave
+# them out; every other test renders them too (ALL_SCENARIOS).
+HOST_SCENARIOS: dict[str, dict[str, Any]] = {
+    "host-network": {"agent": {"hostNetwork": True}},
+    "cache-disk-host-path": {"agent": {"cache": {"disk": {"enabled": True, "hostPath": "/var/cache/weir-edge"}}}},
+}
+
+ALL_SCENARIOS: dict[str, dict[str, Any] | None] = {**SCENARIOS, **HOST_SCENARIOS}
 
 
 @dataclass

@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from chartlib import (
+    ALL_SCENARIOS,
     CHART,
     KUBE_VERSIONS,
     NAMESPACE,
@@ -33,11 +34,13 @@ from chartlib import (
     selects,
 )
 
+# scenario_names: the pod-network, "restricted" ones; all_scenario_names adds HOST_SCENARIOS.
 scenario_names = list(SCENARIOS)
+all_scenario_names = list(ALL_SCENARIOS)
 
 
 def rendered(name: str):
-    return render(SCENARIOS[name])
+    return render(ALL_SCENARIOS[name])
 
 
 def workload(r, component: str):
@@ -58,7 +61,7 @@ def args_of(r, component: str) -> dict:
 
 
 @pytest.mark.parametrize("version", KUBE_VERSIONS)
-@pytest.mark.parametrize("scenario", scenario_names)
+@pytest.mark.parametrize("scenario", all_scenario_names)
 def test_every_object_validates_against_the_kubernetes_schemas(scenario, version):
     r = rendered(scenario)
     assert r.docs, "the chart rendered no objects"
@@ -72,7 +75,7 @@ def test_every_object_validates_against_the_kubernetes_schemas(scenario, version
     assert not errors, "\n".join(errors)
 
 
-@pytest.mark.parametrize("scenario", scenario_names)
+@pytest.mark.parametrize("scenario", all_scenario_names)
 def test_only_known_third_party_kinds_escape_schema_validation(scenario):
     import kubernetes_validate
 
@@ -85,7 +88,7 @@ def test_only_known_third_party_kinds_escape_schema_validation(scenario):
             )
 
 
-@pytest.mark.parametrize("scenario", scenario_names)
+@pytest.mark.parametrize("scenario", all_scenario_names)
 def test_objects_are_namespaced_in_the_release_namespace_and_uniquely_named(scenario):
     r = rendered(scenario)
     cluster_scoped = {"ClusterRole", "ClusterRoleBinding"}
@@ -145,9 +148,9 @@ def test_chart_metadata_follows_helm_v3_conventions():
 # --- helm lint and the values schema -----------------------------------------------------
 
 
-@pytest.mark.parametrize("scenario", scenario_names)
+@pytest.mark.parametrize("scenario", all_scenario_names)
 def test_helm_lint_is_clean(scenario):
-    report = helm.lint(CHART, SCENARIOS[scenario], strict=True, namespace=NAMESPACE, kube_version="v1.30.0")
+    report = helm.lint(CHART, ALL_SCENARIOS[scenario], strict=True, namespace=NAMESPACE, kube_version="v1.30.0")
     assert report["errors"] == []
     assert report["total_charts_linted"] == 1
     # Severity 1 is INFO (only "icon is recommended": the project has no icon URL).
@@ -160,7 +163,7 @@ def test_default_values_satisfy_the_values_schema():
     with helm.Chart.load(CHART) as chart:
         assert chart.schema is not None, "values.schema.json is missing"
         chart.validate_schema(None)
-        for values in SCENARIOS.values():
+        for values in ALL_SCENARIOS.values():
             chart.validate_schema(values)
 
 
@@ -181,6 +184,13 @@ def test_default_values_satisfy_the_values_schema():
         ({"serviceMonitor": {"enabled": "yes"}}, "/serviceMonitor/enabled"),
         ({"tls": {"certManager": {"issuerRef": {"name": "x", "kind": "Vault"}}}}, "/tls/certManager/issuerRef/kind"),
         ({"bindAddress": "localhost"}, "/bindAddress"),
+        ({"agent": {"cache": {"shared": {"url": "redis://r:6379"}}}}, "shared"),
+        ({"agent": {"cache": {"disk": {"enabled": "yes"}}}}, "/agent/cache/disk/enabled"),
+        ({"agent": {"cache": {"disk": {"hostPath": "var/cache/weir"}}}}, "/agent/cache/disk/hostPath"),
+        ({"agent": {"cache": {"disk": {"sizeLimit": "lots"}}}}, "/agent/cache/disk/sizeLimit"),
+        ({"agent": {"cache": {"redis": {"url": "valkey.cache.svc:6379"}}}}, "/agent/cache/redis/url"),
+        ({"agent": {"cache": {"redis": {"url": "rediss://valkey.cache.svc:6380"}}}}, "/agent/cache/redis/url"),
+        ({"agent": {"cache": {"peers": {"enabled": 1}}}}, "/agent/cache/peers/enabled"),
     ],
 )
 def test_the_values_schema_rejects_mistakes(values, where):
@@ -205,7 +215,7 @@ def _all_strings(value):
             yield from _all_strings(v)
 
 
-@pytest.mark.parametrize("scenario", scenario_names)
+@pytest.mark.parametrize("scenario", all_scenario_names)
 def test_rbac_has_no_wildcards(scenario):
     for d in rendered(scenario).docs:
         if d["kind"] in ("ClusterRole", "Role"):
@@ -282,7 +292,7 @@ def test_only_the_controller_service_account_is_bound(scenario):
         assert controller_sa == "weir-ctl"
 
 
-@pytest.mark.parametrize("scenario", scenario_names)
+@pytest.mark.parametrize("scenario", all_scenario_names)
 def test_the_agent_has_no_kubernetes_api_access(scenario):
     r = rendered(scenario)
     spec = workload(r, "agent")["spec"]["template"]["spec"]
@@ -354,7 +364,7 @@ def test_the_agent_needs_no_host_access(scenario):
 # --- wiring: Services, ports, flags ---------------------------------------------------------
 
 
-@pytest.mark.parametrize("scenario", scenario_names)
+@pytest.mark.parametrize("scenario", all_scenario_names)
 def test_the_agent_service_keeps_traffic_on_the_node(scenario):
     r = rendered(scenario)
     svc = r.by_component("Service", "agent")
@@ -368,7 +378,7 @@ def test_the_agent_service_keeps_traffic_on_the_node(scenario):
     assert proxy["port"] == r.values["agent"]["proxyPort"]
 
 
-@pytest.mark.parametrize("scenario", scenario_names)
+@pytest.mark.parametrize("scenario", all_scenario_names)
 def test_services_select_their_pods_and_named_ports(scenario):
     r = rendered(scenario)
     for component in ("controller", "agent"):
@@ -381,7 +391,7 @@ def test_services_select_their_pods_and_named_ports(scenario):
             assert p["targetPort"] in names, f"{component} Service port {p['name']} targets nothing"
 
 
-@pytest.mark.parametrize("scenario", scenario_names)
+@pytest.mark.parametrize("scenario", all_scenario_names)
 def test_flags_and_env_exist_in_the_binaries(scenario):
     """The chart passes only flags the binaries declare (a stray flag crash-loops the pod)."""
     r = rendered(scenario)
@@ -391,13 +401,15 @@ def test_flags_and_env_exist_in_the_binaries(scenario):
         c = container_of(r, component)
         unknown = set(flag_values(c["args"])) - cli.flags
         assert not unknown, f"{component}: {main_rs} has no flag(s) {sorted(unknown)}"
+        # Variables the args use as $(NAME) are read by the kubelet, not the binary.
+        expanded = {n for a in c["args"] for n in re.findall(r"\$\((\w+)\)", a)}
         for env in c.get("env", []):
-            if env["name"] in {e["name"] for e in r.values[component].get("extraEnv", [])}:
+            if env["name"] in {e["name"] for e in r.values[component].get("extraEnv", [])} | expanded:
                 continue
             assert env["name"] in cli.envs, f"{component}: {main_rs} reads no env {env['name']}"
 
 
-@pytest.mark.parametrize("scenario", scenario_names)
+@pytest.mark.parametrize("scenario", all_scenario_names)
 def test_the_downward_api_supplies_namespace_and_node_name(scenario):
     r = rendered(scenario)
     ctl_env = {e["name"]: e for e in container_of(r, "controller")["env"]}
@@ -406,7 +418,7 @@ def test_the_downward_api_supplies_namespace_and_node_name(scenario):
     assert agent_env["WEIR_NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
 
 
-@pytest.mark.parametrize("scenario", scenario_names)
+@pytest.mark.parametrize("scenario", all_scenario_names)
 def test_listeners_match_ports_and_probes(scenario):
     r = rendered(scenario)
     bind = r.values["bindAddress"]
@@ -422,7 +434,7 @@ def test_listeners_match_ports_and_probes(scenario):
             assert args[flag] == [f"{host}:{ports[port_name]}"], f"{component} --{flag}"
 
 
-@pytest.mark.parametrize("scenario", scenario_names)
+@pytest.mark.parametrize("scenario", all_scenario_names)
 def test_agents_dial_the_controller_service(scenario):
     r = rendered(scenario)
     plaintext = r.values["tls"]["mode"] == "plaintext"
@@ -435,7 +447,7 @@ def test_agents_dial_the_controller_service(scenario):
     assert u.port == grpc["port"]
 
 
-@pytest.mark.parametrize("scenario", scenario_names)
+@pytest.mark.parametrize("scenario", all_scenario_names)
 def test_tls_flags_and_secrets_line_up(scenario):
     r = rendered(scenario)
     mode = r.values["tls"]["mode"]
@@ -873,3 +885,91 @@ def test_host_network_agents_take_the_sockets_over_surge_first():
         for doc in r.docs:
             if (doc["apiVersion"], doc["kind"]) not in THIRD_PARTY_KINDS:
                 assert kube_validate(doc, version) is None, doc["kind"]
+
+
+# --- the agent's cache tiers (agent.cache) -------------------------------------------------
+
+CACHE_FLAGS = {"cache-dir", "cache-redis", "cache-peer-addr"}
+
+
+def _agent_pod(r):
+    return workload(r, "agent")["spec"]["template"]["spec"]
+
+
+@pytest.mark.parametrize("scenario", ["default", "custom", "host-network"])
+def test_cache_tiers_are_off_unless_asked_for(scenario):
+    r = rendered(scenario)
+    agent = container_of(r, "agent")
+    assert not CACHE_FLAGS & set(flag_values(agent["args"]))
+    assert "POD_IP" not in {e["name"] for e in agent["env"]}
+    assert "cache" not in {v["name"] for v in _agent_pod(r)["volumes"]}
+    assert "cache" not in {m["name"] for m in agent["volumeMounts"]}
+    # A hostPath alone does not turn the tier on.
+    r = render({"agent": {"cache": {"disk": {"hostPath": "/var/cache/weir"}}}})
+    assert "cache-dir" not in args_of(r, "agent")
+    assert "initContainers" not in _agent_pod(r)
+
+
+def test_the_disk_tier_gets_an_emptydir_of_its_own():
+    r = rendered("cache-disk")
+    spec = _agent_pod(r)
+    agent = container_of(r, "agent")
+    (cache_dir,) = flag_values(agent["args"])["cache-dir"]
+    (mount,) = [m for m in agent["volumeMounts"] if m["mountPath"] == cache_dir]
+    assert not mount.get("readOnly")
+    (vol,) = [v for v in spec["volumes"] if v["name"] == mount["name"]]
+    assert vol == {"name": mount["name"], "emptyDir": {"sizeLimit": "5Gi"}}
+    # Not the state folder (16Mi, persisted routing table) and not under it.
+    state = next(m["mountPath"] for m in agent["volumeMounts"] if m["name"] == "state")
+    assert not cache_dir.startswith(state + "/") and cache_dir != state
+    assert agent["securityContext"]["readOnlyRootFilesystem"] is True
+    assert "initContainers" not in spec, "an emptyDir takes fsGroup: no chown needed"
+    # Default size; null removes the limit.
+    default = _agent_pod(render({"agent": {"cache": {"disk": {"enabled": True}}}}))
+    assert {"name": vol["name"], "emptyDir": {"sizeLimit": "1Gi"}} in default["volumes"]
+    unbounded = _agent_pod(render({"agent": {"cache": {"disk": {"enabled": True, "sizeLimit": None}}}}))
+    assert {"name": vol["name"], "emptyDir": {}} in unbounded["volumes"]
+
+
+def test_the_disk_tier_on_a_host_path_is_given_to_the_agent_user():
+    r = rendered("cache-disk-host-path")
+    spec = _agent_pod(r)
+    agent = container_of(r, "agent")
+    (cache_dir,) = flag_values(agent["args"])["cache-dir"]
+    (mount,) = [m for m in agent["volumeMounts"] if m["mountPath"] == cache_dir]
+    (vol,) = [v for v in spec["volumes"] if v["name"] == mount["name"]]
+    assert vol == {"name": mount["name"], "hostPath": {"path": "/var/cache/weir-edge", "type": "DirectoryOrCreate"}}
+    (init,) = spec["initContainers"]
+    assert [(m["name"], m["mountPath"]) for m in init["volumeMounts"]] == [(vol["name"], cache_dir)]
+    sc = spec["securityContext"]
+    assert f"chown {sc['runAsUser']}:{sc['runAsGroup']} {cache_dir}" in init["command"][-1]
+    assert init["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["CHOWN"]}
+    assert init["securityContext"]["readOnlyRootFilesystem"] is True
+    assert agent["securityContext"]["readOnlyRootFilesystem"] is True
+    # With hostNetwork too: both folders get their init container, under distinct names.
+    both = _agent_pod(render({"agent": {"hostNetwork": True, "cache": {"disk": {"enabled": True, "hostPath": "/var/cache/weir"}}}}))
+    inits = {i["name"]: i["volumeMounts"][0]["mountPath"] for i in both["initContainers"]}
+    assert inits == {"handoff-dir": "/run/weir", "cache-dir": "/var/cache/weir"}
+
+
+def test_the_shared_tier_gets_the_url_verbatim():
+    r = rendered("cache-redis")
+    assert args_of(r, "agent")["cache-redis"] == ["redis://valkey.cache.svc:6379/2"]
+    assert {v["name"] for v in _agent_pod(r)["volumes"]} == {v["name"] for v in _agent_pod(rendered("default"))["volumes"]}
+    # Characters YAML would read otherwise (#, ", :) survive the template.
+    url = 'redis://:p#w"d: x@valkey:6379'
+    r = render({"agent": {"cache": {"redis": {"url": url.replace(" ", "")}}}})
+    assert args_of(r, "agent")["cache-redis"] == [url.replace(" ", "")]
+
+
+def test_peers_reach_this_agent_at_its_pod_ip_and_proxy_port():
+    r = rendered("cache-peers")
+    agent = container_of(r, "agent")
+    (addr,) = flag_values(agent["args"])["cache-peer-addr"]
+    proxy = next(p["containerPort"] for p in agent["ports"] if p["name"] == "proxy")
+    assert proxy == 8080
+    assert addr == f"$(POD_IP):{proxy}"
+    # The kubelet expands $(POD_IP) only from a variable the container defines.
+    env = {e["name"]: e for e in agent["env"]}
+    assert env["POD_IP"] == {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}
+    assert not {"cache-dir", "cache-redis"} & set(flag_values(agent["args"]))

@@ -541,12 +541,18 @@ impl Cache {
 
     /// Removes everything; returns how many entries went.
     pub fn purge_all(&self) -> u64 {
+        if let Some(t) = &self.inner.tiers {
+            t.purge_shared(None, "");
+        }
         self.retain(&mut |_| false)
     }
 
     /// Removes every entry of `host` (case-insensitive, port ignored).
     pub fn purge_host(&self, host: &str) -> u64 {
         let host = normalize_purge_host(host);
+        if let Some(t) = &self.inner.tiers {
+            t.purge_shared(Some(&host), "");
+        }
         self.retain(&mut |k| k.host() != host)
     }
 
@@ -554,6 +560,9 @@ impl Cache {
     /// when given.
     pub fn purge_prefix(&self, host: Option<&str>, prefix: &str) -> u64 {
         let host = host.map(normalize_purge_host);
+        if let Some(t) = &self.inner.tiers {
+            t.purge_shared(host.as_deref(), prefix);
+        }
         self.retain(&mut |k| {
             !(host.as_deref().is_none_or(|h| k.host() == h)
                 && k.path_and_query().starts_with(prefix))

@@ -159,3 +159,34 @@ seccompProfile:
 - --tls-ca=/etc/weir/tls/ca.crt
 {{- end }}
 {{- end }}
+
+{{/*
+An init container that gives a hostPath folder of the agent to the agent's user; pass
+(list $ containerName volumeName mountPath). The kubelet creates hostPath folders
+root-owned; the agent (not root) must be able to write there, and nobody else to reach it.
+*/}}
+{{- define "weir.agent.ownDirInit" -}}
+{{- $ctx := index . 0 }}
+{{- $img := $ctx.Values.agent.handoff.initImage }}
+{{- $path := index . 3 }}
+- name: {{ index . 1 }}
+  image: {{ include "weir.image" (list $ctx $img) }}
+  imagePullPolicy: {{ $img.pullPolicy }}
+  command: ["sh", "-c", "chmod 0700 {{ $path }} && chown 65532:65532 {{ $path }}"]
+  resources:
+    requests: {cpu: 10m, memory: 16Mi}
+    limits: {memory: 16Mi}
+  securityContext:
+    runAsNonRoot: false
+    runAsUser: 0
+    allowPrivilegeEscalation: false
+    readOnlyRootFilesystem: true
+    capabilities:
+      drop: ["ALL"]
+      add: ["CHOWN"]
+    seccompProfile:
+      type: RuntimeDefault
+  volumeMounts:
+    - name: {{ index . 2 }}
+      mountPath: {{ $path }}
+{{- end }}

@@ -10,7 +10,7 @@
 //! are already pending (a slow disk or Redis must not pile up memory). Disk keeps
 //! everything it can (its size bound evicts, LRU), stale objects included, since they can
 //! be revalidated; Redis keeps an object for as long as it stays usable (fresh, then its
-//! stale windows), as `PX`.
+//! stale windows), as `PX`. Purges reach both: disk at once, Redis on a background scan.
 
 pub(crate) mod codec;
 pub(crate) mod disk;
@@ -245,10 +245,21 @@ impl Tiers {
         }
     }
 
-    /// Removes from disk every key that fails `keep` (purges). Redis entries are left to
-    /// expire: finding them would mean a SCAN over a shared server.
+    /// Removes from disk every key that fails `keep` (purges). Redis is purged by
+    /// [`Tiers::purge_shared`]: a closure cannot be a SCAN pattern.
     pub(crate) fn retain(&self, keep: &mut dyn FnMut(&Key) -> bool) -> u64 {
         self.disk.as_ref().map_or(0, |d| d.retain(keep))
+    }
+
+    /// Deletes from Redis the objects of `host` (every host when `None`) whose path and
+    /// query start with `prefix` (`""`: all), in the background (see
+    /// [`SharedTier::purge`]). Redis is shared by every agent that uses it: a purge on one
+    /// agent clears those objects for all of them, and for every policy that stores the
+    /// same host. Returns at once; the deletions are logged when they end.
+    pub(crate) fn purge_shared(&self, host: Option<&str>, prefix: &str) {
+        if let Some(shared) = &self.shared {
+            shared.purge(host, prefix);
+        }
     }
 
     pub(crate) fn snapshot(&self) -> TierSnapshot {

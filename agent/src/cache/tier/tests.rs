@@ -1,5 +1,7 @@
-//! The lower tiers without a network: the byte form, the disk tier over a temporary
-//! folder (restart, eviction, damaged files), and a memory miss answered from disk.
+//! The lower tiers: the byte form, the disk tier over a temporary folder (restart,
+//! eviction, damaged files), a memory miss answered from disk, and purges reaching the
+//! shared tier, against a `redis-server` of the test's own (Debian's package; `.ci/run`
+//! installs it) on a Unix socket.
 
 use super::disk::DiskTier;
 use super::*;
@@ -193,4 +195,361 @@ fn remaining_use_covers_freshness_and_the_stale_windows() {
     assert_eq!(left("/a"), 110_000);
     assert_eq!(left("/b"), 15_000);
     assert_eq!(left("/c"), 10_000);
+}
+
+// --- purges reach the shared tier (Redis) -----------------------------------------------
+
+use super::shared::{PurgeEnd, PurgeScope, SharedTier};
+
+/// A `redis-server` of its own on a Unix socket in a temporary folder (no port to race
+/// for), killed when dropped.
+struct Redis {
+    child: std::process::Child,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Redis {
+    /// Starts one and returns once it logs that it accepts connections.
+    fn start() -> Self {
+        use std::io::BufRead;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = dir.path().join("redis.sock");
+        let mut child = std::process::Command::new("redis-server")
+            .args(["--port", "0", "--unixsocket"])
+            .arg(&socket)
+            .args([
+                "--unixsocketperm",
+                "700",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("redis-server (Debian package redis-server; .ci/run installs it)");
+        let mut log = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+        let mut line = String::new();
+        loop {
+            line.clear();
+            let n = log.read_line(&mut line).expect("redis-server log");
+            assert!(n > 0, "redis-server exited before it was ready");
+            if line
+                .to_ascii_lowercase()
+                .contains("ready to accept connections")
+            {
+                break;
+            }
+        }
+        // Keep draining its log so that it never blocks on a full pipe.
+        std::thread::spawn(move || std::io::copy(&mut log, &mut std::io::sink()));
+        Self {
+            child,
+            url: format!("unix://{}", socket.display()),
+            _dir: dir,
+        }
+    }
+
+    async fn conn(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url.as_str())
+            .expect("url")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect")
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn set(conn: &mut redis::aio::MultiplexedConnection, keys: &[String]) {
+    let mut pipe = redis::pipe();
+    for k in keys {
+        pipe.cmd("SET").arg(k).arg("x").ignore();
+    }
+    pipe.query_async::<()>(conn).await.expect("SET");
+}
+
+/// Which of `keys` Redis still holds.
+async fn held(conn: &mut redis::aio::MultiplexedConnection, keys: &[&str]) -> Vec<String> {
+    let mut out = Vec::new();
+    for k in keys {
+        let n: u64 = redis::cmd("EXISTS")
+            .arg(*k)
+            .query_async(conn)
+            .await
+            .expect("EXISTS");
+        if n == 1 {
+            out.push((*k).to_owned());
+        }
+    }
+    out
+}
+
+/// A cache whose only lower tier is `shared`.
+fn cache_over_redis(shared: &Arc<SharedTier>) -> Cache {
+    let config = CacheConfig::with_max_size(1 << 20);
+    let tiers = Tiers::new(None, Some(shared.clone()), &config);
+    let storage = crate::cache::MemoryStorage::new(config.eviction, config.max_size);
+    Cache::build(config, Box::new(storage), Some(tiers))
+}
+
+#[test]
+fn purge_patterns_escape_globs_and_keys_are_matched_exactly() {
+    let scope = |h: Option<&str>, p: &str| PurgeScope::new(h, p).expect("scope");
+    assert_eq!(scope(None, "").pattern(), "weir:cache:*");
+    assert_eq!(scope(Some("shop"), "").pattern(), "weir:cache:shop/*");
+    assert_eq!(scope(None, "/img/").pattern(), "weir:cache:*/img/*");
+    assert_eq!(
+        scope(Some("[::1]"), r"/a*b?c[d]\e").pattern(),
+        r"weir:cache:\[\:\:1\]/a\*b\?c\[d\]\\e*".replace(r"\:", ":")
+    );
+    // The pattern may match more than the scope; the key test does not.
+    let img = scope(None, "/img/");
+    assert!(img.covers(b"weir:cache:blog/img/a"));
+    assert!(!img.covers(b"weir:cache:blog/x/img/a"));
+    assert!(!img.covers(b"other:weir:cache:blog/img/a"));
+    let shop = scope(Some("shop"), "/a");
+    assert!(shop.covers(b"weir:cache:shop/ab"));
+    assert!(!shop.covers(b"weir:cache:shop.example/ab"));
+    assert!(!shop.covers(b"weir:cache:blog/a"));
+    // Scopes no key can be in: nothing to scan.
+    assert!(PurgeScope::new(Some(""), "/").is_none());
+    assert!(PurgeScope::new(None, "img/").is_none());
+}
+
+#[tokio::test]
+async fn purges_reach_redis_by_host_and_prefix_with_glob_characters_taken_literally() {
+    let redis = Redis::start();
+    let mut conn = redis.conn().await;
+    let shared = Arc::new(SharedTier::new(&redis.url).expect("shared tier"));
+    let c = cache_over_redis(&shared);
+    let keys = [
+        "shop/img/a",
+        "shop/img/b",
+        "shop/imgx",
+        "shop/x/img/a",
+        "shop.example/img/a",
+        "blog/img/a",
+        "blog/x/img/a",
+        "[::1]/a",
+        "[::1]/img/a",
+        "1/a",
+        "shop/a*b",
+        "shop/abc",
+        "shop/q?x",
+        "shop/qzx",
+        "shop/b[1]c",
+        "shop/b1c",
+        r"shop/c\d",
+        "shop/cd",
+    ];
+    let full: Vec<String> = keys.iter().map(|k| format!("weir:cache:{k}")).collect();
+    set(&mut conn, &full).await;
+    set(&mut conn, &["other:key".to_owned()]).await;
+    let all: Vec<&str> = full.iter().map(String::as_str).collect();
+    let gone = |conn: &mut redis::aio::MultiplexedConnection, before: Vec<String>| {
+        let all = all.clone();
+        let mut conn = conn.clone();
+        async move {
+            let now = held(&mut conn, &all).await;
+            before
+                .into_iter()
+                .filter(|k| !now.contains(k))
+                .map(|k| k.trim_start_matches("weir:cache:").to_owned())
+                .collect::<Vec<_>>()
+        }
+    };
+    let mut before = held(&mut conn, &all).await;
+    assert_eq!(before.len(), keys.len());
+    let step = |purge: &dyn Fn(&Cache)| {
+        purge(&c);
+        let shared = shared.clone();
+        async move { shared.purges_settled().await }
+    };
+
+    step(&|c| {
+        c.purge_prefix(Some("SHOP:80"), "/img/");
+    })
+    .await;
+    let went = gone(&mut conn, before).await;
+    assert_eq!(went, ["shop/img/a", "shop/img/b"]);
+    before = held(&mut conn, &all).await;
+
+    step(&|c| {
+        c.purge_prefix(None, "/img/");
+    })
+    .await;
+    let went = gone(&mut conn, before).await;
+    assert_eq!(went, ["shop.example/img/a", "blog/img/a", "[::1]/img/a"]);
+    before = held(&mut conn, &all).await;
+
+    // Glob characters in a prefix match only themselves.
+    for prefix in ["/a*", "/q?", "/b[1]", r"/c\"] {
+        step(&|c| {
+            c.purge_prefix(Some("shop"), prefix);
+        })
+        .await;
+    }
+    let went = gone(&mut conn, before).await;
+    assert_eq!(went, ["shop/a*b", "shop/q?x", "shop/b[1]c", r"shop/c\d"]);
+    before = held(&mut conn, &all).await;
+
+    // An IPv6 host's brackets are not a character class.
+    step(&|c| {
+        c.purge_host("[::1]");
+    })
+    .await;
+    assert_eq!(gone(&mut conn, before).await, ["[::1]/a"]);
+    before = held(&mut conn, &all).await;
+
+    step(&|c| {
+        c.purge_host("Shop");
+    })
+    .await;
+    let went = gone(&mut conn, before).await;
+    assert_eq!(
+        went,
+        [
+            "shop/imgx",
+            "shop/x/img/a",
+            "shop/abc",
+            "shop/qzx",
+            "shop/b1c",
+            "shop/cd"
+        ]
+    );
+
+    step(&|c| {
+        c.purge_all();
+    })
+    .await;
+    assert!(held(&mut conn, &all).await.is_empty());
+    let other: u64 = redis::cmd("EXISTS")
+        .arg("other:key")
+        .query_async(&mut conn)
+        .await
+        .expect("EXISTS");
+    assert_eq!(
+        other, 1,
+        "keys outside weir:cache: are not weir's to delete"
+    );
+    let t = c.tier_stats().expect("tiers");
+    assert_eq!(t.shared_errors, 0, "{t:?}");
+}
+
+#[tokio::test]
+async fn a_purge_deletes_in_batches_and_requests_made_meanwhile_share_a_scan() {
+    let redis = Redis::start();
+    let mut conn = redis.conn().await;
+    let shared = Arc::new(SharedTier::new(&redis.url).expect("shared tier"));
+    let c = cache_over_redis(&shared);
+    // More than one SCAN step (500) and one UNLINK.
+    let keys: Vec<String> = (0..2000).map(|i| format!("weir:cache:shop/{i}")).collect();
+    set(&mut conn, &keys).await;
+    // Redis holds every command for a while, so the purges below all arrive while the
+    // first one waits for or holds its scan.
+    redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(300)
+        .arg("ALL")
+        .query_async::<()>(&mut conn)
+        .await
+        .expect("CLIENT PAUSE");
+    for _ in 0..50 {
+        c.purge_all();
+    }
+    shared.purges_settled().await;
+    let n: u64 = redis::cmd("DBSIZE")
+        .query_async(&mut conn)
+        .await
+        .expect("DBSIZE");
+    assert_eq!(n, 0);
+    let scans = shared.purge_scans.load(Relaxed);
+    assert!((1..=2).contains(&scans), "{scans} scans for 50 purges");
+}
+
+#[tokio::test]
+async fn a_purge_stops_at_its_deadline_and_leaves_the_rest_to_expire() {
+    let redis = Redis::start();
+    let mut conn = redis.conn().await;
+    let shared = Arc::new(SharedTier::new(&redis.url).expect("shared tier"));
+    let keys: Vec<String> = (0..2000).map(|i| format!("weir:cache:shop/{i}")).collect();
+    set(&mut conn, &keys).await;
+    let all = PurgeScope::new(None, "").expect("scope");
+    // A deadline already passed: nothing is sent.
+    let (deleted, end) = shared.purge_until(&all, tokio::time::Instant::now()).await;
+    assert_eq!((deleted, end), (0, PurgeEnd::OutOfTime));
+    // A server that answers SCAN but holds every deletion: the purge gives up at its
+    // deadline, not at Redis's pace, and sends nothing more.
+    redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(3000)
+        .arg("WRITE")
+        .query_async::<()>(&mut conn)
+        .await
+        .expect("CLIENT PAUSE");
+    let began = tokio::time::Instant::now();
+    let (deleted, end) = shared
+        .purge_until(&all, began + Duration::from_millis(200))
+        .await;
+    let took = began.elapsed();
+    assert_eq!((deleted, end), (0, PurgeEnd::OutOfTime));
+    assert!(
+        took >= Duration::from_millis(200) && took < Duration::from_millis(2500),
+        "{took:?}"
+    );
+    redis::cmd("CLIENT")
+        .arg("UNPAUSE")
+        .query_async::<()>(&mut conn)
+        .await
+        .expect("CLIENT UNPAUSE");
+    // At most the batch in flight at the deadline may still be deleted (if Redis runs it
+    // before it sees the purge's connection close); the later batches were never sent.
+    let n: u64 = redis::cmd("DBSIZE")
+        .query_async(&mut conn)
+        .await
+        .expect("DBSIZE");
+    assert!(n >= 1000, "{n} keys left");
+}
+
+#[tokio::test]
+async fn a_miss_does_not_bring_back_from_redis_what_a_purge_is_deleting() {
+    let redis = Redis::start();
+    let mut conn = redis.conn().await;
+    let shared = Arc::new(SharedTier::new(&redis.url).expect("shared tier"));
+    let c = cache_over_redis(&shared);
+    store(&c, "/a", "max-age=600", b"old", SystemTime::now());
+    settled(&c, 1).await;
+    let k = key("/a");
+    assert!(
+        shared.read(&k.as_key_ref()).await.is_some(),
+        "written behind"
+    );
+    // Writes wait: the purge's UNLINK cannot run yet.
+    redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(3000)
+        .arg("WRITE")
+        .query_async::<()>(&mut conn)
+        .await
+        .expect("CLIENT PAUSE");
+    c.purge_prefix(Some("shop"), "/");
+    assert_eq!(held(&mut conn, &["weir:cache:shop/a"]).await.len(), 1);
+    assert!(
+        shared.read(&k.as_key_ref()).await.is_none(),
+        "the purged copy is not read"
+    );
+    redis::cmd("CLIENT")
+        .arg("UNPAUSE")
+        .query_async::<()>(&mut conn)
+        .await
+        .expect("CLIENT UNPAUSE");
+    shared.purges_settled().await;
+    assert!(held(&mut conn, &["weir:cache:shop/a"]).await.is_empty());
 }
