@@ -111,7 +111,7 @@ struct Args {
     /// Serve cache peer fills (policies with `spec.cache.peers: true`): the IP:port at which
     /// the other agents of the zone reach this agent's proxy listener (in a pod:
     /// `$(POD_IP):<proxy port>`). The controller then sends this agent the zone's peers.
-    #[arg(long, env = "WEIR_CACHE_PEER_ADDR")]
+    #[arg(long, env = "WEIR_CACHE_PEER_ADDR", value_parser = weir_agent::control::state::parse_cache_peer_address)]
     cache_peer_addr: Option<std::net::SocketAddr>,
     /// Log filter, in `tracing_subscriber::EnvFilter` syntax.
     #[arg(long, env = "WEIR_LOG", default_value = "info")]

@@ -611,6 +611,30 @@ async fn peer_agent(c: &Controller, node: &str) -> Agent {
     a
 }
 
+/// A GET for `site.test` + `path` sent to `to` from the local address `from` (to stand for
+/// a client that is not an agent); the whole answer, as text.
+async fn raw_get_from(
+    from: &str,
+    to: std::net::SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+    sock.bind(format!("{from}:0").parse().expect("addr"))
+        .expect("bind");
+    let mut stream = sock.connect(to).await.expect("connect");
+    let mut req = format!("GET {path} HTTP/1.1\r\nhost: site.test\r\nconnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    stream.write_all(req.as_bytes()).await.expect("write");
+    let mut out = Vec::new();
+    stream.read_to_end(&mut out).await.expect("read");
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// Waits until `agent` hashes over `n` peers.
 async fn peers(agent: &Agent, n: usize) -> serde_json::Value {
     weir_tests::wait_for("the cache peer set", || async {
@@ -707,6 +731,35 @@ async fn a_miss_asks_the_owning_peer_so_the_origin_sees_each_object_once() {
         (before["peerFills"].clone(), before["peerHits"].clone()),
         "guarded requests went to the origin, not to a peer"
     );
+
+    // A write through the first agent invalidates each object at its owner too: reading it
+    // back through the same agent gets the origin's new answer, never the owner's old copy.
+    for p in &paths {
+        let got = fetch(&agents[0], "POST", p, &[]).await;
+        assert_eq!(got.status, 200, "{p}: {got:?}");
+    }
+    for p in &paths {
+        let got = fetch(&agents[0], "GET", p, &[]).await;
+        assert_eq!(got.body, format!("{p} #2"), "{p}: {:?}", got.headers);
+        assert_eq!(origin.count(&format!("GET {p}")), 2, "{p}");
+    }
+    assert_eq!(
+        cache_stats(&agents[0].config().await.expect("config"))["peerErrors"],
+        0,
+        "every owner confirmed its invalidations"
+    );
+    // The invalidation field counts only from an agent of the set: from another address
+    // the request is the GET it looks like, answered from the cache.
+    let spoofed = raw_get_from(
+        "127.0.0.2",
+        agents[0].listen,
+        &paths[0],
+        &[("x-weir-peer", "p2"), ("x-weir-invalidate", "1")],
+    )
+    .await;
+    assert!(spoofed.starts_with("HTTP/1.1 200"), "{spoofed}");
+    assert!(spoofed.contains(&format!("{} #2", paths[0])), "{spoofed}");
+    assert_eq!(origin.count(&format!("GET {}", paths[0])), 2);
 
     // An owner dies: every request still succeeds (the next owner by score, or the
     // origin), and the dead peer is passed over.

@@ -518,7 +518,15 @@ impl Cache {
         status: StatusCode,
         resp_headers: &HeaderMap,
     ) -> usize {
-        policy::invalidation_targets(host, method, path_and_query, status, resp_headers)
+        let targets =
+            policy::invalidation_targets(host, method, path_and_query, status, resp_headers);
+        self.invalidate(host, &targets)
+    }
+
+    /// Removes the objects at `targets` (paths and queries of `host`, every variant) from
+    /// memory and the lower tiers; returns how many were in memory.
+    pub fn invalidate(&self, host: &str, targets: &[String]) -> usize {
+        targets
             .iter()
             .filter_map(|pq| KeyRef::new(host, pq))
             .filter(|k| {

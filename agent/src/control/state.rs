@@ -131,6 +131,20 @@ impl Writer {
 /// The newest applied table for the persister: (generation, table).
 type Latest = Option<(u64, Arc<Table>)>;
 
+/// Reads `--cache-peer-addr`: `IP:port`, where an IPv6 address may come bracketed
+/// (`[fd00::5]:15001`) or bare (`fd00::5:15001`, what `$(POD_IP):15001` gives on an IPv6
+/// pod: the port is the part after the last colon).
+pub fn parse_cache_peer_address(text: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = text.parse() {
+        return Ok(addr);
+    }
+    let bad = || format!("{text:?} is not an IP:port (e.g. 10.0.0.5:15001 or [fd00::5]:15001)");
+    let (ip, port) = text.rsplit_once(':').ok_or_else(bad)?;
+    let ip: std::net::IpAddr = ip.parse().map_err(|_| bad())?;
+    let port: u16 = port.parse().map_err(|_| bad())?;
+    Ok(SocketAddr::new(ip, port))
+}
+
 pub struct Shared {
     pub(crate) node_name: String,
     pub(crate) zone: String,
@@ -487,6 +501,17 @@ fn write_atomically(dir: &Path, bytes: &[u8]) -> std::io::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_cache_peer_address_may_be_a_bare_ipv6_pod_ip_and_port() {
+        use super::parse_cache_peer_address as parse;
+        assert_eq!(parse("10.0.0.5:15001").unwrap().to_string(), "10.0.0.5:15001");
+        assert_eq!(parse("[fd00::5]:15001").unwrap().to_string(), "[fd00::5]:15001");
+        assert_eq!(parse("fd00::5:15001").unwrap().to_string(), "[fd00::5]:15001");
+        for bad in ["", "10.0.0.5", "node-a:15001", "fd00::5", "10.0.0.5:99999"] {
+            assert!(parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
     use super::*;
     use weir_proto::v1::Route;
 

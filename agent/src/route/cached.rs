@@ -2,11 +2,12 @@
 //! where RFC 9111 allows, otherwise forwarded with the cache filled from the answer as it
 //! streams to the client (concurrent misses for one object wait for the first one's answer;
 //! a stale answer is refreshed once in the background). A miss may ask the agent that owns
-//! the object first ([`super::peer`]).
+//! the object first, and what an unsafe request invalidates is invalidated at its owner too
+//! ([`super::peer`]).
 
-use super::peer::X_WEIR_PEER;
+use super::peer::{X_WEIR_INVALIDATE, X_WEIR_PEER};
 use super::{Body, Routed, Worker, up_body};
-use crate::cache::policy::WEIR_CACHE_CONTROL;
+use crate::cache::policy::{WEIR_CACHE_CONTROL, invalidation_targets};
 use crate::cache::{Cache, Lookup, XCache};
 use crate::http::body::{ReqBody, UpBody};
 use crate::http::headers::X_WEIR_ERROR;
@@ -32,6 +33,12 @@ impl Worker {
         // The loop guard of peer fill: a peer's request is answered here (from the cache or
         // the origin), never passed to another peer, and the origin does not see the field.
         let from_peer = parts.headers.remove(X_WEIR_PEER).is_some();
+        if parts.headers.remove(X_WEIR_INVALIDATE).is_some()
+            && from_peer
+            && let Some(r) = self.peer_invalidation(&cache, &host, &parts, &routed)
+        {
+            return r;
+        }
         let fill = match cache.lookup(&host, &parts, now) {
             Lookup::Hit(r) => return full(r),
             Lookup::Stale { response, refresh } => {
@@ -91,6 +98,9 @@ impl Worker {
         // Kept only for what may be answered stale when the upstream fails.
         let stale_key = (bypass && (method == Method::GET || method == Method::HEAD))
             .then(|| head_copy(&parts));
+        // Kept for telling the owning peers what an unsafe request invalidated.
+        let unsafe_head = (bypass && !method.is_safe() && cache.config().peers)
+            .then(|| (head_copy(&parts), routed.clone()));
         let mut resp = self.forward(parts, up_body(body), routed, fill).await;
         // Meant for this cache alone (RFC 9213 targeted field); stored copies keep it.
         resp.headers_mut().remove(WEIR_CACHE_CONTROL);
@@ -103,7 +113,15 @@ impl Worker {
                 return full(r);
             }
             if !method.is_safe() {
-                cache.invalidate_after_unsafe(&host, &method, &pq, resp.status(), resp.headers());
+                let targets =
+                    invalidation_targets(&host, &method, &pq, resp.status(), resp.headers());
+                cache.invalidate(&host, &targets);
+                if let Some((head, routed)) = &unsafe_head
+                    && !targets.is_empty()
+                {
+                    self.invalidate_at_peers(&cache, &host, head, &targets, routed)
+                        .await;
+                }
             }
             XCache::Bypass.mark(resp.headers_mut());
         }

@@ -14,6 +14,16 @@
 //! goes to a peer again, and the owner removes it before the origin sees the request. A
 //! client that sends the field itself only turns peer fill off for its own request.
 //!
+//! What an unsafe request invalidates here (RFC 9111 §4.4: its URI, `Location`,
+//! `Content-Location`) is invalidated at each target's owner too, before the client gets its
+//! answer: a GET carrying `x-weir-peer` and `x-weir-invalidate`, answered `204` by the owner
+//! after it dropped its copies. Without it a client's write followed by a read on the same
+//! agent would get the old object back from the owner (this agent's miss asks it), and every
+//! agent of the zone would keep filling from the owner's old copy until it expired. The wait
+//! is bounded ([`INVALIDATE_WITHIN`]); an owner that does not answer is logged and counted,
+//! its copy then lives until it expires, as in a cache without peers. The owner honours the
+//! field only from the IP of an agent of its set, so a client cannot use it to empty caches.
+//!
 //! Failure costs little: a peer that cannot be reached is passed over for [`DOWN_FOR`]
 //! (keys it owned go to the next peer by score, the same one on every agent); a peer that
 //! answers with its own error (`x-weir-error`: it could not reach the origin, or does not
@@ -29,14 +39,22 @@ use crate::http::headers::{VIA_11, X_WEIR_ERROR, strip_hop_by_hop};
 use crate::http::reply::LocalReply;
 use crate::upstream::{DownBody, Forwarded, RetryKind};
 use http::header::{self, HeaderName, HeaderValue};
-use http::{Method, Request, Response, Version};
-use http_body_util::{Either, Full};
-use std::net::SocketAddr;
+use bytes::Bytes;
+use http::uri::PathAndQuery;
+use http::{Method, Request, Response, StatusCode, Version};
+use http_body_util::{BodyExt, Either, Full};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant, SystemTime};
 
 /// The loop guard: set on peer requests, never forwarded to an origin.
 pub(crate) const X_WEIR_PEER: HeaderName = HeaderName::from_static("x-weir-peer");
+
+/// With [`X_WEIR_PEER`]: drop this object (every variant) instead of answering it.
+pub(crate) const X_WEIR_INVALIDATE: HeaderName = HeaderName::from_static("x-weir-invalidate");
+
+/// How long an unsafe request waits for the owners of what it invalidated.
+pub(crate) const INVALIDATE_WITHIN: Duration = Duration::from_secs(1);
 
 /// How long a peer that could not be reached is passed over.
 pub(crate) const DOWN_FOR: Duration = Duration::from_secs(10);
@@ -135,6 +153,11 @@ impl PeerSet {
         (!self.peers[idx].me).then_some(idx)
     }
 
+    /// Whether `ip` is the address of another agent of the set.
+    fn is_peer_ip(&self, ip: IpAddr) -> bool {
+        self.peers.iter().any(|p| !p.me && p.addr.ip() == ip)
+    }
+
     fn mark_down(&self, idx: usize) {
         let until = now_ms() + u64::try_from(DOWN_FOR.as_millis()).unwrap_or(u64::MAX);
         self.peers[idx].down_until_ms.store(until, Relaxed);
@@ -166,7 +189,8 @@ impl Worker {
             return Err(fill);
         };
         let peer = &set.peers[idx];
-        let Some(up) = peer_request(parts, host, &set.me) else {
+        let Some(up) = peer_request(parts, host, parts.uri.path_and_query().cloned(), &set.me)
+        else {
             return Err(fill);
         };
         let route = &routed.route;
@@ -230,17 +254,94 @@ impl Worker {
     }
 }
 
-/// The GET a peer is sent: the client's fields but hop-by-hop ones and those that would make
-/// the answer partial or conditional (this agent stores the whole object), with `Host` and
-/// the loop guard.
+impl Worker {
+    /// Invalidates `targets` (what an unsafe request on `head` invalidated here) at their
+    /// owners, waiting at most [`INVALIDATE_WITHIN`] for them (see the module doc).
+    pub(super) async fn invalidate_at_peers(
+        &self,
+        cache: &Cache,
+        host: &str,
+        head: &http::request::Parts,
+        targets: &[String],
+        routed: &Routed,
+    ) {
+        let set = self.routing.peers.load_full();
+        let now = now_ms();
+        let sends = targets.iter().filter_map(|pq| {
+            let idx = set.owner(host, pq, now)?;
+            let pq = PathAndQuery::try_from(pq.as_str()).ok();
+            let mut req = peer_request(head, host, pq, &set.me)?;
+            req.headers_mut()
+                .insert(X_WEIR_INVALIDATE, HeaderValue::from_static("1"));
+            let fwd = Forwarded {
+                peer: routed.peer.clone(),
+                via: VIA_11,
+            };
+            let peer = &set.peers[idx];
+            let sent = self.pool.send(peer.addr, false, req, Instant::now(), Some(fwd));
+            Some(async move {
+                let done = match sent.await {
+                    Ok((resp, lease)) if resp.status() == StatusCode::NO_CONTENT => {
+                        let _ = DownBody::new(resp.into_body(), None, lease).collect().await;
+                        Ok(())
+                    }
+                    Ok((resp, _)) => Err(format!("answered {}", resp.status())),
+                    Err(e) => Err(e.to_string()),
+                };
+                (peer, done)
+            })
+        });
+        let all = futures::future::join_all(sends);
+        let Ok(results) = tokio::time::timeout(INVALIDATE_WITHIN, all).await else {
+            cache.note_peer(PeerResult::Error);
+            tracing::warn!(route = %routed.route.name, host, "cache peers did not confirm an invalidation in time; their copies live until they expire");
+            return;
+        };
+        for (peer, done) in results {
+            if let Err(error) = done {
+                cache.note_peer(PeerResult::Error);
+                tracing::warn!(route = %routed.route.name, peer = %peer.node, host, error, "cache peer did not take an invalidation; its copy lives until it expires");
+            }
+        }
+    }
+
+    /// The owner's side of [`Self::invalidate_at_peers`]: drops the object and answers
+    /// `204`. `None` when the request does not come from an agent of the set: it is then
+    /// served as the GET it is.
+    pub(super) fn peer_invalidation(
+        &self,
+        cache: &Cache,
+        host: &str,
+        parts: &http::request::Parts,
+        routed: &Routed,
+    ) -> Option<Response<Body>> {
+        let ip: IpAddr = routed.peer.to_str().ok()?.parse().ok()?;
+        if !self.routing.peers.load().is_peer_ip(ip) {
+            return None;
+        }
+        let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        cache.invalidate(host, &[pq.to_owned()]);
+        let mut resp = Response::new(Either::Right(Full::new(Bytes::new())));
+        *resp.status_mut() = StatusCode::NO_CONTENT;
+        Some(resp)
+    }
+}
+
+/// The GET a peer is sent for `pq`: the client's fields (they may select the rule) but
+/// hop-by-hop ones, those of a request body, and those that would make the answer partial or
+/// conditional (this agent stores the whole object), with `Host` and the loop guard.
 fn peer_request(
     parts: &http::request::Parts,
     host: &str,
+    pq: Option<PathAndQuery>,
     me: &HeaderValue,
 ) -> Option<Request<UpBody>> {
     let mut headers = parts.headers.clone();
     strip_hop_by_hop(&mut headers);
     for name in [
+        header::CONTENT_LENGTH,
+        header::CONTENT_TYPE,
+        header::EXPECT,
         header::RANGE,
         header::IF_RANGE,
         header::IF_NONE_MATCH,
@@ -254,7 +355,6 @@ fn peer_request(
         headers.insert(header::HOST, HeaderValue::from_str(host).ok()?);
     }
     headers.insert(X_WEIR_PEER, me.clone());
-    let pq = parts.uri.path_and_query().cloned();
     let mut up = Request::new(UpBody::Empty);
     *up.method_mut() = Method::GET;
     *up.uri_mut() = super::forward::upstream_uri(None, pq).ok()?;
