@@ -504,9 +504,18 @@ mod tests {
     #[test]
     fn a_cache_peer_address_may_be_a_bare_ipv6_pod_ip_and_port() {
         use super::parse_cache_peer_address as parse;
-        assert_eq!(parse("10.0.0.5:15001").unwrap().to_string(), "10.0.0.5:15001");
-        assert_eq!(parse("[fd00::5]:15001").unwrap().to_string(), "[fd00::5]:15001");
-        assert_eq!(parse("fd00::5:15001").unwrap().to_string(), "[fd00::5]:15001");
+        assert_eq!(
+            parse("10.0.0.5:15001").unwrap().to_string(),
+            "10.0.0.5:15001"
+        );
+        assert_eq!(
+            parse("[fd00::5]:15001").unwrap().to_string(),
+            "[fd00::5]:15001"
+        );
+        assert_eq!(
+            parse("fd00::5:15001").unwrap().to_string(),
+            "[fd00::5]:15001"
+        );
         for bad in ["", "10.0.0.5", "node-a:15001", "fd00::5", "10.0.0.5:99999"] {
             assert!(parse(bad).is_err(), "{bad:?}");
         }

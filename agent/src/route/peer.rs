@@ -38,8 +38,8 @@ use crate::http::body::UpBody;
 use crate::http::headers::{VIA_11, X_WEIR_ERROR, strip_hop_by_hop};
 use crate::http::reply::LocalReply;
 use crate::upstream::{DownBody, Forwarded, RetryKind};
-use http::header::{self, HeaderName, HeaderValue};
 use bytes::Bytes;
+use http::header::{self, HeaderName, HeaderValue};
 use http::uri::PathAndQuery;
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Either, Full};
@@ -278,7 +278,9 @@ impl Worker {
                 via: VIA_11,
             };
             let peer = &set.peers[idx];
-            let sent = self.pool.send(peer.addr, false, req, Instant::now(), Some(fwd));
+            let sent = self
+                .pool
+                .send(peer.addr, false, req, Instant::now(), Some(fwd));
             Some(async move {
                 let done = match sent.await {
                     Ok((resp, lease)) if resp.status() == StatusCode::NO_CONTENT => {
