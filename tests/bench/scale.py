@@ -25,7 +25,12 @@ Method (see tests/bench/README.md, "Control plane at scale"):
   * one isolated change on a quiet system: bytes of RoutingUpdate (protobuf encoded_len)
     per agent that received it;
   * reconnect storm: every agent drops its stream and reconnects at once (POST /reconnect);
-    time until each holds a full table of the newest version again.
+    time until each holds a full table of the newest version again;
+  * with --cache-peers, every simulated agent announces a cache peer address, so the
+    controller also sends each the list of its zone's agents (--zones; one zone is the
+    worst case): the time until every agent holds its whole zone's list, after the initial
+    sync and after the storm, and the bytes of those lists; with a single zone, then one
+    more agent joins it (a second weir-sim): the bytes each agent is sent for that.
 Every wait is capped (--timeout); a phase that does not finish is reported as "did not
 converge" and the run goes on.
 
@@ -250,7 +255,8 @@ def run(name, cfg_args, args, d):
     sim = start(
         [f"{BIN}/weir-sim", "--controller", f"http://127.0.0.1:{CTRL_GRPC}", "--agents", str(n),
          "--admin-addr", f"127.0.0.1:{SIM_ADMIN}", "--report", f"{rd}/sim-report.json",
-         "--channels", str(args.channels)],
+         "--channels", str(args.channels), "--zones", args.zones]
+        + (["--cache-peers"] if args.cache_peers else []),
         f"{rd}/sim.log",
     )
     procs = [ctrl, sim]
@@ -267,6 +273,17 @@ def run(name, cfg_args, args, d):
     r["initial_sync"] = {"converged": True, "seconds": time.time() - t0,
                          "controller_cpu_s": cpu_seconds(ctrl.pid) - cpu_c0, "sim_cpu_s": synced["cpu_seconds"]}
     log(f"  initial sync {r['initial_sync']['seconds']:.2f}s")
+    if args.cache_peers:
+        whole = wait_until(
+            lambda: (lambda s: s if s and s["cache_peers"]["agents_with_whole_zone"] >= n else None)(sim_stats()),
+            args.timeout, "every agent holds its zone's peer list", procs, interval=0.05)
+        p = (whole or sim_stats() or {}).get("cache_peers", {})
+        r["peers_initial"] = {
+            "converged": bool(whole), "lists": p.get("lists_received"), "bytes": p.get("bytes_received"),
+            "seconds": (p["last_list_unix_ns"] / 1e9 - t0) if whole else None,
+            "agents_with_whole_zone": p.get("agents_with_whole_zone"),
+        }
+        log(f"  peer lists: {r['peers_initial']}")
 
     # Idle: nothing changes (the controller still rescans its folder and pings agents).
     time.sleep(2)
@@ -352,6 +369,7 @@ def run(name, cfg_args, args, d):
         log(f"  isolated change: {r['isolated']['bytes_per_agent']} bytes per agent over {agents} updates")
 
     # Reconnect storm.
+    r["final_peer_lists"] = ((sim_stats() or {}).get("cache_peers") or {}).get("lists_received", 0)
     c0, s0, t = cpu_seconds(ctrl.pid), cpu_seconds(sim.pid), time.time()
     status, body = http(f"http://127.0.0.1:{SIM_ADMIN}/reconnect", method="POST")
     epoch = json.loads(body)["epoch"] if status == 200 else None
@@ -361,6 +379,18 @@ def run(name, cfg_args, args, d):
         args.timeout, "every agent back with a full table", procs, interval=0.05)
     s = storm or sim_stats() or {}
     st = s.get("storm", {})
+    if args.cache_peers and storm:
+        lists0 = r.get("final_peer_lists", 0)
+        whole = wait_until(
+            lambda: (lambda s: s if s and s["cache_peers"]["whole_zone_since_storm"] >= n else None)(sim_stats()),
+            args.timeout, "every agent holds its zone's peer list again", procs, interval=0.05)
+        p = (whole or sim_stats() or {}).get("cache_peers", {})
+        r["peers_storm"] = {
+            "converged": bool(whole),
+            "seconds": (p["last_list_unix_ns"] - st["started_unix_ns"]) / 1e9 if whole else None,
+            "lists": p.get("lists_received", 0) - lists0,
+        }
+        log(f"  peer lists after the storm: {r['peers_storm']}")
     w = time.time() - t
     r["storm"] = {
         "converged": bool(storm),
@@ -370,6 +400,32 @@ def run(name, cfg_args, args, d):
         "controller_mem_kib": mem_kib(ctrl.pid),
     }
     log(f"  reconnect storm: {r['storm']['seconds']}s")
+
+    if args.cache_peers and "," not in args.zones:
+        # One more agent joins the (single) zone: what each of the others is sent.
+        before = (sim_stats() or {}).get("cache_peers", {})
+        t = time.time()
+        late = start(
+            [f"{BIN}/weir-sim", "--controller", f"http://127.0.0.1:{CTRL_GRPC}", "--agents", "1",
+             "--prefix", "late", "--zones", args.zones, "--cache-peers",
+             "--admin-addr", f"127.0.0.1:{SIM_ADMIN + 1}"],
+            f"{rd}/sim-late.log",
+        )
+        joined = wait_until(
+            lambda: (lambda s: s if s and s["cache_peers"]["peers_held"] >= n * (n + 1) else None)(sim_stats()),
+            args.timeout, "every agent holds the zone with one more agent", procs + [late], interval=0.05)
+        p = (joined or {}).get("cache_peers", {})
+        lists = p.get("lists_received", 0) - before.get("lists_received", 0)
+        r["peers_join"] = {
+            "converged": bool(joined),
+            "seconds": (p["last_list_unix_ns"] / 1e9 - t) if joined else None,
+            "lists": lists, "deltas": p.get("deltas_received", 0) - before.get("deltas_received", 0),
+            "bytes_per_agent": (p.get("bytes_received", 0) - before.get("bytes_received", 0)) / lists if lists else None,
+            "whole_list_bytes": before.get("bytes_received", 0) / before["lists_received"]
+            if before.get("lists_received") else None,
+        }
+        log(f"  one agent joins the zone: {r['peers_join']}")
+        stop(late)
 
     r["controller_final_mem_kib"] = mem_kib(ctrl.pid)
     r["final_sim"] = sim_stats() or {}
@@ -421,6 +477,17 @@ def table(results):
         lambda r: f(r["storm"]["seconds"]) if r["storm"]["converged"]
         else f"{dnc} ({r['storm']['agents_with_full_table']} done)")
     row("reconnect storm: controller vCPU", lambda r: f(r["storm"]["controller_vcpu"]))
+    if any("peers_initial" in r for r in results):
+        row("cache peers: every agent holds its zone's list, from the start (s)",
+            lambda r: f(r["peers_initial"]["seconds"]) if r["peers_initial"]["converged"] else dnc)
+        row("cache peers: lists / bytes sent until then",
+            lambda r: f"{r['peers_initial']['lists']:,} / {r['peers_initial']['bytes']:,}")
+        row("cache peers: one agent joins a one-zone fleet: bytes to each agent (a whole list)",
+            lambda r: f"{r['peers_join']['bytes_per_agent']:,.0f} ({r['peers_join']['whole_list_bytes']:,.0f}); "
+            f"{r['peers_join']['deltas']:,} deltas of {r['peers_join']['lists']:,} messages")
+        row("cache peers: after the storm, every agent holds its zone's list (s); lists sent",
+            lambda r: f"{f(r['peers_storm']['seconds'])}; {r['peers_storm']['lists']:,}" if r["peers_storm"]["converged"]
+            else dnc)
     row("controller VmRSS / VmHWM at the end (MiB)",
         lambda r: f"{r['controller_final_mem_kib']['VmRSS'] / 1024:.0f} / {r['controller_final_mem_kib']['VmHWM'] / 1024:.0f}")
     row("simulator CPU s total / VmHWM (MiB)",
@@ -440,6 +507,9 @@ def main():
     ap.add_argument("--idle", type=float, default=10.0, help="idle CPU window, seconds")
     ap.add_argument("--channels", type=int, default=0, help="weir-sim --channels (0: a connection per agent)")
     ap.add_argument("--timeout", type=float, default=180.0, help="cap of every wait, seconds")
+    ap.add_argument("--zones", default="z1,z2,z3", help="weir-sim --zones (agents spread round robin)")
+    ap.add_argument("--cache-peers", action="store_true",
+                    help="agents announce cache peer addresses; measure the peer lists too")
     ap.add_argument("--no-build", action="store_true")
     ap.add_argument("--bin-dir", default=BIN, help="where weir-controller and weir-sim are")
     ap.add_argument("--json", default="/tmp/weir-scale-bench.json", help="raw results file")

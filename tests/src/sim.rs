@@ -23,7 +23,7 @@ use bytes::Bytes;
 use prost::Message;
 use rand::Rng;
 use serde::Serialize;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -50,7 +50,7 @@ const ABSENT: u32 = u32::MAX;
 /// `weir.v1.ControllerMessage`, with updates decoded as [`LiteUpdate`].
 #[derive(Clone, PartialEq, Message)]
 pub struct LiteControllerMessage {
-    #[prost(oneof = "LiteKind", tags = "1, 2")]
+    #[prost(oneof = "LiteKind", tags = "1, 2, 3")]
     pub kind: Option<LiteKind>,
 }
 
@@ -60,6 +60,26 @@ pub enum LiteKind {
     Update(LiteUpdate),
     #[prost(message, tag = "2")]
     Ping(Ping),
+    #[prost(message, tag = "3")]
+    Peers(LitePeers),
+}
+
+/// `weir.v1.CachePeers`, with each peer's node name only.
+#[derive(Clone, PartialEq, Message)]
+pub struct LitePeers {
+    #[prost(message, repeated, tag = "1")]
+    pub peers: Vec<LitePeer>,
+    #[prost(bool, tag = "2")]
+    pub delta: bool,
+    #[prost(string, repeated, tag = "3")]
+    pub removed: Vec<String>,
+}
+
+/// `weir.v1.CachePeer` without its address.
+#[derive(Clone, PartialEq, Message)]
+pub struct LitePeer {
+    #[prost(string, tag = "1")]
+    pub node_name: String,
 }
 
 /// `weir.v1.RoutingUpdate` with each upserted route kept as its encoded bytes (zero-copy
@@ -208,6 +228,9 @@ pub struct SimConfig {
     pub channels: usize,
     /// Agent i starts `i × ramp / agents` after the start (0: all at once).
     pub ramp: Duration,
+    /// Agents announce a cache peer address (`10.x.y.z:15001`, never dialled), so the
+    /// controller sends each the peer list of its zone.
+    pub cache_peers: bool,
 }
 
 impl SimConfig {
@@ -219,6 +242,7 @@ impl SimConfig {
             zones: vec!["z1".into(), "z2".into(), "z3".into()],
             channels: 0,
             ramp: Duration::ZERO,
+            cache_peers: false,
         }
     }
 }
@@ -234,6 +258,10 @@ struct AgentSlot {
     full_epoch: AtomicU64,
     full_at_ns: AtomicU64,
     table: Mutex<AgentTable>,
+    /// The cache peer list (hashes of the node names), its length, and when it last changed.
+    peer_list: Mutex<HashSet<u64>>,
+    peers: AtomicU64,
+    peers_at_ns: AtomicU64,
 }
 
 /// An agent's routing table: content id per route name id ([`ABSENT`] if none).
@@ -286,6 +314,9 @@ struct Counters {
     stream_errors: AtomicU64,
     connect_failures: AtomicU64,
     pings: AtomicU64,
+    peer_lists: AtomicU64,
+    peer_deltas: AtomicU64,
+    peer_bytes: AtomicU64,
 }
 
 struct Shared {
@@ -301,6 +332,11 @@ struct Shared {
     epoch: watch::Sender<u64>,
     storm_started_ns: AtomicU64,
     channels: Vec<Channel>,
+}
+
+fn name_hash(name: &str) -> u64 {
+    use std::hash::{BuildHasher, BuildHasherDefault};
+    BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().hash_one(name)
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -339,6 +375,24 @@ pub struct Storm {
     pub last_full_unix_ns: u64,
 }
 
+/// Cache peer lists received (with `SimConfig::cache_peers`).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct PeerStats {
+    pub lists_received: u64,
+    /// Of those, deltas on the previous list.
+    pub deltas_received: u64,
+    /// Σ over agents of their list's length.
+    pub peers_held: u64,
+    /// Σ `CachePeers` encoded length.
+    pub bytes_received: u64,
+    /// Agents whose last list holds every agent of its zone.
+    pub agents_with_whole_zone: u64,
+    /// Of those, the ones whose list came after the last reconnect storm started.
+    pub whole_zone_since_storm: u64,
+    /// When the last list was received (0 if none).
+    pub last_list_unix_ns: u64,
+}
+
 /// A snapshot of the simulator, as `GET /stats` serves it.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Stats {
@@ -361,6 +415,7 @@ pub struct Stats {
     pub stream_errors: u64,
     pub connect_failures: u64,
     pub storm: Storm,
+    pub cache_peers: PeerStats,
     /// CPU time of this whole process (user + system), seconds.
     pub cpu_seconds: f64,
     pub rss_kib: u64,
@@ -490,6 +545,27 @@ impl Sim {
             cpu_seconds: process_cpu_seconds(),
             ..Stats::default()
         };
+        st.cache_peers.lists_received = c.peer_lists.load(Ordering::Relaxed);
+        st.cache_peers.deltas_received = c.peer_deltas.load(Ordering::Relaxed);
+        st.cache_peers.bytes_received = c.peer_bytes.load(Ordering::Relaxed);
+        let zones = s.config.zones.len().max(1);
+        for (i, slot) in s.slots.iter().enumerate() {
+            // Agents i, i + zones, … share agent i's zone.
+            let zone_size = (s.slots.len() - i % zones).div_ceil(zones) as u64;
+            let held = slot.peers.load(Ordering::Acquire);
+            st.cache_peers.peers_held += held;
+            if held == zone_size {
+                st.cache_peers.agents_with_whole_zone += 1;
+                if epoch > 0 && slot.peers_at_ns.load(Ordering::Acquire) >= st.storm.started_unix_ns
+                {
+                    st.cache_peers.whole_zone_since_storm += 1;
+                }
+            }
+            st.cache_peers.last_list_unix_ns = st
+                .cache_peers
+                .last_list_unix_ns
+                .max(slot.peers_at_ns.load(Ordering::Acquire));
+        }
         for slot in &s.slots {
             let connected = slot.connected.load(Ordering::Acquire);
             let applied = slot.applied.load(Ordering::Acquire);
@@ -739,9 +815,18 @@ async fn session(shared: &Shared, i: usize, url: &str, stop: &mut watch::Receive
             node_name: format!("{}-{i}", shared.config.prefix),
             zone: shared.config.zones[i % shared.config.zones.len()].clone(),
             agent_version: concat!("weir-sim/", env!("CARGO_PKG_VERSION")).into(),
-            capabilities: vec!["delta".into()],
+            capabilities: vec!["delta".into(), "peer-delta".into()],
             applied_version: lock(&slot.table).version,
-            cache_peer_address: String::new(),
+            cache_peer_address: if shared.config.cache_peers {
+                format!(
+                    "10.{}.{}.{}:15001",
+                    (i >> 16) & 255,
+                    (i >> 8) & 255,
+                    i & 255
+                )
+            } else {
+                String::new()
+            },
         })),
     };
     if tx.send(hello).await.is_err() {
@@ -802,6 +887,29 @@ async fn session(shared: &Shared, i: usize, url: &str, stop: &mut watch::Receive
                 kind: Some(LiteKind::Ping(_)),
             })) => {
                 c.pings.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            Ok(Some(LiteControllerMessage {
+                kind: Some(LiteKind::Peers(list)),
+            })) => {
+                c.peer_lists.fetch_add(1, Ordering::Relaxed);
+                c.peer_deltas
+                    .fetch_add(u64::from(list.delta), Ordering::Relaxed);
+                c.peer_bytes
+                    .fetch_add(list.encoded_len() as u64, Ordering::Relaxed);
+                let len = {
+                    let mut held = lock(&slot.peer_list);
+                    if !list.delta {
+                        held.clear();
+                    }
+                    for gone in &list.removed {
+                        held.remove(&name_hash(gone));
+                    }
+                    held.extend(list.peers.iter().map(|p| name_hash(&p.node_name)));
+                    held.len()
+                };
+                slot.peers.store(len as u64, Ordering::Release);
+                slot.peers_at_ns.store(unix_ns(), Ordering::Release);
                 continue;
             }
             Ok(Some(_)) => continue,

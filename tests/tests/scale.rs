@@ -300,3 +300,79 @@ async fn every_agent_converges_to_the_table_of_a_full_recompute() {
     check.shutdown().await;
     sim.shutdown().await;
 }
+
+/// The cache peer lists of one zone: agents that join or leave cost every other agent a
+/// delta naming them, not the zone's whole list again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_joining_or_leaving_a_zone_costs_the_others_a_delta() {
+    const ZONE: u64 = 40;
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_manifest(
+        dir.path(),
+        "site.yaml",
+        &docs(&[
+            service("site", 80),
+            slice("site", 8080, &[("10.9.0.1", true)]),
+            policy("site", &["site.test"], &[("site", 80, 1, 0)], ""),
+        ]),
+    );
+    let controller = Controller::start(dir.path())
+        .await
+        .expect("start controller");
+    let sim_of = |agents: usize, prefix: &str| {
+        let mut cfg = SimConfig::new(controller.url(), agents);
+        cfg.prefix = prefix.into();
+        cfg.zones = vec!["z".into()];
+        cfg.cache_peers = true;
+        Sim::start(cfg).expect("start sim")
+    };
+    let peers = |sim: &Sim| sim.stats(false).cache_peers;
+    let zone = sim_of(ZONE as usize, "zone");
+    let before = wait_for("every agent holds the whole zone", || async {
+        let p = peers(&zone);
+        (p.agents_with_whole_zone == ZONE).then_some(p)
+    })
+    .await;
+
+    // One more agent joins the zone.
+    let late = sim_of(1, "late");
+    let joined = wait_for("every agent holds the zone with the late one", || async {
+        let p = peers(&zone);
+        (p.peers_held == ZONE * (ZONE + 1)).then_some(p)
+    })
+    .await;
+    let lists = joined.lists_received - before.lists_received;
+    assert_eq!(lists, ZONE, "one message each");
+    assert_eq!(joined.deltas_received - before.deltas_received, ZONE);
+    let late_peers = wait_for("the late agent's list", || async {
+        let p = peers(&late);
+        (p.peers_held == ZONE + 1).then_some(p)
+    })
+    .await;
+    // Its stream starts with the whole list as it stood (without it), then the delta
+    // that adds it.
+    assert_eq!(
+        (late_peers.lists_received, late_peers.deltas_received),
+        (2, 1),
+        "a new stream starts whole"
+    );
+    let whole_list = late_peers.bytes_received;
+    let per_delta = (joined.bytes_received - before.bytes_received) / lists;
+    assert!(
+        per_delta * 10 < whole_list,
+        "a delta ({per_delta} bytes) is a fraction of the whole list ({whole_list} bytes)"
+    );
+
+    // It leaves again.
+    late.shutdown().await;
+    let left = wait_for(
+        "every agent holds the zone without the late one",
+        || async {
+            let p = peers(&zone);
+            (p.peers_held == ZONE * ZONE).then_some(p)
+        },
+    )
+    .await;
+    assert_eq!(left.deltas_received - joined.deltas_received, ZONE);
+    zone.shutdown().await;
+}

@@ -178,7 +178,7 @@ async fn session(
             node_name: shared.node_name.clone(),
             zone: shared.zone.clone(),
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
-            capabilities: vec!["delta".into()],
+            capabilities: vec!["delta".into(), "peer-delta".into()],
             applied_version: shared.routing.table.load().version,
             cache_peer_address: shared
                 .cache_peer_address
@@ -241,7 +241,7 @@ async fn session(
         let update = match msg.kind {
             Some(controller_message::Kind::Update(update)) => update,
             Some(controller_message::Kind::Peers(peers)) => {
-                shared.set_peers(&peers.peers);
+                shared.set_peers(peers);
                 continue;
             }
             _ => continue, // pings only prove liveness

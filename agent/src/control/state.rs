@@ -24,7 +24,7 @@ use crate::route::Routing;
 use crate::route::table::{BuildCtx, RouteRt, Table, TableError};
 use prost::Message;
 use serde::Serialize;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -150,6 +150,8 @@ pub struct Shared {
     pub(crate) zone: String,
     /// `--cache-peer-addr`: where other agents reach this one for cache peer fills.
     pub(crate) cache_peer_address: Option<SocketAddr>,
+    /// The controller's cache peer list (node → address), what its deltas apply to.
+    peer_list: Mutex<BTreeMap<String, String>>,
     /// What the request path reads: the table in force, the counters, endpoint health.
     pub(crate) routing: Arc<Routing>,
     ready: AtomicBool,
@@ -177,6 +179,7 @@ impl Shared {
             node_name,
             zone,
             cache_peer_address: None,
+            peer_list: Mutex::default(),
             routing: Arc::new(Routing::new(Metrics::new(), Endpoints::new(tx))),
             ready: AtomicBool::new(false),
             draining: AtomicBool::new(false),
@@ -197,12 +200,31 @@ impl Shared {
         self
     }
 
-    /// Puts the controller's cache peer list in force; a peer it cannot use is logged.
-    pub(crate) fn set_peers(&self, list: &[weir_proto::v1::CachePeer]) {
+    /// Puts the controller's cache peer list (whole, or a delta on the last one) in force; a
+    /// peer it cannot use is logged.
+    pub(crate) fn set_peers(&self, msg: weir_proto::v1::CachePeers) {
         if self.cache_peer_address.is_none() {
             return; // not asked for: this agent takes no part
         }
-        let (set, errors) = crate::route::PeerSet::new(list, &self.node_name);
+        let list: Vec<weir_proto::v1::CachePeer> = {
+            let mut held = self.peer_list.lock().unwrap_or_else(|e| e.into_inner());
+            if !msg.delta {
+                held.clear();
+            }
+            for gone in &msg.removed {
+                held.remove(gone);
+            }
+            for p in msg.peers {
+                held.insert(p.node_name, p.address);
+            }
+            held.iter()
+                .map(|(node, address)| weir_proto::v1::CachePeer {
+                    node_name: node.clone(),
+                    address: address.clone(),
+                })
+                .collect()
+        };
+        let (set, errors) = crate::route::PeerSet::new(&list, &self.node_name);
         for e in errors {
             tracing::warn!(error = %e, "cache peer left out");
         }
@@ -501,6 +523,60 @@ fn write_atomically(dir: &Path, bytes: &[u8]) -> std::io::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_peer_list_delta_applies_to_the_list_last_received() {
+        use weir_proto::v1::{CachePeer, CachePeers};
+        let peer = |n: &str, a: &str| CachePeer {
+            node_name: n.into(),
+            address: a.into(),
+        };
+        let s = super::Shared::new("n1".into(), String::new(), None)
+            .with_cache_peer_address(Some("127.0.0.1:1".parse().expect("addr")));
+        let held = |s: &super::Shared| -> Vec<(String, String)> {
+            let set = s.routing.peers.load();
+            set.peers
+                .iter()
+                .map(|p| (p.node.to_string(), p.addr.to_string()))
+                .collect()
+        };
+        s.set_peers(CachePeers {
+            peers: vec![
+                peer("n1", "127.0.0.1:1"),
+                peer("n2", "127.0.0.1:2"),
+                peer("n3", "127.0.0.1:3"),
+            ],
+            ..Default::default()
+        });
+        assert_eq!(held(&s).len(), 3);
+        s.set_peers(CachePeers {
+            peers: vec![peer("n3", "127.0.0.1:33"), peer("n4", "127.0.0.1:4")],
+            delta: true,
+            removed: vec!["n2".into()],
+        });
+        let want = |v: &[(&str, &str)]| -> Vec<(String, String)> {
+            v.iter()
+                .map(|(n, a)| (n.to_string(), a.to_string()))
+                .collect()
+        };
+        assert_eq!(
+            held(&s),
+            want(&[
+                ("n1", "127.0.0.1:1"),
+                ("n3", "127.0.0.1:33"),
+                ("n4", "127.0.0.1:4")
+            ])
+        );
+        // A whole list replaces it.
+        s.set_peers(CachePeers {
+            peers: vec![peer("n1", "127.0.0.1:1"), peer("n5", "127.0.0.1:5")],
+            ..Default::default()
+        });
+        assert_eq!(
+            held(&s),
+            want(&[("n1", "127.0.0.1:1"), ("n5", "127.0.0.1:5")])
+        );
+    }
+
     #[test]
     fn a_cache_peer_address_may_be_a_bare_ipv6_pod_ip_and_port() {
         use super::parse_cache_peer_address as parse;

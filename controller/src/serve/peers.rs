@@ -6,8 +6,16 @@
 //! send every agent of the zone a new list, so changes are debounced ([`DEBOUNCE`]): a burst
 //! costs one list per agent. A list lags reality by that much at most, which costs little:
 //! an agent that asks a peer that is gone marks it down and asks the next owner, or the
-//! origin. Each zone's message is encoded once and shared by its sessions. Sets are scoped
-//! to a zone because a peer fill across zones pays cross-zone latency and bytes.
+//! origin. Sets are scoped to a zone because a peer fill across zones pays cross-zone
+//! latency and bytes.
+//!
+//! A zone of N agents has N-entry lists, and a whole list to each agent on each change
+//! would cost O(N²) bytes per join or leave (30 MB per change at 1,000 agents in a zone).
+//! So each zone keeps two messages, encoded once and shared by its sessions: the whole list,
+//! and the delta from its previous content (who joined or changed address, who left). A
+//! session sends the whole list first, then the delta when the agent takes deltas
+//! (capability "peer-delta") and holds exactly the list it starts from, else the whole list
+//! again (an agent that missed a change: the watch channel keeps only the newest sets).
 //!
 //! Only the agents connected to *this* controller are known here: with several replicas,
 //! each replica's agents form their own sets (each still consistent, the origin then sees
@@ -26,63 +34,125 @@ use weir_proto::v1::{CachePeer, CachePeers, ControllerMessage, controller_messag
 pub(crate) const DEBOUNCE: Duration = Duration::from_secs(1);
 
 /// The peer sets in force, by zone ("" for agents without one).
-#[derive(Debug, Default, PartialEq)]
+#[derive(Debug, Default)]
 pub(crate) struct PeerSets {
+    /// Bumped by every publish: what [`ZoneSet::since`] counts in (0: never published).
+    version: u64,
     zones: BTreeMap<String, ZoneSet>,
 }
 
-#[derive(Debug, PartialEq)]
-struct ZoneSet {
-    peers: Vec<CachePeer>,
-    message: Encoded,
+/// One zone's list, and the two messages that tell it.
+#[derive(Debug, Clone)]
+pub(crate) struct ZoneSet {
+    /// Node → address.
+    peers: BTreeMap<String, String>,
+    /// The [`PeerSets::version`] at which the list took its content.
+    pub(crate) since: u64,
+    /// The whole list.
+    pub(crate) whole: Encoded,
+    /// From the previous content (whose `since` it names) to this one.
+    pub(crate) delta: Option<(u64, Encoded)>,
 }
 
 impl PeerSets {
-    /// The sets for `agents`: (node name, zone, peer address) of each session, oldest session
-    /// first. A node connected twice (an agent hands over to its successor) counts once,
-    /// with its newest session's address.
-    pub(crate) fn of<'a>(agents: impl IntoIterator<Item = (&'a str, &'a str, &'a str)>) -> Self {
-        let mut by_zone: BTreeMap<&str, BTreeMap<&str, &str>> = BTreeMap::new();
+    /// The sets for `agents` (node name, zone, peer address of each session, oldest session
+    /// first), as the next version after `self`. A node connected twice (an agent hands
+    /// over to its successor) counts once, with its newest session's address. A zone whose
+    /// list did not change keeps its messages; one that did gets a delta from its last one.
+    pub(crate) fn next<'a>(
+        &self,
+        agents: impl IntoIterator<Item = (&'a str, &'a str, &'a str)>,
+    ) -> Self {
+        let version = self.version + 1;
+        let mut by_zone: BTreeMap<&str, BTreeMap<String, String>> = BTreeMap::new();
         for (node, zone, address) in agents {
             if !address.is_empty() {
-                by_zone.entry(zone).or_default().insert(node, address);
+                by_zone
+                    .entry(zone)
+                    .or_default()
+                    .insert(node.to_owned(), address.to_owned());
             }
         }
         let zones = by_zone
             .into_iter()
-            .map(|(zone, nodes)| {
-                let peers: Vec<CachePeer> = nodes
-                    .into_iter()
-                    .map(|(node, address)| CachePeer {
-                        node_name: node.to_owned(),
-                        address: address.to_owned(),
-                    })
-                    .collect();
-                let message = Encoded::of(&ControllerMessage {
-                    kind: Some(controller_message::Kind::Peers(CachePeers {
-                        peers: peers.clone(),
-                    })),
-                });
-                (zone.to_owned(), ZoneSet { peers, message })
+            .map(|(zone, peers)| {
+                let before = self.zones.get(zone);
+                let set = match before {
+                    Some(b) if b.peers == peers => b.clone(),
+                    _ => ZoneSet::new(peers, version, before),
+                };
+                (zone.to_owned(), set)
             })
             .collect();
-        Self { zones }
+        Self { version, zones }
     }
 
-    /// The message for the agents of `zone` (`None`: no agent of the zone serves peers).
-    pub(crate) fn message(&self, zone: &str) -> Option<&Encoded> {
-        self.zones.get(zone).map(|z| &z.message)
+    /// The sets of `agents`, as a first version (tests).
+    #[cfg(test)]
+    pub(crate) fn of<'a>(agents: impl IntoIterator<Item = (&'a str, &'a str, &'a str)>) -> Self {
+        Self::default().next(agents)
     }
 
-    /// Node names by zone, for `/state`.
-    pub(crate) fn nodes(&self) -> BTreeMap<String, Vec<String>> {
+    /// The list of `zone` (`None`: no agent of the zone serves peers).
+    pub(crate) fn zone(&self, zone: &str) -> Option<&ZoneSet> {
+        self.zones.get(zone)
+    }
+
+    /// Whether both hold the same lists (versions aside).
+    fn same_lists(&self, other: &Self) -> bool {
+        self.zones.len() == other.zones.len()
+            && self
+                .zones
+                .iter()
+                .zip(&other.zones)
+                .all(|((za, a), (zb, b))| za == zb && a.peers == b.peers)
+    }
+
+    /// Node names by zone, for the log.
+    pub(crate) fn nodes(&self) -> BTreeMap<&str, Vec<&str>> {
         self.zones
             .iter()
-            .map(|(zone, z)| {
-                let nodes = z.peers.iter().map(|p| p.node_name.clone()).collect();
-                (zone.clone(), nodes)
-            })
+            .map(|(zone, z)| (zone.as_str(), z.peers.keys().map(String::as_str).collect()))
             .collect()
+    }
+}
+
+impl ZoneSet {
+    fn new(peers: BTreeMap<String, String>, since: u64, before: Option<&ZoneSet>) -> Self {
+        let message = |peers: Vec<CachePeer>, delta: bool, removed: Vec<String>| {
+            Encoded::of(&ControllerMessage {
+                kind: Some(controller_message::Kind::Peers(CachePeers {
+                    peers,
+                    delta,
+                    removed,
+                })),
+            })
+        };
+        let peer = |(node, address): (&String, &String)| CachePeer {
+            node_name: node.clone(),
+            address: address.clone(),
+        };
+        let whole = message(peers.iter().map(peer).collect(), false, Vec::new());
+        let delta = before.map(|b| {
+            let changed = peers
+                .iter()
+                .filter(|(node, address)| b.peers.get(*node) != Some(*address))
+                .map(peer)
+                .collect();
+            let removed = b
+                .peers
+                .keys()
+                .filter(|node| !peers.contains_key(*node))
+                .cloned()
+                .collect();
+            (b.since, message(changed, true, removed))
+        });
+        Self {
+            peers,
+            since,
+            whole,
+            delta,
+        }
     }
 }
 
@@ -123,12 +193,15 @@ impl Peers {
         self.changed.notify_one();
     }
 
-    /// Publishes `sets` if they differ from those in force.
-    fn publish(&self, sets: PeerSets) {
+    /// Publishes the sets of `agents` (see [`PeerSets::next`]) if their lists differ from
+    /// those in force.
+    fn publish<'a>(&self, agents: impl IntoIterator<Item = (&'a str, &'a str, &'a str)>) {
         self.tx.send_if_modified(|current| {
-            if **current == sets {
+            let sets = current.next(agents);
+            if sets.same_lists(current) {
                 return false;
             }
+            tracing::debug!(zones = ?sets.nodes(), "cache peer sets recomputed");
             *current = Arc::new(sets);
             true
         });
@@ -144,9 +217,12 @@ async fn debounce(agents: Weak<Agents>, changed: Arc<Notify>) {
         let Some(agents) = agents.upgrade() else {
             return;
         };
-        let sets = agents.peer_sets();
-        tracing::debug!(zones = ?sets.nodes(), "cache peer sets recomputed");
-        agents.peers.publish(sets);
+        let serving = agents.peer_addresses();
+        agents.peers.publish(
+            serving
+                .iter()
+                .map(|(n, z, a)| (n.as_str(), z.as_str(), a.as_str())),
+        );
     }
 }
 
@@ -155,15 +231,24 @@ mod tests {
     use super::*;
     use prost::Message;
 
-    fn decode(m: &Encoded) -> Vec<(String, String)> {
+    fn message(m: &Encoded) -> CachePeers {
         match ControllerMessage::decode(m.0.clone()).map(|m| m.kind) {
-            Ok(Some(controller_message::Kind::Peers(p))) => p
-                .peers
-                .into_iter()
-                .map(|p| (p.node_name, p.address))
-                .collect(),
+            Ok(Some(controller_message::Kind::Peers(p))) => p,
             other => panic!("not a peer list: {other:?}"),
         }
+    }
+
+    fn decode(m: &Encoded) -> Vec<(String, String)> {
+        let p = message(m);
+        assert!(!p.delta && p.removed.is_empty(), "a whole list: {p:?}");
+        p.peers
+            .into_iter()
+            .map(|p| (p.node_name, p.address))
+            .collect()
+    }
+
+    fn whole<'a>(sets: &'a PeerSets, zone: &str) -> Option<&'a Encoded> {
+        sets.zone(zone).map(|z| &z.whole)
     }
 
     #[test]
@@ -177,21 +262,61 @@ mod tests {
             ("n1", "a", "10.0.0.9:15001"),
         ]);
         assert_eq!(
-            decode(sets.message("a").expect("zone a")),
+            decode(whole(&sets, "a").expect("zone a")),
             [
                 ("n1".to_string(), "10.0.0.9:15001".to_string()),
                 ("n2".to_string(), "10.0.0.2:15001".to_string())
             ]
         );
-        assert_eq!(decode(sets.message("b").expect("zone b")).len(), 1);
-        assert!(sets.message("").is_none(), "no agent without a zone serves");
+        assert_eq!(decode(whole(&sets, "b").expect("zone b")).len(), 1);
+        assert!(sets.zone("").is_none(), "no agent without a zone serves");
         assert_eq!(
             sets.nodes(),
-            BTreeMap::from([
-                ("a".to_string(), vec!["n1".to_string(), "n2".to_string()]),
-                ("b".to_string(), vec!["n3".to_string()])
-            ])
+            BTreeMap::from([("a", vec!["n1", "n2"]), ("b", vec!["n3"])])
         );
+    }
+
+    #[test]
+    fn a_changed_zone_gets_a_delta_from_its_last_list_and_an_unchanged_one_keeps_its_own() {
+        let first = PeerSets::of([
+            ("n1", "a", "10.0.0.1:15001"),
+            ("n2", "a", "10.0.0.2:15001"),
+            ("n3", "a", "10.0.0.3:15001"),
+            ("m1", "b", "10.0.1.1:15001"),
+        ]);
+        assert!(
+            first.zone("a").expect("a").delta.is_none(),
+            "nothing to start from"
+        );
+        // n2 left, n4 joined, n3 came back on another address; zone b is as it was.
+        let second = first.next([
+            ("n1", "a", "10.0.0.1:15001"),
+            ("n3", "a", "10.0.0.33:15001"),
+            ("n4", "a", "10.0.0.4:15001"),
+            ("m1", "b", "10.0.1.1:15001"),
+        ]);
+        let a = second.zone("a").expect("a");
+        assert_eq!(a.since, 2);
+        let (from, delta) = a.delta.as_ref().expect("a delta");
+        assert_eq!(*from, first.zone("a").expect("a").since);
+        let delta = message(delta);
+        assert!(delta.delta);
+        assert_eq!(delta.removed, ["n2"]);
+        let changed: Vec<_> = delta.peers.iter().map(|p| p.node_name.as_str()).collect();
+        assert_eq!(changed, ["n3", "n4"]);
+        assert_eq!(decode(&a.whole).len(), 3);
+        let b = second.zone("b").expect("b");
+        assert_eq!(
+            b.since, 1,
+            "unchanged: what its agents hold is still current"
+        );
+        assert!(!second.same_lists(&first));
+        assert!(second.same_lists(&second.next([
+            ("n4", "a", "10.0.0.4:15001"),
+            ("n3", "a", "10.0.0.33:15001"),
+            ("n1", "a", "10.0.0.1:15001"),
+            ("m1", "b", "10.0.1.1:15001"),
+        ])));
     }
 
     #[test]
@@ -199,10 +324,10 @@ mod tests {
         let peers = Peers::default();
         let mut rx = peers.subscribe();
         rx.borrow_and_update();
-        peers.publish(PeerSets::of([("n1", "", "127.0.0.1:1")]));
+        peers.publish([("n1", "", "127.0.0.1:1")]);
         assert!(rx.has_changed().expect("open"));
         rx.borrow_and_update();
-        peers.publish(PeerSets::of([("n1", "", "127.0.0.1:1")]));
+        peers.publish([("n1", "", "127.0.0.1:1")]);
         assert!(!rx.has_changed().expect("open"), "same set, no new message");
     }
 }

@@ -124,16 +124,20 @@ impl Agents {
         self.lock().values().cloned().collect()
     }
 
-    /// The cache peer sets of the agents connected now (see [`crate::serve::peers`]).
-    pub(crate) fn peer_sets(&self) -> PeerSets {
-        let sessions = self.lock();
-        PeerSets::of(sessions.values().map(|a| {
-            (
-                a.node_name.as_str(),
-                a.zone.as_str(),
-                a.cache_peer_address.as_str(),
-            )
-        }))
+    /// (node, zone, cache peer address) of the sessions that serve cache peer fills, oldest
+    /// first (see [`crate::serve::peers`]).
+    pub(crate) fn peer_addresses(&self) -> Vec<(String, String, String)> {
+        self.lock()
+            .values()
+            .filter(|a| !a.cache_peer_address.is_empty())
+            .map(|a| {
+                (
+                    a.node_name.clone(),
+                    a.zone.clone(),
+                    a.cache_peer_address.clone(),
+                )
+            })
+            .collect()
     }
 
     /// Takes the endpoint figures gathered since the last call.
@@ -253,6 +257,7 @@ impl DiscoveryService {
         tracing::info!(node = %hello.node_name, zone = %hello.zone, %peer, cache_peer = %cache_peer_address, "agent connected");
         let zone = hello.zone.clone();
         let serves_peers = !cache_peer_address.is_empty();
+        let peer_deltas = hello.capabilities.iter().any(|c| c == "peer-delta");
         self.agents.lock().insert(
             id,
             AgentState {
@@ -285,7 +290,8 @@ impl DiscoveryService {
             },
             tables: self.hub.subscribe(),
             peers: serves_peers.then(|| (self.agents.peers.subscribe(), zone)),
-            peers_sent: None,
+            peers_have: None,
+            peer_deltas,
             inbound,
             tx,
             sent: None,
@@ -314,8 +320,10 @@ struct Session {
     tables: tokio::sync::watch::Receiver<Arc<Table>>,
     /// The cache peer sets and the agent's zone, for an agent that serves peer fills.
     peers: Option<(tokio::sync::watch::Receiver<Arc<PeerSets>>, String)>,
-    /// The peer list last sent.
-    peers_sent: Option<Encoded>,
+    /// The `ZoneSet::since` of the peer list last sent (`Some(0)`: an empty one).
+    peers_have: Option<u64>,
+    /// The agent takes peer list deltas (capability "peer-delta").
+    peer_deltas: bool,
     inbound: Streaming<AgentMessage>,
     tx: mpsc::Sender<Result<Encoded, Status>>,
     /// The table last sent; `None` forces a full table next.
@@ -385,28 +393,36 @@ impl Session {
         }
     }
 
-    /// Sends the agent's zone's peer list if it changed since the last one sent; false if
-    /// the agent is gone.
+    /// Sends the agent's zone's peer list if it changed since the last one sent (as a delta
+    /// when the agent takes them and holds the list the delta starts from); false if the
+    /// agent is gone.
     async fn send_peers(&mut self) -> bool {
         let Some((rx, zone)) = &mut self.peers else {
             return true;
         };
         let sets = rx.borrow_and_update().clone();
-        // A zone with no serving agent left is sent as an empty list.
-        let message = sets.message(zone).cloned().unwrap_or_else(|| {
-            Encoded::of(&ControllerMessage {
-                kind: Some(controller_message::Kind::Peers(Default::default())),
-            })
-        });
-        if self.peers_sent.as_ref() == Some(&message)
-            || (self.peers_sent.is_none() && sets.message(zone).is_none())
-        {
-            return true;
-        }
-        if self.tx.send(Ok(message.clone())).await.is_err() {
+        let (message, have) = match (sets.zone(zone), self.peers_have) {
+            // Nothing yet (this agent is not in a published set yet), or told so already.
+            (None, None | Some(0)) => return true,
+            // No serving agent of the zone left: an empty list.
+            (None, Some(_)) => (
+                Encoded::of(&ControllerMessage {
+                    kind: Some(controller_message::Kind::Peers(Default::default())),
+                }),
+                0,
+            ),
+            (Some(z), Some(h)) if h == z.since => return true,
+            (Some(z), have) => match &z.delta {
+                Some((from, delta)) if self.peer_deltas && have == Some(*from) => {
+                    (delta.clone(), z.since)
+                }
+                _ => (z.whole.clone(), z.since),
+            },
+        };
+        if self.tx.send(Ok(message)).await.is_err() {
             return false;
         }
-        self.peers_sent = Some(message);
+        self.peers_have = Some(have);
         true
     }
 

@@ -52,6 +52,10 @@ struct Args {
     /// Spread the agents' first connects over this long (e.g. 2s); 0: all at once.
     #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
     ramp: Duration,
+    /// Agents announce a cache peer address, so the controller sends each its zone's peer
+    /// list (`/stats` → `cache_peers`).
+    #[arg(long)]
+    cache_peers: bool,
     /// Admin HTTP address (loopback).
     #[arg(long, default_value = "127.0.0.1:18091")]
     admin_addr: SocketAddr,
@@ -83,6 +87,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         zones: args.zones.clone(),
         channels: args.channels,
         ramp: args.ramp,
+        cache_peers: args.cache_peers,
     })?);
     eprintln!(
         "weir-sim: {} agents -> {}; admin on http://{}",
