@@ -64,7 +64,7 @@ pub enum LiteKind {
     Peers(LitePeers),
 }
 
-/// `weir.v1.CachePeers`, with each peer's node name only.
+/// `weir.v1.CachePeers`.
 #[derive(Clone, PartialEq, Message)]
 pub struct LitePeers {
     #[prost(message, repeated, tag = "1")]
@@ -75,11 +75,13 @@ pub struct LitePeers {
     pub removed: Vec<String>,
 }
 
-/// `weir.v1.CachePeer` without its address.
+/// `weir.v1.CachePeer` (the address only kept so the byte count is the wire's).
 #[derive(Clone, PartialEq, Message)]
 pub struct LitePeer {
     #[prost(string, tag = "1")]
     pub node_name: String,
+    #[prost(string, tag = "2")]
+    pub address: String,
 }
 
 /// `weir.v1.RoutingUpdate` with each upserted route kept as its encoded bytes (zero-copy
