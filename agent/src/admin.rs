@@ -128,9 +128,11 @@ fn purge(shared: &Shared, query: &str) -> u64 {
     let mut host = None;
     let mut prefix = None;
     for (k, v) in query.split('&').filter_map(|kv| kv.split_once('=')) {
+        // Percent-decoded, so a prefix may hold `&`, `=` or `%` (as `%26`, `%3D`, `%25`).
+        let v = percent_encoding::percent_decode_str(v).decode_utf8_lossy();
         match k {
             "host" => host = Some(v.to_ascii_lowercase()),
-            "prefix" => prefix = Some(v.to_string()),
+            "prefix" => prefix = Some(v.into_owned()),
             _ => {}
         }
     }

@@ -110,15 +110,27 @@ impl Local {
 
     /// GETs `url`; any status is an answer, only transport failures are errors.
     pub(crate) async fn get(&self, what: &str, url: &str) -> Result<Got, FetchError> {
+        self.send(http::Method::GET, what, url).await
+    }
+
+    /// `method` on `url` without a body; any status is an answer.
+    pub(crate) async fn send(
+        &self,
+        method: http::Method,
+        what: &str,
+        url: &str,
+    ) -> Result<Got, FetchError> {
         let unreachable = |why: String| FetchError::Unreachable {
             what: what.into(),
             url: url.into(),
             why,
         };
-        let uri: http::Uri = url
-            .parse()
+        let req = http::Request::builder()
+            .method(method)
+            .uri(url)
+            .body(Empty::new())
             .map_err(|e| unreachable(format!("bad URL: {e}")))?;
-        answer(self.http.get(uri), unreachable).await
+        answer(self.http.request(req), unreachable).await
     }
 }
 
@@ -153,6 +165,7 @@ where
 }
 
 /// A cluster reached through the Kubernetes API.
+#[derive(Clone)]
 pub(crate) struct Cluster {
     pub client: kube::Client,
     pub namespace: String,
@@ -211,12 +224,24 @@ impl Cluster {
 
     /// GETs an API path (a proxy path, typically); any status is an answer.
     pub(crate) async fn get(&self, what: &str, path: &str) -> Result<Got, FetchError> {
+        self.send(http::Method::GET, what, path).await
+    }
+
+    /// `method` on an API path without a body; any status is an answer.
+    pub(crate) async fn send(
+        &self,
+        method: http::Method,
+        what: &str,
+        path: &str,
+    ) -> Result<Got, FetchError> {
         let unreachable = |why: String| FetchError::Unreachable {
             what: what.into(),
             url: path.into(),
             why,
         };
-        let req = http::Request::get(path)
+        let req = http::Request::builder()
+            .method(method)
+            .uri(path)
             .body(kube::client::Body::empty())
             .map_err(|e| unreachable(e.to_string()))?;
         let got = answer(self.client.send(req), unreachable).await?;
@@ -390,6 +415,50 @@ impl Cluster {
         decode(&format!("agent {}", pod.name), &path, got)
     }
 
+    /// POSTs `/cache/purge?{query}` to every agent pod (or the one on `node`), a few at a
+    /// time; one result per pod, in node order.
+    pub(crate) async fn purge(
+        &self,
+        node: Option<&str>,
+        query: &str,
+    ) -> Result<Vec<Purged>, FetchError> {
+        /// Requests in flight at once: enough for a large fleet without a burst on the API
+        /// server.
+        const AT_ONCE: usize = 16;
+        let mut pods = self.agent_pods().await?;
+        if let Some(n) = node {
+            pods.retain(|p| p.node == n);
+            if pods.is_empty() {
+                return Err(self.pick_agent(Some(n)).await.err().unwrap_or_else(|| {
+                    FetchError::NotFound(format!("no weir agent pod on node {n:?}"))
+                }));
+            }
+        }
+        let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(AT_ONCE));
+        let mut tasks = tokio::task::JoinSet::new();
+        for pod in pods {
+            let (me, gate) = (self.clone(), gate.clone());
+            let path = format!(
+                "/api/v1/namespaces/{}/pods/{}:{}/proxy/cache/purge?{query}",
+                self.namespace, pod.name, pod.admin_port
+            );
+            tasks.spawn(async move {
+                let _turn = gate.acquire_owned().await;
+                let what = format!("agent {} on node {}", pod.name, pod.node);
+                let got = me.send(http::Method::POST, &what, &path).await;
+                Purged::of(pod.node, &what, &path, got)
+            });
+        }
+        let mut out = Vec::new();
+        while let Some(done) = tasks.join_next().await {
+            if let Ok(p) = done {
+                out.push(p);
+            }
+        }
+        out.sort_by(|a, b| a.node.cmp(&b.node));
+        Ok(out)
+    }
+
     /// Whether each CRD exists and is Established (`None`: absent).
     pub(crate) async fn crds(&self) -> Result<Vec<(String, Option<bool>)>, FetchError> {
         let api: Api<CustomResourceDefinition> = Api::all(self.client.clone());
@@ -518,7 +587,73 @@ pub(crate) fn decode<T: serde::de::DeserializeOwned>(
     })
 }
 
+/// What one agent said to a purge.
+#[derive(Debug, Clone, serde::Serialize)]
+pub(crate) struct Purged {
+    pub node: String,
+    /// Objects removed from its memory (`None` when the purge failed).
+    pub purged: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl Purged {
+    fn of(node: String, what: &str, url: &str, got: Result<Got, FetchError>) -> Self {
+        #[derive(serde::Deserialize)]
+        struct Answer {
+            purged: u64,
+        }
+        match got.and_then(|g| decode::<Answer>(what, url, g)) {
+            Ok(a) => Self {
+                node,
+                purged: Some(a.purged),
+                error: None,
+            },
+            Err(e) => Self {
+                node,
+                purged: None,
+                error: Some(e.to_string()),
+            },
+        }
+    }
+}
+
+/// The query of `POST /cache/purge`: `host` and `prefix`, percent-encoded (the agent
+/// decodes them), so a prefix may hold `&`, `=`, `%` or `#`.
+pub(crate) fn purge_query(host: Option<&str>, prefix: Option<&str>) -> String {
+    use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
+    const KEEP: &percent_encoding::AsciiSet = &NON_ALPHANUMERIC
+        .remove(b'/')
+        .remove(b'-')
+        .remove(b'_')
+        .remove(b'.')
+        .remove(b'~')
+        .remove(b':');
+    [("host", host), ("prefix", prefix)]
+        .into_iter()
+        .filter_map(|(k, v)| Some(format!("{k}={}", utf8_percent_encode(v?, KEEP))))
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
 impl Target {
+    /// `POST /cache/purge?{query}` on local mode's agent, or on every agent of the cluster
+    /// (the one on `node` when given).
+    pub(crate) async fn purge(
+        &self,
+        node: Option<&str>,
+        query: &str,
+    ) -> Result<Vec<Purged>, FetchError> {
+        match self {
+            Target::Local(l) => {
+                let url = format!("{}/cache/purge?{query}", l.agent);
+                let got = l.send(http::Method::POST, "the agent", &url).await;
+                Ok(vec![Purged::of("local".into(), "the agent", &url, got)])
+            }
+            Target::Cluster(c) => c.purge(node, query).await,
+        }
+    }
+
     /// The controller's `/state`.
     pub(crate) async fn state(&self) -> Result<State, FetchError> {
         match self {
@@ -563,6 +698,16 @@ impl Target {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn purge_queries_are_percent_encoded_for_the_agent_to_decode() {
+        assert_eq!(purge_query(None, None), "");
+        assert_eq!(purge_query(Some("shop.test"), None), "host=shop.test");
+        assert_eq!(
+            purge_query(Some("shop.test:8080"), Some("/a b&c=d%/#x")),
+            "host=shop.test:8080&prefix=/a%20b%26c%3Dd%25/%23x"
+        );
+    }
 
     #[test]
     fn api_server_status_bodies_read_as_their_message() {

@@ -1,7 +1,7 @@
 //! `kubectl weir`: a kubectl plugin (any `kubectl-weir` on PATH is one) that answers the
 //! questions an operator of weir asks: is it installed and healthy (`check`), what would
 //! this request get and why (`explain`), what does one agent run (`agent`), and where does
-//! traffic go (`top`). It reads a cluster through the Kubernetes API, or local mode's admin
+//! traffic go (`top`); and empties the agents' caches (`purge`). It reads a cluster through the Kubernetes API, or local mode's admin
 //! endpoints with `--local`. This file owns the command line and the exit codes; the
 //! decisions live in `check`, `explain` and `view`, the I/O in `fetch`.
 
@@ -96,6 +96,20 @@ enum Command {
         /// The node (cluster mode; local mode has one agent).
         node: Option<String>,
     },
+    /// Empties the response caches of every agent (or of one node's): everything, one
+    /// host's objects, or those whose path starts with a prefix. Exits 0 only when every
+    /// agent answered.
+    Purge {
+        /// Only this host's objects (a port is ignored).
+        #[arg(long)]
+        host: Option<String>,
+        /// Only objects whose path (and query) starts with this, e.g. /img/.
+        #[arg(long)]
+        prefix: Option<String>,
+        /// Only the agent on this node (cluster mode).
+        #[arg(long)]
+        node: Option<String>,
+    },
     /// Per-route traffic from the controller, busiest first.
     Top {
         /// Refresh every 2 seconds until interrupted.
@@ -150,6 +164,22 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Agent { node } => agent(&target, node.as_deref(), cli.output).await,
         Command::Top { watch } => top(&target, watch, cli.output).await,
+        Command::Purge { host, prefix, node } => {
+            if node.is_some() && matches!(target, Target::Local(_)) {
+                bail!("--node is for cluster mode; local mode has one agent (--agent-admin)");
+            }
+            let query = fetch::purge_query(host.as_deref(), prefix.as_deref());
+            let results = target.purge(node.as_deref(), &query).await?;
+            match cli.output {
+                Output::Json => print_json(&results)?,
+                Output::Table => print!("{}", view::purge(&results)),
+            }
+            Ok(if results.iter().all(|r| r.purged.is_some()) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
     }
 }
 

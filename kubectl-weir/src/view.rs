@@ -370,6 +370,28 @@ pub(crate) fn top(rows: &[TopRow]) -> String {
     out
 }
 
+/// `purge`: a line per agent, then the total.
+pub(crate) fn purge(results: &[crate::fetch::Purged]) -> String {
+    let mut t = vec![["NODE", "PURGED"].map(String::from).to_vec()];
+    for r in results {
+        t.push(vec![
+            r.node.clone(),
+            match (&r.purged, &r.error) {
+                (Some(n), _) => n.to_string(),
+                (None, e) => format!("failed: {}", e.as_deref().unwrap_or("?")),
+            },
+        ]);
+    }
+    let mut out = table(&t);
+    let ok = results.iter().filter(|r| r.purged.is_some()).count();
+    let total: u64 = results.iter().filter_map(|r| r.purged).sum();
+    out.push_str(&format!(
+        "{total} objects purged from memory on {ok} of {} agents\n",
+        results.len()
+    ));
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -438,7 +438,17 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path().to_string();
     if let Some((kind, ns, name_port, rest)) = proxy_path(&path) {
         shared.lock().proxied.push(path.clone());
-        return proxied(&shared, kind, ns, name_port, rest, req.uri().query()).await;
+        let method = req.method().clone();
+        return proxied(
+            &shared,
+            method,
+            kind,
+            ns,
+            name_port,
+            rest,
+            req.uri().query(),
+        )
+        .await;
     }
     let Some(Target {
         coll,
@@ -718,9 +728,11 @@ fn proxy_path(path: &str) -> Option<(&str, &str, &str, &str)> {
     ))
 }
 
-/// Forwards a proxy GET to the registered address and relays status and body.
+/// Forwards a proxy request (method and target; no body) to the registered address and
+/// relays status and body.
 async fn proxied(
     shared: &Shared,
+    method: http::Method,
     kind: &str,
     ns: &str,
     name_port: &str,
@@ -748,7 +760,11 @@ async fn proxied(
     };
     let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
         .build_http::<Full<Bytes>>();
-    let Ok(req) = Request::get(uri).body(Full::new(Bytes::new())) else {
+    let Ok(req) = Request::builder()
+        .method(method)
+        .uri(uri)
+        .body(Full::new(Bytes::new()))
+    else {
         return json_response(
             StatusCode::BAD_REQUEST,
             &status_body(400, "BadRequest", "bad proxy path"),

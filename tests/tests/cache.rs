@@ -781,4 +781,22 @@ async fn a_miss_asks_the_owning_peer_so_the_origin_sees_each_object_once() {
     );
     // The controller drops it from the set (after its debounce).
     peers(&agents[0], 2).await;
+    // After a purge the agent's misses go to the origin, not to owners that may not have
+    // been purged yet (for PURGE_PEER_FENCE, 10 s; these requests take milliseconds).
+    let fills_before = cache_stats(&agents[0].config().await.expect("config"))["peerFills"].clone();
+    let purged = request(
+        &http_client(),
+        "POST",
+        &format!("http://{}/cache/purge?host=site.test", agents[0].admin),
+        None,
+    )
+    .await
+    .expect("purge");
+    assert_eq!(purged.status, 200, "{}", purged.body);
+    for p in &paths {
+        let got = fetch(&agents[0], "GET", p, &[]).await;
+        assert_eq!(got.body, format!("{p} #3"), "{p}: {:?}", got.headers);
+    }
+    let st = cache_stats(&agents[0].config().await.expect("config"));
+    assert_eq!(st["peerFills"], fills_before, "no peer asked: {st}");
 }

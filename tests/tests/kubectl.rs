@@ -344,6 +344,99 @@ async fn explain_shows_the_rule_tier_and_endpoint_weights() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purge_empties_the_agent_cache_by_prefix_and_by_host() {
+    let (_origins, dir, controller, agent) = local().await;
+    write_manifest(
+        dir.path(),
+        "pages.yaml",
+        "apiVersion: weir.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: pages, namespace: default}\n\
+         spec:\n  hosts: [\"pages.test\"]\n  rules: [{backendRefs: [{name: shop-primary, port: 80}]}]\n  \
+         cache: {enabled: true, maxSize: 4Mi}\n",
+    );
+    wait_for("the pages route on the agent", || async {
+        let cfg = agent.config().await.ok()?;
+        cfg["routes"]
+            .as_array()?
+            .iter()
+            .any(|r| r["name"] == "default/pages")
+            .then_some(())
+    })
+    .await;
+    let client = weir_tests::http_client();
+    let x_cache = |path: &str| {
+        let (client, addr, path) = (client.clone(), agent.listen, path.to_string());
+        async move {
+            let got = weir_tests::get(&client, addr, "pages.test", &path)
+                .await
+                .expect("request");
+            assert_eq!(got.status, 200, "{path}: {got:?}");
+            got.headers
+                .get("x-cache")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_string()
+        }
+    };
+    // Stored as the answer streams: a copy is there once a request gets HIT.
+    let stored = |path: &'static str| {
+        let x_cache = &x_cache;
+        async move {
+            wait_for("stored", || async {
+                (x_cache(path).await == "HIT").then_some(())
+            })
+            .await
+        }
+    };
+    let (page, img) = ("/page?max-age=600", "/img/a%20b?max-age=600");
+    for p in [page, img] {
+        assert_eq!(x_cache(p).await, "MISS");
+        stored(p).await;
+    }
+    let (c, a) = (
+        format!("http://{}", controller.admin),
+        format!("http://{}", agent.admin),
+    );
+
+    // A prefix that needs escaping (a space, encoded in the path as %20).
+    let by_prefix = run(
+        &local_args(&c, &a, &["purge", "--prefix", "/img/a%20"]),
+        None,
+    )
+    .await;
+    assert_eq!(by_prefix.code, 0, "{}", by_prefix.stderr);
+    assert!(
+        by_prefix
+            .stdout
+            .contains("1 objects purged from memory on 1 of 1 agents"),
+        "{}",
+        by_prefix.stdout
+    );
+    assert_eq!(x_cache(img).await, "MISS", "purged");
+    assert_eq!(x_cache(page).await, "HIT", "outside the prefix");
+    stored(img).await;
+
+    let by_host = run(
+        &local_args(&c, &a, &["purge", "--host", "pages.test", "-o", "json"]),
+        None,
+    )
+    .await;
+    assert_eq!(by_host.code, 0, "{}", by_host.stderr);
+    let j: Value = serde_json::from_str(&by_host.stdout).expect("json");
+    assert_eq!(j[0]["purged"], 2, "{j}");
+    assert_eq!(x_cache(page).await, "MISS");
+
+    // An agent that cannot be reached: the purge fails, and says where it tried.
+    let closed = format!("http://{}", weir_tests::free_local_addr());
+    let failed = run(&local_args(&c, &closed, &["purge"]), None).await;
+    assert_eq!(failed.code, 1);
+    assert!(
+        failed.stdout.contains("failed: cannot reach the agent"),
+        "{}",
+        failed.stdout
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn top_and_agent_list_the_routes() {
     let (origins, _dir, controller, agent) = local().await;
     let (c, a) = (
@@ -614,6 +707,18 @@ async fn check_in_a_cluster_passes_and_then_names_the_node_without_an_agent() {
         fake.proxied()
     );
 
+    // purge reaches every agent pod with a POST through the Pod proxy.
+    let purged = run(
+        &["purge", "--host", "shop.test", "-o", "json"],
+        Some(&user_kc),
+    )
+    .await;
+    assert_eq!(purged.code, 0, "{}{}", purged.stdout, purged.stderr);
+    let j: Value = serde_json::from_str(&purged.stdout).expect("json");
+    assert_eq!(j, serde_json::json!([{"node": "n1", "purged": 0}]));
+    let purge_path = format!("/api/v1/namespaces/{NS}/pods/weir-agent-n1:15000/proxy/cache/purge");
+    assert!(fake.proxied().contains(&purge_path), "{:?}", fake.proxied());
+
     // A second node joins without an agent: check fails and names it.
     fake.apply("apiVersion: v1\nkind: Node\nmetadata: {name: n2}\n")
         .expect("node");
@@ -625,6 +730,31 @@ async fn check_in_a_cluster_passes_and_then_names_the_node_without_an_agent() {
             .contains("✗ agents connected: 1/2 nodes: no NodeAgent for n2"),
         "{}",
         failed.stdout
+    );
+
+    // An agent pod that cannot be reached fails the purge, and is named.
+    fake.apply(&format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: weir-agent-n2, namespace: {NS}, labels: {}}}\n\
+         spec:\n  nodeName: n2\n  containers: [{{name: agent}}]\n",
+        labels("agent")
+    ))
+    .expect("pod");
+    let partial = run(&["purge"], Some(&user_kc)).await;
+    assert_eq!(partial.code, 1, "{}", partial.stdout);
+    assert!(
+        partial
+            .stdout
+            .contains("0 objects purged from memory on 1 of 2 agents"),
+        "{}",
+        partial.stdout
+    );
+    assert!(
+        partial
+            .stdout
+            .lines()
+            .any(|l| l.starts_with("n2") && l.contains("failed:")),
+        "{}",
+        partial.stdout
     );
 
     // Another namespace has no weir: every lookup there says so.

@@ -238,7 +238,14 @@ pub(crate) struct Inner {
     pub(crate) inflight: coalesce::InFlight,
     pub(crate) stats: CacheStats,
     pub(crate) tiers: Option<tier::Tiers>,
+    /// `health::now_ms` before which misses do not ask peers (set by purges).
+    peer_fence_until_ms: std::sync::atomic::AtomicU64,
 }
+
+/// How long after a purge this agent's misses go to the origin rather than to peers: the
+/// owner of an object may not have been purged yet (a purge reaches the agents one by one,
+/// e.g. `kubectl weir purge`) and would hand the purged copy back.
+pub const PURGE_PEER_FENCE: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Inner {
     /// Stores `v` under `key` beside the other variants of the URI, and writes the URI
@@ -326,6 +333,7 @@ impl Cache {
                 inflight: coalesce::InFlight::default(),
                 stats: CacheStats::default(),
                 tiers,
+                peer_fence_until_ms: std::sync::atomic::AtomicU64::new(0),
             }),
         }
     }
@@ -538,9 +546,19 @@ impl Cache {
             .count()
     }
 
+    /// Whether misses may ask peers now (not within [`PURGE_PEER_FENCE`] of a purge).
+    pub fn peers_open(&self, now_ms: u64) -> bool {
+        self.inner.peer_fence_until_ms.load(Relaxed) <= now_ms
+    }
+
     /// Removes every entry (memory and disk) whose key fails `keep`; returns how many
-    /// went from memory.
+    /// went from memory. Closes peer fill for [`PURGE_PEER_FENCE`].
     fn retain(&self, keep: &mut dyn FnMut(&Key) -> bool) -> u64 {
+        if self.inner.config.peers {
+            let until = crate::health::now_ms()
+                + u64::try_from(PURGE_PEER_FENCE.as_millis()).unwrap_or(u64::MAX);
+            self.inner.peer_fence_until_ms.store(until, Relaxed);
+        }
         if let Some(t) = &self.inner.tiers {
             t.retain(keep);
         }

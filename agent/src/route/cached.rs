@@ -69,6 +69,7 @@ impl Worker {
                         && !from_peer
                         && parts.method == Method::GET
                         && body.is_end_stream()
+                        && cache.peers_open(crate::health::now_ms())
                     {
                         match self.ask_peer(&cache, &host, &parts, &routed, fill).await {
                             Ok(resp) => return resp,
