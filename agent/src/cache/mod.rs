@@ -238,7 +238,7 @@ pub(crate) struct Inner {
     pub(crate) inflight: coalesce::InFlight,
     pub(crate) stats: CacheStats,
     pub(crate) tiers: Option<tier::Tiers>,
-    /// `health::now_ms` before which misses do not ask peers (set by purges).
+    /// Unix milliseconds before which misses do not ask peers (set by purges).
     peer_fence_until_ms: std::sync::atomic::AtomicU64,
 }
 
@@ -546,17 +546,16 @@ impl Cache {
             .count()
     }
 
-    /// Whether misses may ask peers now (not within [`PURGE_PEER_FENCE`] of a purge).
-    pub fn peers_open(&self, now_ms: u64) -> bool {
-        self.inner.peer_fence_until_ms.load(Relaxed) <= now_ms
+    /// Whether misses may ask peers at `now` (not within [`PURGE_PEER_FENCE`] of a purge).
+    pub fn peers_open(&self, now: SystemTime) -> bool {
+        self.inner.peer_fence_until_ms.load(Relaxed) <= unix_ms(now)
     }
 
     /// Removes every entry (memory and disk) whose key fails `keep`; returns how many
     /// went from memory. Closes peer fill for [`PURGE_PEER_FENCE`].
     fn retain(&self, keep: &mut dyn FnMut(&Key) -> bool) -> u64 {
         if self.inner.config.peers {
-            let until = crate::health::now_ms()
-                + u64::try_from(PURGE_PEER_FENCE.as_millis()).unwrap_or(u64::MAX);
+            let until = unix_ms(SystemTime::now() + PURGE_PEER_FENCE);
             self.inner.peer_fence_until_ms.store(until, Relaxed);
         }
         if let Some(t) = &self.inner.tiers {
@@ -624,3 +623,8 @@ fn normalize_purge_host(host: &str) -> String {
 
 #[cfg(test)]
 mod tests;
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}

@@ -69,7 +69,7 @@ impl Worker {
                         && !from_peer
                         && parts.method == Method::GET
                         && body.is_end_stream()
-                        && cache.peers_open(crate::health::now_ms())
+                        && cache.peers_open(now)
                     {
                         match self.ask_peer(&cache, &host, &parts, &routed, fill).await {
                             Ok(resp) => return resp,
