@@ -425,15 +425,10 @@ impl Cluster {
         /// Requests in flight at once: enough for a large fleet without a burst on the API
         /// server.
         const AT_ONCE: usize = 16;
-        let mut pods = self.agent_pods().await?;
-        if let Some(n) = node {
-            pods.retain(|p| p.node == n);
-            if pods.is_empty() {
-                return Err(self.pick_agent(Some(n)).await.err().unwrap_or_else(|| {
-                    FetchError::NotFound(format!("no weir agent pod on node {n:?}"))
-                }));
-            }
-        }
+        let pods = match node {
+            Some(n) => vec![self.pick_agent(Some(n)).await?],
+            None => self.agent_pods().await?,
+        };
         let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(AT_ONCE));
         let mut tasks = tokio::task::JoinSet::new();
         for pod in pods {

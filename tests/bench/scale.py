@@ -369,7 +369,7 @@ def run(name, cfg_args, args, d):
         log(f"  isolated change: {r['isolated']['bytes_per_agent']} bytes per agent over {agents} updates")
 
     # Reconnect storm.
-    r["final_peer_lists"] = ((sim_stats() or {}).get("cache_peers") or {}).get("lists_received", 0)
+    r["peer_lists_before_storm"] = ((sim_stats() or {}).get("cache_peers") or {}).get("lists_received", 0)
     c0, s0, t = cpu_seconds(ctrl.pid), cpu_seconds(sim.pid), time.time()
     status, body = http(f"http://127.0.0.1:{SIM_ADMIN}/reconnect", method="POST")
     epoch = json.loads(body)["epoch"] if status == 200 else None
@@ -380,7 +380,7 @@ def run(name, cfg_args, args, d):
     s = storm or sim_stats() or {}
     st = s.get("storm", {})
     if args.cache_peers and storm:
-        lists0 = r.get("final_peer_lists", 0)
+        lists0 = r.get("peer_lists_before_storm", 0)
         whole = wait_until(
             lambda: (lambda s: s if s and s["cache_peers"]["whole_zone_since_storm"] >= n else None)(sim_stats()),
             args.timeout, "every agent holds its zone's peer list again", procs, interval=0.05)

@@ -260,9 +260,8 @@ struct AgentSlot {
     full_epoch: AtomicU64,
     full_at_ns: AtomicU64,
     table: Mutex<AgentTable>,
-    /// The cache peer list (hashes of the node names), its length, and when it last changed.
+    /// The cache peer list (hashes of the node names), and when it last changed.
     peer_list: Mutex<HashSet<u64>>,
-    peers: AtomicU64,
     peers_at_ns: AtomicU64,
 }
 
@@ -554,7 +553,7 @@ impl Sim {
         for (i, slot) in s.slots.iter().enumerate() {
             // Agents i, i + zones, … share agent i's zone.
             let zone_size = (s.slots.len() - i % zones).div_ceil(zones) as u64;
-            let held = slot.peers.load(Ordering::Acquire);
+            let held = lock(&slot.peer_list).len() as u64;
             st.cache_peers.peers_held += held;
             if held == zone_size {
                 st.cache_peers.agents_with_whole_zone += 1;
@@ -899,7 +898,7 @@ async fn session(shared: &Shared, i: usize, url: &str, stop: &mut watch::Receive
                     .fetch_add(u64::from(list.delta), Ordering::Relaxed);
                 c.peer_bytes
                     .fetch_add(list.encoded_len() as u64, Ordering::Relaxed);
-                let len = {
+                {
                     let mut held = lock(&slot.peer_list);
                     if !list.delta {
                         held.clear();
@@ -908,9 +907,7 @@ async fn session(shared: &Shared, i: usize, url: &str, stop: &mut watch::Receive
                         held.remove(&name_hash(gone));
                     }
                     held.extend(list.peers.iter().map(|p| name_hash(&p.node_name)));
-                    held.len()
-                };
-                slot.peers.store(len as u64, Ordering::Release);
+                }
                 slot.peers_at_ns.store(unix_ns(), Ordering::Release);
                 continue;
             }

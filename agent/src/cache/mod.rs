@@ -548,14 +548,14 @@ impl Cache {
 
     /// Whether misses may ask peers at `now` (not within [`PURGE_PEER_FENCE`] of a purge).
     pub fn peers_open(&self, now: SystemTime) -> bool {
-        self.inner.peer_fence_until_ms.load(Relaxed) <= unix_ms(now)
+        self.inner.peer_fence_until_ms.load(Relaxed) <= policy::epoch_ms(now)
     }
 
     /// Removes every entry (memory and disk) whose key fails `keep`; returns how many
     /// went from memory. Closes peer fill for [`PURGE_PEER_FENCE`].
     fn retain(&self, keep: &mut dyn FnMut(&Key) -> bool) -> u64 {
         if self.inner.config.peers {
-            let until = unix_ms(SystemTime::now() + PURGE_PEER_FENCE);
+            let until = policy::epoch_ms(SystemTime::now() + PURGE_PEER_FENCE);
             self.inner.peer_fence_until_ms.store(until, Relaxed);
         }
         if let Some(t) = &self.inner.tiers {
@@ -623,8 +623,3 @@ fn normalize_purge_host(host: &str) -> String {
 
 #[cfg(test)]
 mod tests;
-
-fn unix_ms(t: SystemTime) -> u64 {
-    t.duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}

@@ -206,7 +206,7 @@ impl Shared {
         if self.cache_peer_address.is_none() {
             return; // not asked for: this agent takes no part
         }
-        let list: Vec<weir_proto::v1::CachePeer> = {
+        let (set, errors) = {
             let mut held = self.peer_list.lock().unwrap_or_else(|e| e.into_inner());
             if !msg.delta {
                 held.clear();
@@ -217,14 +217,9 @@ impl Shared {
             for p in msg.peers {
                 held.insert(p.node_name, p.address);
             }
-            held.iter()
-                .map(|(node, address)| weir_proto::v1::CachePeer {
-                    node_name: node.clone(),
-                    address: address.clone(),
-                })
-                .collect()
+            let list = held.iter().map(|(n, a)| (n.as_str(), a.as_str()));
+            crate::route::PeerSet::new(list, &self.node_name)
         };
-        let (set, errors) = crate::route::PeerSet::new(&list, &self.node_name);
         for e in errors {
             tracing::warn!(error = %e, "cache peer left out");
         }

@@ -33,8 +33,8 @@ impl Worker {
         // The loop guard of peer fill: a peer's request is answered here (from the cache or
         // the origin), never passed to another peer, and the origin does not see the field.
         let from_peer = parts.headers.remove(X_WEIR_PEER).is_some();
-        if parts.headers.remove(X_WEIR_INVALIDATE).is_some()
-            && from_peer
+        if from_peer
+            && parts.headers.remove(X_WEIR_INVALIDATE).is_some()
             && let Some(r) = self.peer_invalidation(&cache, &host, &parts, &routed)
         {
             return r;

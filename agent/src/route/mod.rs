@@ -1,6 +1,7 @@
 //! Routing one request: the host picks a route of the table in force and the request picks a
 //! rule ([`Worker::handle`]); then either the cached path ([`cached`]) or straight to the try
-//! loop ([`forward`]) (a cache miss may ask the owning peer agent first, [`peer`]), which asks [`retry`] what each try's result means and [`outcome`] to
+//! loop ([`forward`]) (a cache miss may ask the owning peer agent first, [`peer`]), which
+//! asks [`retry`] what each try's result means and [`outcome`] to
 //! record it and build the answer.
 //!
 //! Each request is handled on its own: the table is loaded once per request, so a request in

@@ -37,7 +37,7 @@ use crate::health::now_ms;
 use crate::http::body::UpBody;
 use crate::http::headers::{VIA_11, X_WEIR_ERROR, strip_hop_by_hop};
 use crate::http::reply::LocalReply;
-use crate::upstream::{DownBody, Forwarded, RetryKind};
+use crate::upstream::{DownBody, Forwarded, Lease, RespBody, RetryKind};
 use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
 use http::uri::PathAndQuery;
@@ -104,26 +104,29 @@ pub struct PeerError {
 }
 
 impl PeerSet {
-    /// The set for the controller's list; `me` is this agent's node name. A peer whose
+    /// The set for the controller's list of (node, address); `me` is this agent's node name. A peer whose
     /// address does not parse is left out (and reported); the others still serve. A list
     /// without this agent in it turns peer fill off: this agent would ask peers that never
     /// ask it, and owners would disagree between agents.
-    pub fn new(list: &[weir_proto::v1::CachePeer], me: &str) -> (Self, Vec<PeerError>) {
+    pub fn new<'a>(
+        list: impl IntoIterator<Item = (&'a str, &'a str)>,
+        me: &str,
+    ) -> (Self, Vec<PeerError>) {
         let mut errors = Vec::new();
         let peers: Vec<Peer> = list
-            .iter()
-            .filter_map(|p| match p.address.parse() {
+            .into_iter()
+            .filter_map(|(node, address)| match address.parse() {
                 Ok(addr) => Some(Peer {
-                    node: p.node_name.as_str().into(),
+                    node: node.into(),
                     addr,
-                    me: p.node_name == me,
-                    seed: fnv1a(p.node_name.bytes()),
+                    me: node == me,
+                    seed: fnv1a(node.bytes()),
                     down_until_ms: AtomicU64::new(0),
                 }),
                 Err(_) => {
                     errors.push(PeerError {
-                        node: p.node_name.clone(),
-                        address: p.address.clone(),
+                        node: node.to_owned(),
+                        address: address.to_owned(),
                     });
                     None
                 }
@@ -195,13 +198,7 @@ impl Worker {
         };
         let route = &routed.route;
         let budget = route.timeout.unwrap_or(DEFAULT_TIMEOUT);
-        let fwd = Forwarded {
-            peer: routed.peer.clone(),
-            via: VIA_11,
-        };
-        let sent = self
-            .pool
-            .send(peer.addr, false, up, Instant::now(), Some(fwd));
+        let sent = self.send_to_peer(peer, up, routed);
         let (resp, lease) = match tokio::time::timeout(budget, sent).await {
             Ok(Ok(answer)) => answer,
             Ok(Err(e)) => {
@@ -252,9 +249,23 @@ impl Worker {
             FillAction::Forward => Response::from_parts(rparts, Either::Left(Either::Left(body))),
         })
     }
-}
 
-impl Worker {
+    /// Sends `req` to `peer` over the pool (plain HTTP/1.1), as a forward on behalf of the
+    /// client of `routed`.
+    fn send_to_peer(
+        &self,
+        peer: &Peer,
+        req: Request<UpBody>,
+        routed: &Routed,
+    ) -> impl Future<Output = Result<(Response<RespBody>, Lease), crate::upstream::Error>> + use<>
+    {
+        let fwd = Forwarded {
+            peer: routed.peer.clone(),
+            via: VIA_11,
+        };
+        self.pool
+            .send(peer.addr, false, req, Instant::now(), Some(fwd))
+    }
     /// Invalidates `targets` (what an unsafe request on `head` invalidated here) at their
     /// owners, waiting at most [`INVALIDATE_WITHIN`] for them (see the module doc).
     pub(super) async fn invalidate_at_peers(
@@ -273,14 +284,8 @@ impl Worker {
             let mut req = peer_request(head, host, pq, &set.me)?;
             req.headers_mut()
                 .insert(X_WEIR_INVALIDATE, HeaderValue::from_static("1"));
-            let fwd = Forwarded {
-                peer: routed.peer.clone(),
-                via: VIA_11,
-            };
             let peer = &set.peers[idx];
-            let sent = self
-                .pool
-                .send(peer.addr, false, req, Instant::now(), Some(fwd));
+            let sent = self.send_to_peer(peer, req, routed);
             Some(async move {
                 let done = match sent.await {
                     Ok((resp, lease)) if resp.status() == StatusCode::NO_CONTENT => {
@@ -368,15 +373,17 @@ fn peer_request(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use weir_proto::v1::CachePeer;
 
-    fn list(n: usize) -> Vec<CachePeer> {
+    /// (node, address) of `n` peers.
+    fn list(n: usize) -> Vec<(String, String)> {
         (0..n)
-            .map(|i| CachePeer {
-                node_name: format!("node-{i}"),
-                address: format!("127.0.0.1:{}", 20000 + i),
-            })
+            .map(|i| (format!("node-{i}"), format!("127.0.0.1:{}", 20000 + i)))
             .collect()
+    }
+
+    /// `PeerSet::new` over an owned list.
+    fn set_of(list: &[(String, String)], me: &str) -> (PeerSet, Vec<PeerError>) {
+        PeerSet::new(list.iter().map(|(n, a)| (n.as_str(), a.as_str())), me)
     }
 
     fn owners(set: &PeerSet, keys: usize) -> Vec<Option<String>> {
@@ -392,7 +399,7 @@ mod tests {
     fn every_agent_computes_the_same_owner_and_owns_its_share() {
         let peers = list(4);
         let views: Vec<PeerSet> = (0..4)
-            .map(|i| PeerSet::new(&peers, &format!("node-{i}")).0)
+            .map(|i| set_of(&peers, &format!("node-{i}")).0)
             .collect();
         let keys = 4000;
         let mut owned = [0usize; 4];
@@ -421,8 +428,8 @@ mod tests {
 
     #[test]
     fn a_peer_leaving_moves_only_its_own_keys() {
-        let before = PeerSet::new(&list(5), "node-0").0;
-        let after = PeerSet::new(&list(4), "node-0").0; // node-4 left
+        let before = set_of(&list(5), "node-0").0;
+        let after = set_of(&list(4), "node-0").0; // node-4 left
         let (b, a) = (owners(&before, 3000), owners(&after, 3000));
         for (k, (b, a)) in b.iter().zip(&a).enumerate() {
             if b.as_deref() != Some("node-4") {
@@ -433,7 +440,7 @@ mod tests {
 
     #[test]
     fn a_peer_marked_down_is_passed_over_by_its_keys_only() {
-        let set = PeerSet::new(&list(3), "node-0").0;
+        let set = set_of(&list(3), "node-0").0;
         let before = owners(&set, 1000);
         let down = before
             .iter()
@@ -461,13 +468,13 @@ mod tests {
 
     #[test]
     fn a_list_without_this_agent_or_with_one_peer_turns_peer_fill_off() {
-        let (set, errors) = PeerSet::new(&list(3), "elsewhere");
+        let (set, errors) = set_of(&list(3), "elsewhere");
         assert!(set.peers.is_empty() && errors.is_empty());
-        let alone = PeerSet::new(&list(1), "node-0").0;
+        let alone = set_of(&list(1), "node-0").0;
         assert_eq!(alone.owner("shop", "/", 1), None);
         let mut bad = list(2);
-        bad[1].address = "not an address".into();
-        let (set, errors) = PeerSet::new(&bad, "node-0");
+        bad[1].1 = "not an address".into();
+        let (set, errors) = set_of(&bad, "node-0");
         assert_eq!(set.peers.len(), 1);
         assert_eq!(errors.len(), 1);
         assert!(errors[0].to_string().contains("node-1"));
